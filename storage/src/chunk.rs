@@ -1,0 +1,186 @@
+//! The chunk codec.
+//!
+//! Framing: a chunk object is exactly one zstd frame (content size and checksum flags set) whose
+//! content is a run of whole asciicast lines, each ending in `\n`. Only a recording's last chunk
+//! may end in a partial line, when the client stopped mid-line. Chunk 0 starts with the header
+//! line. Decompressing a recording's chunks in sequence and concatenating them gives exactly the
+//! bytes the client sent. Any stock `zstd -d` reads a chunk.
+//!
+//! Decoding is always capped: a chunk never inflates past the length its manifest names (or
+//! [`MAX_DECODED_CHUNK_BYTES`] when no manifest is at hand).
+
+use sha2::{Digest, Sha256};
+
+use crate::cast::parse_event;
+
+/// Upper bound on one chunk's raw length: the largest configurable chunk plus the largest
+/// configurable line, so that a chunk can always be extended to the end of its last line.
+pub const MAX_DECODED_CHUNK_BYTES: usize = 256 << 20;
+
+/// Why a chunk could not be encoded or decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum ChunkError {
+    #[error("zstd compression failed")]
+    Compress(#[source] std::io::Error),
+    #[error("chunk is not a valid zstd frame or exceeds {capacity} bytes")]
+    Decompress {
+        capacity: usize,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A reusable compression context. Contexts are pooled by the uploader, never held per stream.
+pub struct ChunkEncoder {
+    compressor: zstd::bulk::Compressor<'static>,
+}
+
+impl ChunkEncoder {
+    /// # Errors
+    /// [`ChunkError::Compress`] when zstd rejects the level.
+    pub fn new(level: i32) -> Result<Self, ChunkError> {
+        let mut compressor = zstd::bulk::Compressor::new(level).map_err(ChunkError::Compress)?;
+        compressor.include_checksum(true).map_err(ChunkError::Compress)?;
+        compressor.include_contentsize(true).map_err(ChunkError::Compress)?;
+        Ok(Self { compressor })
+    }
+
+    /// Compresses `raw` into one zstd frame.
+    ///
+    /// # Errors
+    /// [`ChunkError::Compress`] on a zstd failure.
+    pub fn encode(&mut self, raw: &[u8]) -> Result<Vec<u8>, ChunkError> {
+        self.compressor.compress(raw).map_err(ChunkError::Compress)
+    }
+}
+
+/// Decompresses one chunk, refusing to produce more than `capacity` bytes.
+///
+/// # Errors
+/// [`ChunkError::Decompress`] on a corrupt frame or one that inflates past `capacity`.
+pub fn decode(compressed: &[u8], capacity: usize) -> Result<Vec<u8>, ChunkError> {
+    let capacity = capacity.min(MAX_DECODED_CHUNK_BYTES);
+    zstd::bulk::decompress(compressed, capacity)
+        .map_err(|source| ChunkError::Decompress { capacity, source })
+}
+
+/// How many bytes of `pending` (the bytes not yet in a chunk, from the start of a line) form the
+/// next chunk, or `None` to wait for more.
+///
+/// The chunk ends at the last newline within `max_chunk_bytes`; when the first line is longer
+/// than that, the chunk extends to that line's end. `final_cut` takes everything, partial last
+/// line included (the stream has ended).
+pub fn next_chunk_len(pending: &[u8], max_chunk_bytes: usize, final_cut: bool) -> Option<usize> {
+    if pending.is_empty() {
+        return None;
+    }
+    let window = &pending[..pending.len().min(max_chunk_bytes)];
+    if final_cut && pending.len() <= max_chunk_bytes {
+        return Some(pending.len());
+    }
+    if let Some(pos) = memrchr(window) {
+        return Some(pos + 1);
+    }
+    match pending[window.len()..].iter().position(|&b| b == b'\n') {
+        Some(pos) => Some(window.len() + pos + 1),
+        None if final_cut => Some(pending.len()),
+        None => None,
+    }
+}
+
+fn memrchr(bytes: &[u8]) -> Option<usize> {
+    bytes.iter().rposition(|&b| b == b'\n')
+}
+
+/// What a chunk's lines say, for the manifest.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ChunkStats {
+    /// Well-formed event lines.
+    pub events: u64,
+    /// Complete lines that are not well-formed events (kept byte-exact, counted here).
+    pub malformed_lines: u64,
+    /// The chunk ends without a newline (only a recording's last chunk may).
+    pub partial_last_line: bool,
+    pub first_event_time: Option<f64>,
+    pub last_event_time: Option<f64>,
+    /// Event times that went backwards.
+    pub non_monotonic: u64,
+}
+
+impl ChunkStats {
+    /// Scans `raw`. When `starts_with_header` the first line is the header, not an event.
+    pub fn scan(raw: &[u8], starts_with_header: bool) -> Self {
+        let mut stats = Self::default();
+        let mut lines = raw.split_inclusive(|&b| b == b'\n');
+        if starts_with_header {
+            lines.next();
+        }
+        for line in lines {
+            if line.last() != Some(&b'\n') {
+                stats.partial_last_line = true;
+                break;
+            }
+            if line.trim_ascii().is_empty() {
+                continue;
+            }
+            match parse_event(line) {
+                Some((time, _code)) => {
+                    stats.events += 1;
+                    if stats.last_event_time.is_some_and(|last| time < last) {
+                        stats.non_monotonic += 1;
+                    }
+                    stats.first_event_time.get_or_insert(time);
+                    stats.last_event_time = Some(time);
+                }
+                None => stats.malformed_lines += 1,
+            }
+        }
+        stats
+    }
+}
+
+/// SHA-256 of a chunk's raw bytes.
+pub fn digest(raw: &[u8]) -> [u8; 32] {
+    Sha256::digest(raw).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_is_byte_exact_and_capped() {
+        let raw = b"{\"version\":2}\n[0.1,\"o\",\"hi\"]\n".repeat(100);
+        let mut enc = ChunkEncoder::new(3).unwrap();
+        let z = enc.encode(&raw).unwrap();
+        assert_eq!(decode(&z, raw.len()).unwrap(), raw);
+        assert!(decode(&z, raw.len() - 1).is_err());
+        assert!(decode(b"not zstd", 100).is_err());
+    }
+
+    #[test]
+    fn cuts_at_whole_lines() {
+        let p = b"aaa\nbbb\ncc";
+        assert_eq!(next_chunk_len(p, 100, false), Some(8));
+        assert_eq!(next_chunk_len(p, 100, true), Some(10));
+        assert_eq!(next_chunk_len(p, 6, false), Some(4));
+        assert_eq!(next_chunk_len(b"cc", 100, false), None);
+        assert_eq!(next_chunk_len(b"", 100, true), None);
+        // A line longer than the chunk size extends the chunk to its end.
+        assert_eq!(next_chunk_len(b"aaaaaaaa\nb", 4, false), Some(9));
+        assert_eq!(next_chunk_len(b"aaaaaaaa", 4, false), None);
+        assert_eq!(next_chunk_len(b"aaaaaaaa", 4, true), Some(8));
+    }
+
+    #[test]
+    fn stats_count_events_and_malformed_lines() {
+        let raw = b"{\"version\":2}\n[0.5,\"o\",\"a\"]\nnot json\n[0.25,\"o\",\"b\"]\n\n[1e0,\"r\",\"24x80\"]\n[2,\"o\",\"tr";
+        let s = ChunkStats::scan(raw, true);
+        assert_eq!(s.events, 3);
+        assert_eq!(s.malformed_lines, 1);
+        assert_eq!(s.non_monotonic, 1);
+        assert!(s.partial_last_line);
+        assert_eq!(s.first_event_time, Some(0.5));
+        assert_eq!(s.last_event_time, Some(1.0));
+    }
+}

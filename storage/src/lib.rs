@@ -1,0 +1,16 @@
+//! castvault's recording format on object storage. Everything that reads or writes a recording's
+//! objects goes through this crate; the service, `castvault export` and `castvault verify` share it.
+//!
+//! - [`keys`]: recording and event ids, and the one place that names every object key.
+//! - [`cast`]: tolerant parsing of asciicast v2 header and event lines as Tailscale clients send them.
+//! - [`chunk`]: the chunk codec (one zstd frame of whole lines), where chunks are cut, line statistics.
+//! - [`manifest`]: the manifest, its hash chain, and the catalog row written beside it.
+//! - [`store`]: opening a store from a URL (`file://`, `az://`, `memory://`) and classifying its errors.
+//! - [`reader`]: reading a recording back, verifying every chunk against its manifest.
+
+pub mod cast;
+pub mod chunk;
+pub mod keys;
+pub mod manifest;
+pub mod reader;
+pub mod store;

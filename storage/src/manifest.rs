@@ -1,0 +1,211 @@
+//! The manifest (written once, with conditional create, when a recording is finalized) and the
+//! catalog row written beside it.
+//!
+//! Hash chain: `link[-1] = SHA-256("castvault-chain-v1\0" || recording_id)` and
+//! `link[n] = SHA-256(link[n-1] || sha256(raw chunk n) || be64(seq) || be64(offset) || be64(raw_len))`.
+//! The chain head is the last link. Binding the id, sequence and offset into each link means a
+//! chunk cannot be moved to another place or another recording without breaking the chain.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+
+use crate::cast::CastHeader;
+use crate::keys::RecordingId;
+
+/// Value of [`Manifest::format`].
+pub const MANIFEST_FORMAT: &str = "castvault-manifest/1";
+
+/// How a recording ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordingStatus {
+    /// Still being received (catalog rows only; never in a manifest).
+    Live,
+    /// The client ended the body cleanly and the receiving node finalized it.
+    Complete,
+    /// The stream broke (client reset, refused input, node crash mid-stream); everything that
+    /// arrived before the break is stored.
+    Interrupted,
+    /// The client ended cleanly, but the node crashed before finalizing; finalized on restart.
+    Recovered,
+}
+
+/// One chunk's entry in the manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChunkEntry {
+    pub seq: u32,
+    /// Offset of the chunk's first raw byte in the recording body.
+    pub offset: u64,
+    pub raw_len: u64,
+    pub compressed_len: u64,
+    pub events: u64,
+    pub malformed_lines: u64,
+    pub first_event_time: Option<f64>,
+    pub last_event_time: Option<f64>,
+    /// Hex SHA-256 of the raw bytes.
+    pub sha256: String,
+    /// Hex hash-chain link after this chunk.
+    pub chain: String,
+}
+
+/// The manifest of a finalized recording.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub recording_id: String,
+    pub region: String,
+    pub zone: String,
+    pub node_id: String,
+    pub status: RecordingStatus,
+    /// Why the stream ended, when it did not end cleanly.
+    pub end_reason: Option<String>,
+    /// `v1` (`POST /record`) or `v2` (`POST /v2/record`).
+    pub protocol: String,
+    /// TCP peer that uploaded the recording.
+    pub peer: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub received_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub ended_at: OffsetDateTime,
+    /// The header object as received (`null` if the stream ended before a valid header).
+    pub header: Value,
+    pub bytes: u64,
+    pub events: u64,
+    pub malformed_lines: u64,
+    pub partial_last_line: bool,
+    /// Last event time, in seconds from the start.
+    pub duration_seconds: f64,
+    pub body_sha256: String,
+    pub chain_head: String,
+    pub chunks: Vec<ChunkEntry>,
+}
+
+/// Running hash chain over a recording's chunks.
+#[derive(Debug, Clone)]
+pub struct HashChain {
+    link: [u8; 32],
+}
+
+impl HashChain {
+    pub fn new(id: &RecordingId) -> Self {
+        let mut h = Sha256::new();
+        h.update(b"castvault-chain-v1\0");
+        h.update(id.as_str().as_bytes());
+        Self { link: h.finalize().into() }
+    }
+
+    /// Extends the chain with one chunk and returns the new link.
+    pub fn push(&mut self, chunk_sha256: &[u8; 32], seq: u32, offset: u64, raw_len: u64) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(self.link);
+        h.update(chunk_sha256);
+        h.update(u64::from(seq).to_be_bytes());
+        h.update(offset.to_be_bytes());
+        h.update(raw_len.to_be_bytes());
+        self.link = h.finalize().into();
+        self.link
+    }
+
+    pub fn head(&self) -> [u8; 32] {
+        self.link
+    }
+}
+
+/// A catalog row: the summary of one recording that listing and search read. It is a cache of
+/// the manifest; it is overwritten as the recording goes from `live` to its final status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CatalogRow {
+    pub id: String,
+    pub status: RecordingStatus,
+    pub region: String,
+    pub node_id: String,
+    pub bytes: u64,
+    pub events: u64,
+    pub duration_seconds: f64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub started_at: OffsetDateTime,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub ended_at: Option<OffsetDateTime>,
+    #[serde(rename = "srcNode")]
+    pub src_node: Option<String>,
+    #[serde(rename = "srcNodeID")]
+    pub src_node_id: Option<String>,
+    #[serde(rename = "srcNodeTags")]
+    pub src_node_tags: Vec<String>,
+    #[serde(rename = "srcNodeUser")]
+    pub src_node_user: Option<String>,
+    #[serde(rename = "srcNodeUserID")]
+    pub src_node_user_id: Option<i64>,
+    #[serde(rename = "sshUser")]
+    pub ssh_user: Option<String>,
+    #[serde(rename = "localUser")]
+    pub local_user: Option<String>,
+    #[serde(rename = "connectionID")]
+    pub connection_id: Option<String>,
+    pub command: Option<String>,
+    pub end_reason: Option<String>,
+}
+
+impl CatalogRow {
+    /// The row of a recording that has just started.
+    pub fn live(id: &RecordingId, node_id: &str, header: Option<&CastHeader>) -> Self {
+        let s = |k: &str| header.and_then(|h| h.str_field(k)).map(str::to_owned);
+        Self {
+            id: id.to_string(),
+            status: RecordingStatus::Live,
+            region: id.region().to_owned(),
+            node_id: node_id.to_owned(),
+            bytes: 0,
+            events: 0,
+            duration_seconds: 0.0,
+            started_at: header
+                .and_then(CastHeader::timestamp)
+                .and_then(|t| OffsetDateTime::from_unix_timestamp(t).ok())
+                .unwrap_or_else(|| id.started_at()),
+            ended_at: None,
+            src_node: s("srcNode"),
+            src_node_id: s("srcNodeID"),
+            src_node_tags: header.map(CastHeader::src_node_tags).unwrap_or_default(),
+            src_node_user: s("srcNodeUser"),
+            src_node_user_id: header.and_then(CastHeader::src_node_user_id),
+            ssh_user: s("sshUser"),
+            local_user: s("localUser"),
+            connection_id: s("connectionID"),
+            command: s("command"),
+            end_reason: None,
+        }
+    }
+
+    /// The row of a finalized recording.
+    pub fn from_manifest(m: &Manifest) -> Option<Self> {
+        let id = RecordingId::parse(&m.recording_id).ok()?;
+        let header = CastHeader::parse(m.header.to_string().as_bytes()).ok();
+        let mut row = Self::live(&id, &m.node_id, header.as_ref());
+        row.status = m.status;
+        row.bytes = m.bytes;
+        row.events = m.events;
+        row.duration_seconds = m.duration_seconds;
+        row.ended_at = Some(m.ended_at);
+        row.end_reason.clone_from(&m.end_reason);
+        Some(row)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::Region;
+
+    #[test]
+    fn chain_binds_position_and_recording() {
+        let region = Region::new("local").unwrap();
+        let a = RecordingId::new(&region, 1, 1);
+        let b = RecordingId::new(&region, 1, 2);
+        let d = [7u8; 32];
+        let (mut ca, mut cb, mut cc) = (HashChain::new(&a), HashChain::new(&b), HashChain::new(&a));
+        assert_ne!(ca.push(&d, 0, 0, 10), cb.push(&d, 0, 0, 10));
+        assert_ne!(ca.head(), cc.push(&d, 0, 1, 10));
+    }
+}
