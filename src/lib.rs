@@ -1,1 +1,26 @@
+//! castvault: a resilient, Tailscale-compatible SSH session recorder.
+//!
+//! Data path, one module per stage, dependencies pointing downstream:
+//! - [`ingest`]: the Tailscale wire protocol (v1 `/record`, v2 `/v2/record` with acks, `/v2/event`), admission.
+//! - [`spool`]: append-only local files per recording, group-committed fsync, crash recovery.
+//! - [`upload`]: cuts spooled bytes into zstd chunks, commits them, writes manifest and catalog row.
+//! - [`playback`]: the web listener: health, readiness, metrics, the recordings API.
+//!
+//! Around it:
+//! - [`config`]: the typed, strict node configuration and its validation.
+//! - [`listener`]: accept loops serving HTTP/1.1 and h2c on one port, with connection caps.
+//! - [`metrics`]: Prometheus counters, names in one place.
+//! - [`app`]: wiring, start-up recovery and ordered shutdown.
+//! - [`cli`]: the offline commands (`recordings list`, `export`, `config check`).
+//!
+//! The on-storage format (keys, chunks, manifest, stores) is the `castvault-storage` crate.
 
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod ingest;
+pub mod listener;
+pub mod metrics;
+pub mod playback;
+pub mod spool;
+pub mod upload;

@@ -1,1 +1,236 @@
-fn main() {}
+//! The `castvault` binary: parses the command line, installs tracing, loads config, binds the
+//! listeners and hands over to the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use castvault::app::{self, Listeners};
+use castvault::cli;
+use castvault::config::{AckLevel, Config};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "castvault",
+    version,
+    about = "Resilient, Tailscale-compatible SSH session recorder"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a recorder node (embedded default: local store under ./castvault-data, loopback).
+    Serve(ServeArgs),
+    /// Inspect recordings in a store.
+    Recordings {
+        #[command(subcommand)]
+        command: RecordingsCommand,
+    },
+    /// Write a recording out exactly as it was received (verified against its manifest).
+    Export(ExportArgs),
+    /// Configuration tools.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    #[arg(long)]
+    store: Option<String>,
+    #[arg(long)]
+    ingest_listen: Option<SocketAddr>,
+    #[arg(long)]
+    web_listen: Option<SocketAddr>,
+    #[arg(long, value_enum)]
+    ack: Option<AckLevel>,
+}
+
+#[derive(Args)]
+struct StoreArgs {
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long, conflicts_with = "store")]
+    data_dir: Option<PathBuf>,
+    #[arg(long)]
+    store: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum RecordingsCommand {
+    /// List recordings from the store's catalog.
+    List {
+        #[command(flatten)]
+        store: StoreArgs,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ExportFormat {
+    /// asciicast v2, byte for byte as received.
+    Cast,
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    id: String,
+    #[command(flatten)]
+    store: StoreArgs,
+    #[arg(long, value_enum, default_value = "cast")]
+    format: ExportFormat,
+    #[arg(long)]
+    output: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Report every problem in a config file; exit 1 if there is any.
+    Check {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    castvault_storage::store::install_crypto_provider();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("castvault: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("castvault: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Serve(args) => serve(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Recordings {
+            command: RecordingsCommand::List { store, json },
+        } => {
+            let store = cli::open_store(store.config.as_deref(), store.data_dir, store.store)?;
+            cli::list(store, json).await.map(|()| ExitCode::SUCCESS)
+        }
+        Command::Export(args) => {
+            let ExportFormat::Cast = args.format;
+            let store = cli::open_store(
+                args.store.config.as_deref(),
+                args.store.data_dir,
+                args.store.store,
+            )?;
+            cli::export(store, &args.id, args.output.as_deref())
+                .await
+                .map(|()| ExitCode::SUCCESS)
+        }
+        Command::Config {
+            command: ConfigCommand::Check { config },
+        } => {
+            let problems = cli::check(config.as_deref());
+            for problem in &problems {
+                eprintln!("castvault: config: {problem}");
+            }
+            if problems.is_empty() {
+                println!("config ok");
+                Ok(ExitCode::SUCCESS)
+            } else {
+                Ok(ExitCode::FAILURE)
+            }
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut config = Config::load(args.config.as_deref())?;
+    if let Some(dir) = args.data_dir {
+        config.data_dir = dir;
+    }
+    if let Some(store) = args.store {
+        config.store = Some(store);
+    }
+    if let Some(addr) = args.ingest_listen {
+        config.ingest_listen = addr;
+    }
+    if let Some(addr) = args.web_listen {
+        config.web_listen = addr;
+    }
+    if let Some(ack) = args.ack {
+        config.ack = Some(ack);
+    }
+    raise_fd_limit();
+    let ingest = tokio::net::TcpListener::bind(config.ingest_listen)
+        .await
+        .with_context(|| format!("binding ingest listener {}", config.ingest_listen))?;
+    let web = tokio::net::TcpListener::bind(config.web_listen)
+        .await
+        .with_context(|| format!("binding web listener {}", config.web_listen))?;
+    // One machine-readable line on stdout, so scripts and tests can find ports chosen by the OS.
+    println!(
+        "{}",
+        serde_json::json!({ "ingest": ingest.local_addr()?.to_string(), "web": web.local_addr()?.to_string() })
+    );
+    let shutdown = CancellationToken::new();
+    let on_signal = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        on_signal.cancel();
+    });
+    app::run(config, Listeners { ingest, web }, shutdown).await
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
+    }
+}
+
+/// Each open recording holds a spool file and a socket: lift the soft descriptor limit to the
+/// hard one.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+    {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}

@@ -31,15 +31,21 @@ impl CastHeader {
     /// # Errors
     /// [`HeaderError`] when the line is not a JSON object with `"version": 2`.
     pub fn parse(line: &[u8]) -> Result<Self, HeaderError> {
-        let value: Value = serde_json::from_slice(line.trim_ascii())
-            .map_err(|e| HeaderError::NotJson { reason: e.to_string() })?;
+        let value: Value =
+            serde_json::from_slice(line.trim_ascii()).map_err(|e| HeaderError::NotJson {
+                reason: e.to_string(),
+            })?;
         let Value::Object(fields) = value else {
             return Err(HeaderError::NotObject);
         };
         match fields.get("version") {
             Some(v) if v.as_u64() == Some(2) => Ok(Self { fields }),
-            Some(v) => Err(HeaderError::WrongVersion { found: v.to_string() }),
-            None => Err(HeaderError::WrongVersion { found: "nothing".to_owned() }),
+            Some(v) => Err(HeaderError::WrongVersion {
+                found: v.to_string(),
+            }),
+            None => Err(HeaderError::WrongVersion {
+                found: "nothing".to_owned(),
+            }),
         }
     }
 
@@ -67,7 +73,11 @@ impl CastHeader {
         self.fields
             .get("srcNodeTags")
             .and_then(Value::as_array)
-            .map(|tags| tags.iter().filter_map(|t| t.as_str().map(str::to_owned)).collect())
+            .map(|tags| {
+                tags.iter()
+                    .filter_map(|t| t.as_str().map(str::to_owned))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -157,17 +167,38 @@ mod tests {
 
     #[test]
     fn header_refusals_are_specific() {
-        assert!(matches!(CastHeader::parse(b"[0,\"o\",\"x\"]"), Err(HeaderError::NotObject)));
-        assert!(matches!(CastHeader::parse(b"{\"version\":3}"), Err(HeaderError::WrongVersion { .. })));
-        assert!(matches!(CastHeader::parse(b"{\"width\":3}"), Err(HeaderError::WrongVersion { .. })));
-        assert!(matches!(CastHeader::parse(b"hello"), Err(HeaderError::NotJson { .. })));
+        assert!(matches!(
+            CastHeader::parse(b"[0,\"o\",\"x\"]"),
+            Err(HeaderError::NotObject)
+        ));
+        assert!(matches!(
+            CastHeader::parse(b"{\"version\":3}"),
+            Err(HeaderError::WrongVersion { .. })
+        ));
+        assert!(matches!(
+            CastHeader::parse(b"{\"width\":3}"),
+            Err(HeaderError::WrongVersion { .. })
+        ));
+        assert!(matches!(
+            CastHeader::parse(b"hello"),
+            Err(HeaderError::NotJson { .. })
+        ));
     }
 
     #[test]
     fn events_parse_exponents_and_refuse_garbage() {
-        assert_eq!(parse_event(b"[5e-07, \"o\", \"x\"]\n"), Some((5e-7, EventCode::Output)));
-        assert_eq!(parse_event(b"[1.6682777500000001,\"r\",\"24x80\"]"), Some((1.6682777500000001, EventCode::Resize)));
-        assert_eq!(parse_event(b"[1,\"\\u006f\",\"x\"]"), Some((1.0, EventCode::Output)));
+        assert_eq!(
+            parse_event(b"[5e-07, \"o\", \"x\"]\n"),
+            Some((5e-7, EventCode::Output))
+        );
+        assert_eq!(
+            parse_event(b"[1.6682777500000001,\"r\",\"24x80\"]"),
+            Some((1.6682777500000001, EventCode::Resize))
+        );
+        assert_eq!(
+            parse_event(b"[1,\"\\u006f\",\"x\"]"),
+            Some((1.0, EventCode::Output))
+        );
         assert_eq!(parse_event(b"[1,\"z\",{}]"), Some((1.0, EventCode::Other)));
         assert_eq!(parse_event(b"[1,\"o\"]"), None);
         assert_eq!(parse_event(b"[-1,\"o\",\"x\"]"), None);

@@ -40,8 +40,12 @@ impl ChunkEncoder {
     /// [`ChunkError::Compress`] when zstd rejects the level.
     pub fn new(level: i32) -> Result<Self, ChunkError> {
         let mut compressor = zstd::bulk::Compressor::new(level).map_err(ChunkError::Compress)?;
-        compressor.include_checksum(true).map_err(ChunkError::Compress)?;
-        compressor.include_contentsize(true).map_err(ChunkError::Compress)?;
+        compressor
+            .include_checksum(true)
+            .map_err(ChunkError::Compress)?;
+        compressor
+            .include_contentsize(true)
+            .map_err(ChunkError::Compress)?;
         Ok(Self { compressor })
     }
 

@@ -30,9 +30,7 @@ const RANDOM_HEX: usize = 16;
 pub enum KeyError {
     #[error("invalid id {id:?}: expected {{12 hex time}}{{16 hex random}}-{{region}}")]
     InvalidId { id: String },
-    #[error(
-        "invalid region {region:?}: 1 to {MAX_REGION_LEN} of a-z, 0-9 and inner '-'"
-    )]
+    #[error("invalid region {region:?}: 1 to {MAX_REGION_LEN} of a-z, 0-9 and inner '-'")]
     InvalidRegion { region: String },
 }
 
@@ -46,13 +44,17 @@ impl Region {
     pub fn new(name: &str) -> Result<Self, KeyError> {
         let ok = !name.is_empty()
             && name.len() <= MAX_REGION_LEN
-            && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
             && !name.starts_with('-')
             && !name.ends_with('-');
         if ok {
             Ok(Self(name.to_owned()))
         } else {
-            Err(KeyError::InvalidRegion { region: name.to_owned() })
+            Err(KeyError::InvalidRegion {
+                region: name.to_owned(),
+            })
         }
     }
 
@@ -84,7 +86,9 @@ impl RecordingId {
     /// # Errors
     /// [`KeyError::InvalidId`] for anything but the exact id format.
     pub fn parse(id: &str) -> Result<Self, KeyError> {
-        let invalid = || KeyError::InvalidId { id: id.chars().take(80).collect() };
+        let invalid = || KeyError::InvalidId {
+            id: id.chars().take(80).collect(),
+        };
         let head = TIME_HEX + RANDOM_HEX;
         if id.len() <= head + 1 || id.as_bytes()[head] != b'-' {
             return Err(invalid());
@@ -201,7 +205,10 @@ mod tests {
             ObjectKey::chunk(&id, 3).as_ref(),
             format!("v1/rec/2025/11/25/{id}/chunk-00000003.zst")
         );
-        assert_eq!(ObjectKey::catalog(&id).as_ref(), format!("v1/catalog/2025/11/25/{id}.json"));
+        assert_eq!(
+            ObjectKey::catalog(&id).as_ref(),
+            format!("v1/catalog/2025/11/25/{id}.json")
+        );
         assert_eq!(ObjectKey::chunk_seq(&ObjectKey::chunk(&id, 42)), Some(42));
     }
 

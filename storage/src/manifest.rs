@@ -93,11 +93,19 @@ impl HashChain {
         let mut h = Sha256::new();
         h.update(b"castvault-chain-v1\0");
         h.update(id.as_str().as_bytes());
-        Self { link: h.finalize().into() }
+        Self {
+            link: h.finalize().into(),
+        }
     }
 
     /// Extends the chain with one chunk and returns the new link.
-    pub fn push(&mut self, chunk_sha256: &[u8; 32], seq: u32, offset: u64, raw_len: u64) -> [u8; 32] {
+    pub fn push(
+        &mut self,
+        chunk_sha256: &[u8; 32],
+        seq: u32,
+        offset: u64,
+        raw_len: u64,
+    ) -> [u8; 32] {
         let mut h = Sha256::new();
         h.update(self.link);
         h.update(chunk_sha256);

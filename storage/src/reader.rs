@@ -38,14 +38,20 @@ pub enum ReadError {
 
 async fn get(store: &dyn ObjectStore, path: &object_store::path::Path) -> Result<Bytes, ReadError> {
     let result = async { store.get(path).await?.bytes().await }.await;
-    result.map_err(|source| ReadError::Store { path: path.to_string(), source })
+    result.map_err(|source| ReadError::Store {
+        path: path.to_string(),
+        source,
+    })
 }
 
 /// Reads and parses a recording's manifest.
 ///
 /// # Errors
 /// [`ReadError::NotFound`] when there is no manifest; store and parse errors otherwise.
-pub async fn read_manifest(store: &dyn ObjectStore, id: &RecordingId) -> Result<Manifest, ReadError> {
+pub async fn read_manifest(
+    store: &dyn ObjectStore,
+    id: &RecordingId,
+) -> Result<Manifest, ReadError> {
     let path = ObjectKey::manifest(id);
     let bytes = match get(store, &path).await {
         Err(ReadError::Store { source, .. }) if error_kind(&source) == ErrorKind::NotFound => {
@@ -53,57 +59,111 @@ pub async fn read_manifest(store: &dyn ObjectStore, id: &RecordingId) -> Result<
         }
         other => other?,
     };
-    let manifest: Manifest = serde_json::from_slice(&bytes)
-        .map_err(|e| ReadError::Corrupt { id: id.to_string(), what: format!("manifest is not valid: {e}") })?;
+    let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| ReadError::Corrupt {
+        id: id.to_string(),
+        what: format!("manifest is not valid: {e}"),
+    })?;
     if manifest.recording_id != id.as_str() {
-        return Err(ReadError::Corrupt { id: id.to_string(), what: "manifest names another recording".into() });
+        return Err(ReadError::Corrupt {
+            id: id.to_string(),
+            what: "manifest names another recording".into(),
+        });
     }
     Ok(manifest)
 }
 
-/// Writes a recording's body, exactly as received, to `out`, verifying every chunk, the hash
-/// chain, the byte count and the body digest. Memory: one chunk at a time.
+/// A recording's body, exactly as received, one verified chunk at a time: each chunk's length,
+/// SHA-256 and chain link are checked before it is yielded, and the byte count, chain head and
+/// body digest after the last. Memory: one chunk. The first failed check ends the stream with
+/// [`ReadError::Corrupt`] naming the chunk.
+pub fn body_chunks<'a>(
+    store: &'a dyn ObjectStore,
+    manifest: &'a Manifest,
+) -> impl futures::Stream<Item = Result<Bytes, ReadError>> + Send + 'a {
+    struct Walk {
+        next: usize,
+        offset: u64,
+        chain: Option<HashChain>,
+        body: Sha256,
+    }
+    let start = Walk {
+        next: 0,
+        offset: 0,
+        chain: None,
+        body: Sha256::new(),
+    };
+    futures::stream::try_unfold(start, move |mut walk| async move {
+        let id = RecordingId::parse(&manifest.recording_id).map_err(|e| ReadError::Corrupt {
+            id: manifest.recording_id.clone(),
+            what: e.to_string(),
+        })?;
+        let corrupt = |what: String| ReadError::Corrupt {
+            id: id.to_string(),
+            what,
+        };
+        let chain = walk.chain.get_or_insert_with(|| HashChain::new(&id));
+        let Some(entry) = manifest.chunks.get(walk.next) else {
+            if walk.offset != manifest.bytes || hex::encode(chain.head()) != manifest.chain_head {
+                return Err(corrupt(
+                    "byte count or chain head does not match the manifest".into(),
+                ));
+            }
+            if hex::encode(walk.body.clone().finalize()) != manifest.body_sha256 {
+                return Err(corrupt("body digest does not match the manifest".into()));
+            }
+            return Ok(None);
+        };
+        if entry.seq as usize != walk.next || entry.offset != walk.offset {
+            return Err(corrupt(format!(
+                "chunk table is out of order at entry {}",
+                walk.next
+            )));
+        }
+        let compressed = get(store, &ObjectKey::chunk(&id, entry.seq)).await?;
+        if compressed.len() as u64 != entry.compressed_len {
+            return Err(corrupt(format!(
+                "chunk {} has {} bytes, manifest says {}",
+                entry.seq,
+                compressed.len(),
+                entry.compressed_len
+            )));
+        }
+        let capacity = usize::try_from(entry.raw_len).unwrap_or(usize::MAX);
+        let raw = chunk::decode(&compressed, capacity).map_err(|source| ReadError::Decode {
+            id: id.to_string(),
+            seq: entry.seq,
+            source,
+        })?;
+        let digest = chunk::digest(&raw);
+        if raw.len() as u64 != entry.raw_len || hex::encode(digest) != entry.sha256 {
+            return Err(corrupt(format!(
+                "chunk {} does not match its digest",
+                entry.seq
+            )));
+        }
+        if hex::encode(chain.push(&digest, entry.seq, entry.offset, entry.raw_len)) != entry.chain {
+            return Err(corrupt(format!("hash chain breaks at chunk {}", entry.seq)));
+        }
+        walk.body.update(&raw);
+        walk.offset += entry.raw_len;
+        walk.next += 1;
+        Ok(Some((Bytes::from(raw), walk)))
+    })
+}
+
+/// Writes a recording's verified body to `out` (see [`body_chunks`]).
 ///
 /// # Errors
-/// [`ReadError::Corrupt`] naming the first chunk that fails a check.
+/// [`ReadError`] from the first failed check, or [`ReadError::Output`].
 pub async fn write_body<W: AsyncWrite + Unpin>(
     store: &dyn ObjectStore,
     manifest: &Manifest,
     out: &mut W,
 ) -> Result<(), ReadError> {
-    let id = RecordingId::parse(&manifest.recording_id)
-        .map_err(|e| ReadError::Corrupt { id: manifest.recording_id.clone(), what: e.to_string() })?;
-    let corrupt = |what: String| ReadError::Corrupt { id: id.to_string(), what };
-    let mut chain = HashChain::new(&id);
-    let mut body = Sha256::new();
-    let mut offset = 0u64;
-    for (i, entry) in manifest.chunks.iter().enumerate() {
-        if u64::from(entry.seq) != i as u64 || entry.offset != offset {
-            return Err(corrupt(format!("chunk table is out of order at entry {i}")));
-        }
-        let compressed = get(store, &ObjectKey::chunk(&id, entry.seq)).await?;
-        if compressed.len() as u64 != entry.compressed_len {
-            return Err(corrupt(format!("chunk {} has {} bytes, manifest says {}", entry.seq, compressed.len(), entry.compressed_len)));
-        }
-        let capacity = usize::try_from(entry.raw_len).unwrap_or(usize::MAX);
-        let raw = chunk::decode(&compressed, capacity)
-            .map_err(|source| ReadError::Decode { id: id.to_string(), seq: entry.seq, source })?;
-        let digest = chunk::digest(&raw);
-        if raw.len() as u64 != entry.raw_len || hex::encode(digest) != entry.sha256 {
-            return Err(corrupt(format!("chunk {} does not match its digest", entry.seq)));
-        }
-        if hex::encode(chain.push(&digest, entry.seq, entry.offset, entry.raw_len)) != entry.chain {
-            return Err(corrupt(format!("hash chain breaks at chunk {}", entry.seq)));
-        }
-        body.update(&raw);
+    let chunks = body_chunks(store, manifest);
+    futures::pin_mut!(chunks);
+    while let Some(raw) = chunks.try_next().await? {
         out.write_all(&raw).await.map_err(ReadError::Output)?;
-        offset += entry.raw_len;
-    }
-    if offset != manifest.bytes || hex::encode(chain.head()) != manifest.chain_head {
-        return Err(corrupt("byte count or chain head does not match the manifest".into()));
-    }
-    if hex::encode(body.finalize()) != manifest.body_sha256 {
-        return Err(corrupt("body digest does not match the manifest".into()));
     }
     out.flush().await.map_err(ReadError::Output)
 }
@@ -119,13 +179,18 @@ pub async fn list_catalog(store: &dyn ObjectStore) -> Result<Vec<CatalogRow>, Re
         .list(Some(&prefix))
         .try_collect()
         .await
-        .map_err(|source| ReadError::Store { path: prefix.to_string(), source })?;
+        .map_err(|source| ReadError::Store {
+            path: prefix.to_string(),
+            source,
+        })?;
     let mut rows = Vec::with_capacity(metas.len());
     for meta in metas {
         let bytes = get(store, &meta.location).await?;
         match serde_json::from_slice::<CatalogRow>(&bytes) {
             Ok(row) => rows.push(row),
-            Err(e) => tracing::warn!(path = %meta.location, error = %e, "skipping unreadable catalog row"),
+            Err(e) => {
+                tracing::warn!(path = %meta.location, error = %e, "skipping unreadable catalog row")
+            }
         }
     }
     rows.sort_by(|a, b| a.id.cmp(&b.id));

@@ -100,24 +100,37 @@ impl StoreUrl {
     /// # Errors
     /// [`StoreError::InvalidUrl`] for unknown schemes, relative paths and empty containers.
     pub fn parse(url: &str) -> Result<Self, StoreError> {
-        let invalid = |reason: &str| StoreError::InvalidUrl { url: url.to_owned(), reason: reason.to_owned() };
+        let invalid = |reason: &str| StoreError::InvalidUrl {
+            url: url.to_owned(),
+            reason: reason.to_owned(),
+        };
         let parsed = url::Url::parse(url).map_err(|e| invalid(&e.to_string()))?;
         match parsed.scheme() {
             "file" => {
-                let path = parsed.to_file_path().map_err(|()| invalid("file URLs need an absolute path"))?;
+                let path = parsed
+                    .to_file_path()
+                    .map_err(|()| invalid("file URLs need an absolute path"))?;
                 Ok(Self::File(path))
             }
             "memory" => Ok(Self::Memory),
             "az" | "azure" => {
                 let container = parsed.host_str().unwrap_or_default();
                 let valid = (3..=63).contains(&container.len())
-                    && container.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+                    && container
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
                 if !valid || parsed.path().trim_matches('/') != "" {
-                    return Err(invalid("expected az://CONTAINER (3 to 63 of a-z, 0-9, '-')"));
+                    return Err(invalid(
+                        "expected az://CONTAINER (3 to 63 of a-z, 0-9, '-')",
+                    ));
                 }
-                Ok(Self::Azure { container: container.to_owned() })
+                Ok(Self::Azure {
+                    container: container.to_owned(),
+                })
             }
-            other => Err(invalid(&format!("unsupported scheme {other:?} (file, az, memory)"))),
+            other => Err(invalid(&format!(
+                "unsupported scheme {other:?} (file, az, memory)"
+            ))),
         }
     }
 }
@@ -130,12 +143,20 @@ pub fn open(url: &str, options: &BTreeMap<String, String>) -> Result<DynStore, S
     match StoreUrl::parse(url)? {
         StoreUrl::File(path) => {
             if let Some(key) = options.keys().next() {
-                return Err(StoreError::UnknownOption { url: url.to_owned(), key: key.clone() });
+                return Err(StoreError::UnknownOption {
+                    url: url.to_owned(),
+                    key: key.clone(),
+                });
             }
-            std::fs::create_dir_all(&path)
-                .map_err(|source| StoreError::CreateDir { path: path.clone(), source })?;
+            std::fs::create_dir_all(&path).map_err(|source| StoreError::CreateDir {
+                path: path.clone(),
+                source,
+            })?;
             let store = LocalFileSystem::new_with_prefix(&path)
-                .map_err(|source| StoreError::Open { url: url.to_owned(), source })?
+                .map_err(|source| StoreError::Open {
+                    url: url.to_owned(),
+                    source,
+                })?
                 .with_fsync(true)
                 .with_automatic_cleanup(true);
             Ok(Arc::new(store))
@@ -147,11 +168,16 @@ pub fn open(url: &str, options: &BTreeMap<String, String>) -> Result<DynStore, S
                 .with_container_name(container)
                 .with_retry(retry_config());
             for (key, value) in options {
-                let key = AzureConfigKey::from_str(key)
-                    .map_err(|_| StoreError::UnknownOption { url: url.to_owned(), key: key.clone() })?;
+                let key = AzureConfigKey::from_str(key).map_err(|_| StoreError::UnknownOption {
+                    url: url.to_owned(),
+                    key: key.clone(),
+                })?;
                 builder = builder.with_config(key, value);
             }
-            let store = builder.build().map_err(|source| StoreError::Open { url: url.to_owned(), source })?;
+            let store = builder.build().map_err(|source| StoreError::Open {
+                url: url.to_owned(),
+                source,
+            })?;
             Ok(Arc::new(store))
         }
     }
@@ -167,16 +193,30 @@ pub fn install_crypto_provider() {
 ///
 /// # Errors
 /// The store's error, unchanged, so callers can [`error_kind`] it.
-pub async fn put_create(store: &dyn ObjectStore, path: &Path, bytes: Bytes) -> Result<(), object_store::Error> {
-    store.put_opts(path, PutPayload::from(bytes), PutMode::Create.into()).await.map(|_| ())
+pub async fn put_create(
+    store: &dyn ObjectStore,
+    path: &Path,
+    bytes: Bytes,
+) -> Result<(), object_store::Error> {
+    store
+        .put_opts(path, PutPayload::from(bytes), PutMode::Create.into())
+        .await
+        .map(|_| ())
 }
 
 /// Writes (or replaces) a mutable object such as a catalog row.
 ///
 /// # Errors
 /// The store's error, unchanged.
-pub async fn put_overwrite(store: &dyn ObjectStore, path: &Path, bytes: Bytes) -> Result<(), object_store::Error> {
-    store.put_opts(path, PutPayload::from(bytes), PutMode::Overwrite.into()).await.map(|_| ())
+pub async fn put_overwrite(
+    store: &dyn ObjectStore,
+    path: &Path,
+    bytes: Bytes,
+) -> Result<(), object_store::Error> {
+    store
+        .put_opts(path, PutPayload::from(bytes), PutMode::Overwrite.into())
+        .await
+        .map(|_| ())
 }
 
 #[cfg(test)]
@@ -185,13 +225,24 @@ mod tests {
 
     #[test]
     fn urls_parse_strictly() {
-        assert_eq!(StoreUrl::parse("file:///tmp/x").unwrap(), StoreUrl::File("/tmp/x".into()));
+        assert_eq!(
+            StoreUrl::parse("file:///tmp/x").unwrap(),
+            StoreUrl::File("/tmp/x".into())
+        );
         assert_eq!(StoreUrl::parse("memory://").unwrap(), StoreUrl::Memory);
         assert_eq!(
             StoreUrl::parse("az://recordings").unwrap(),
-            StoreUrl::Azure { container: "recordings".into() }
+            StoreUrl::Azure {
+                container: "recordings".into()
+            }
         );
-        for bad in ["s4://x", "az://A", "az://ok-name/sub", "file://remotehost/x", "nonsense"] {
+        for bad in [
+            "s4://x",
+            "az://A",
+            "az://ok-name/sub",
+            "file://remotehost/x",
+            "nonsense",
+        ] {
             assert!(StoreUrl::parse(bad).is_err(), "{bad} accepted");
         }
     }

@@ -1,0 +1,157 @@
+//! Wiring: builds the stages from the config, recovers the spool, serves both listeners, and
+//! shuts down in a fixed order.
+//!
+//! Shutdown (SIGTERM): stop accepting (new recordings get 503 and the client tries the next
+//! recorder; `/readyz` turns 503), let streams in flight run for `drain_timeout`, then end the
+//! rest with the final error frame, then give the uploader `upload_grace`; whatever is still in
+//! the spool resumes on the next start. `drain_timeout + upload_grace` (25 s by default) stays
+//! under Kubernetes' default 30 s termination grace period.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::ingest::{self, Ingest};
+use crate::listener;
+use crate::metrics::Metrics;
+use crate::playback::{self, Web};
+use crate::spool::Spool;
+use crate::upload::{self, UploadConfig, Uploader};
+
+/// After the drain deadline, how long closed streams get to send their final frame.
+const CLOSE_STREAMS_WAIT: Duration = Duration::from_secs(3);
+
+/// The two bound listeners.
+pub struct Listeners {
+    pub ingest: TcpListener,
+    pub web: TcpListener,
+}
+
+/// Runs a recorder node until `shutdown` is cancelled and the drain is done.
+///
+/// # Errors
+/// Start-up failures: invalid config, store or spool that cannot be opened.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let problems = config.validate();
+    anyhow::ensure!(
+        problems.is_empty(),
+        "invalid config: {}",
+        problems.join("; ")
+    );
+    let region = config.region().map_err(anyhow::Error::msg)?;
+    let store_url = config.store_url();
+    let store = castvault_storage::store::open(&store_url, &config.store_options())
+        .context("opening the store")?;
+    let metrics = Arc::new(Metrics::default());
+    let spool =
+        Spool::open(config.spool_dir(), config.max_open_recordings).context("opening the spool")?;
+    let upload_stop = CancellationToken::new();
+    let uploader = Uploader::start(
+        store.clone(),
+        UploadConfig {
+            max_chunk_bytes: config.chunk.max_bytes,
+            max_chunk_age: config.chunk.max_age,
+            compression_level: config.chunk.compression_level,
+            max_line_bytes: config.max_line_bytes,
+            region: region.to_string(),
+        },
+        metrics.clone(),
+        upload_stop.clone(),
+    );
+    let ready = CancellationToken::new();
+    let draining = CancellationToken::new();
+    let web_stop = CancellationToken::new();
+    let web = Arc::new(Web {
+        store: store.clone(),
+        uploader: uploader.clone(),
+        metrics: metrics.clone(),
+        ready: ready.clone(),
+        draining: draining.clone(),
+    });
+    let web_task = tokio::spawn(listener::serve(
+        listeners.web,
+        playback::router(web),
+        web_stop.clone(),
+    ));
+
+    let recovered = spool.recover().context("reading the spool")?;
+    let recovered_count = recovered.len();
+    for recording in recovered {
+        let id = recording.file.id.clone();
+        uploader
+            .resume(recording)
+            .await
+            .with_context(|| format!("resuming recording {id} from the spool"))?;
+    }
+    tracing::info!(
+        node_id = %config.node_id, region = %region, store = %store_url, ack = ?config.ack_level(),
+        recovered = recovered_count, "recorder ready"
+    );
+
+    let ingest = Arc::new(Ingest {
+        spool,
+        uploader: uploader.clone(),
+        store,
+        metrics,
+        ack: config.ack_level(),
+        outage: config.storage_outage,
+        node_id: config.node_id.clone(),
+        zone: config.zone.clone(),
+        region,
+        max_line_bytes: config.max_line_bytes,
+        min_free_disk_bytes: config.min_free_disk_bytes,
+        open_recordings: Arc::new(Semaphore::new(config.max_open_recordings)),
+        draining: draining.clone(),
+        close_streams: CancellationToken::new(),
+        streams: TaskTracker::new(),
+    });
+    let ingest_stop = CancellationToken::new();
+    let mut ingest_task = tokio::spawn(listener::serve(
+        listeners.ingest,
+        ingest::router(ingest.clone()),
+        ingest_stop.clone(),
+    ));
+    ready.cancel();
+
+    shutdown.cancelled().await;
+    tracing::info!(drain_timeout = ?config.drain_timeout, "draining: refusing new recordings");
+    draining.cancel();
+    ingest_stop.cancel();
+    ingest.streams.close();
+    let drained = tokio::time::timeout(config.drain_timeout, async {
+        ingest.streams.wait().await;
+        let _ = (&mut ingest_task).await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("drain deadline passed: ending open streams with an error frame");
+        ingest.close_streams.cancel();
+        let _ = tokio::time::timeout(CLOSE_STREAMS_WAIT, async {
+            ingest.streams.wait().await;
+            let _ = ingest_task.await;
+        })
+        .await;
+    }
+    let left = upload::drain(&uploader, config.upload_grace).await;
+    if left > 0 {
+        tracing::warn!(
+            recordings = left,
+            "upload grace ended; the rest resumes from the spool on restart"
+        );
+    }
+    upload_stop.cancel();
+    web_stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(1), web_task).await;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,101 @@
+//! Offline commands that read a store directly: `recordings list`, `export`, `config check`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use castvault_storage::keys::RecordingId;
+use castvault_storage::reader;
+use castvault_storage::store::DynStore;
+use tokio::io::AsyncWriteExt;
+
+use crate::config::Config;
+
+/// Where an offline command finds the store: `--store` wins, then `--data-dir`, then the config.
+pub fn open_store(
+    config: Option<&Path>,
+    data_dir: Option<PathBuf>,
+    store: Option<String>,
+) -> anyhow::Result<DynStore> {
+    let mut cfg = Config::load(config)?;
+    if let Some(dir) = data_dir {
+        cfg.data_dir = dir;
+        if store.is_none() {
+            cfg.store = None;
+        }
+    }
+    if let Some(url) = store {
+        cfg.store = Some(url);
+    }
+    let url = cfg.store_url();
+    castvault_storage::store::open(&url, &cfg.store_options())
+        .with_context(|| format!("opening store {url}"))
+}
+
+/// `castvault recordings list`.
+pub async fn list(store: DynStore, json: bool) -> anyhow::Result<()> {
+    let rows = reader::list_catalog(store.as_ref()).await?;
+    let mut out = tokio::io::stdout();
+    if json {
+        let mut text = serde_json::to_vec_pretty(&rows)?;
+        text.push(b'\n');
+        out.write_all(&text).await?;
+    } else {
+        let mut text = format!(
+            "{:<48} {:<11} {:>12} {:<20} {:<24} {:<12}\n",
+            "ID", "STATUS", "BYTES", "STARTED", "SRC NODE", "SSH USER"
+        );
+        for r in rows {
+            let status = serde_json::to_value(r.status)?
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            let started = r
+                .started_at
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default();
+            text.push_str(&format!(
+                "{:<48} {:<11} {:>12} {:<20} {:<24} {:<12}\n",
+                r.id,
+                status,
+                r.bytes,
+                started,
+                r.src_node.as_deref().unwrap_or("-"),
+                r.ssh_user.as_deref().unwrap_or("-")
+            ));
+        }
+        out.write_all(text.as_bytes()).await?;
+    }
+    out.flush().await?;
+    Ok(())
+}
+
+/// `castvault export ID --format cast`: the recording exactly as received, verified.
+pub async fn export(store: DynStore, id: &str, output: Option<&Path>) -> anyhow::Result<()> {
+    let id = RecordingId::parse(id)?;
+    let manifest = reader::read_manifest(store.as_ref(), &id).await?;
+    match output {
+        Some(path) => {
+            // Write beside the target and rename, so a failed check leaves no partial file.
+            let tmp = path.with_extension("partial");
+            let mut file = tokio::fs::File::create(&tmp)
+                .await
+                .with_context(|| format!("creating {}", tmp.display()))?;
+            if let Err(e) = reader::write_body(store.as_ref(), &manifest, &mut file).await {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                return Err(e.into());
+            }
+            file.sync_all().await?;
+            tokio::fs::rename(&tmp, path).await?;
+        }
+        None => reader::write_body(store.as_ref(), &manifest, &mut tokio::io::stdout()).await?,
+    }
+    Ok(())
+}
+
+/// `castvault config check`: prints every problem; the caller exits non-zero if any.
+pub fn check(config: Option<&Path>) -> Vec<String> {
+    match Config::load(config) {
+        Ok(cfg) => cfg.validate(),
+        Err(e) => vec![crate::upload::error_chain(&e)],
+    }
+}

@@ -1,0 +1,303 @@
+//! The node's configuration: one typed, strict tree read from TOML, with every default named
+//! here. `castvault config check` runs [`Config::validate`], which reports every problem at once.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use castvault_storage::keys::Region;
+use castvault_storage::store::StoreUrl;
+use serde::{Deserialize, Serialize};
+
+/// When an ack may count a byte (shared DESIGN.md, "Durability contract").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AckLevel {
+    /// Bytes are fsynced in the local spool.
+    Spool,
+    /// Bytes are in a chunk committed to the object store.
+    Storage,
+}
+
+/// What to do with `ack = "storage"` streams when the store cannot take their chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutagePolicy {
+    /// Keep recording; ack at spool level until the store returns.
+    Degrade,
+    /// End the stream with the final error frame so the client's failure policy applies.
+    Fail,
+}
+
+/// A secret config value; never printed.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
+/// How a recording is cut into chunks.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChunkConfig {
+    /// Cut a chunk once this many raw bytes are pending.
+    #[serde(default = "default_chunk_max_bytes")]
+    pub max_bytes: usize,
+    /// Cut a chunk this long after its first byte arrived.
+    #[serde(default = "default_chunk_max_age", with = "humantime_serde")]
+    pub max_age: Duration,
+    /// zstd level; 3 stores less than gzip -6 at about 5 times its speed.
+    #[serde(default = "default_compression_level")]
+    pub compression_level: i32,
+}
+
+impl Default for ChunkConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: default_chunk_max_bytes(),
+            max_age: default_chunk_max_age(),
+            compression_level: default_compression_level(),
+        }
+    }
+}
+
+fn default_chunk_max_bytes() -> usize {
+    4 << 20
+}
+fn default_chunk_max_age() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_compression_level() -> i32 {
+    3
+}
+
+/// The node configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// This node's name, unique in its region; defaults to the host name.
+    pub node_id: String,
+    pub region: String,
+    pub zone: String,
+    /// Spool (and the default store) live here.
+    pub data_dir: PathBuf,
+    /// Store URL (`file:///abs`, `az://container`, `memory://`); default: `{data_dir}/store`.
+    pub store: Option<String>,
+    /// Store settings (Azure keys such as `account_name`, `access_key`, `sas_key`,
+    /// `use_emulator`, `endpoint`); environment variables fill in the rest.
+    pub store_options: BTreeMap<String, Secret>,
+    /// Ack level; default `storage` for a remote store, `spool` for the local disk.
+    pub ack: Option<AckLevel>,
+    pub storage_outage: OutagePolicy,
+    /// Upload listener; Tailscale clients expect port 80 in production.
+    pub ingest_listen: SocketAddr,
+    /// Health, metrics and API listener.
+    pub web_listen: SocketAddr,
+    pub chunk: ChunkConfig,
+    /// Longest asciicast line accepted; a longer line ends the stream with an error frame.
+    pub max_line_bytes: usize,
+    /// New recordings are refused with 503 while the spool's disk has less free space.
+    pub min_free_disk_bytes: u64,
+    /// Recordings open at once; more are refused with 503 so the client tries the next recorder.
+    pub max_open_recordings: usize,
+    /// How long streams may run on after SIGTERM before they get the final error frame. Keep it
+    /// under the orchestrator's grace period (Kubernetes: 30 s by default) minus `upload_grace`.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// Time given to the uploader after the streams are closed; what is left resumes on restart.
+    #[serde(with = "humantime_serde")]
+    pub upload_grace: Duration,
+}
+
+fn default_node_id() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "node".to_owned())
+}
+
+/// Why a config file could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            node_id: default_node_id(),
+            region: "local".to_owned(),
+            zone: "local".to_owned(),
+            data_dir: PathBuf::from("./castvault-data"),
+            store: None,
+            store_options: BTreeMap::new(),
+            ack: None,
+            storage_outage: OutagePolicy::Degrade,
+            ingest_listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            web_listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            chunk: ChunkConfig::default(),
+            max_line_bytes: 8 << 20,
+            min_free_disk_bytes: 256 << 20,
+            max_open_recordings: 12_000,
+            drain_timeout: Duration::from_secs(15),
+            upload_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Config {
+    /// Loads a config file, or the defaults when `path` is `None`.
+    ///
+    /// # Errors
+    /// [`ConfigError`] when the file cannot be read or parsed (unknown keys included).
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let Some(path) = path else {
+            return Ok(Self::default());
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    /// The store URL, defaulting to `{data_dir}/store` on local disk.
+    pub fn store_url(&self) -> String {
+        match &self.store {
+            Some(url) => url.clone(),
+            None => {
+                let dir = std::path::absolute(self.data_dir.join("store"))
+                    .unwrap_or_else(|_| self.data_dir.join("store"));
+                format!("file://{}", dir.display())
+            }
+        }
+    }
+
+    pub fn store_options(&self) -> BTreeMap<String, String> {
+        self.store_options
+            .iter()
+            .map(|(k, v)| (k.clone(), v.expose().to_owned()))
+            .collect()
+    }
+
+    pub fn spool_dir(&self) -> PathBuf {
+        self.data_dir.join("spool")
+    }
+
+    /// The ack level in force: the configured one, else by store kind.
+    pub fn ack_level(&self) -> AckLevel {
+        self.ack
+            .unwrap_or(match StoreUrl::parse(&self.store_url()) {
+                Ok(StoreUrl::Azure { .. }) => AckLevel::Storage,
+                _ => AckLevel::Spool,
+            })
+    }
+
+    pub fn region(&self) -> Result<Region, String> {
+        Region::new(&self.region).map_err(|e| e.to_string())
+    }
+
+    /// Every problem with this config, empty when it is valid.
+    pub fn validate(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if let Err(e) = self.region() {
+            problems.push(e);
+        }
+        if self.node_id.is_empty() || self.node_id.len() > 64 || self.node_id.contains(['/', '\\'])
+        {
+            problems.push(format!(
+                "node_id {:?} must be 1 to 64 characters without slashes",
+                self.node_id
+            ));
+        }
+        if let Err(e) = StoreUrl::parse(&self.store_url()) {
+            problems.push(e.to_string());
+        }
+        if let Err(e) = castvault_storage::store::open(&self.store_url(), &self.store_options()) {
+            problems.push(format!("store: {e}"));
+        }
+        if !(1 << 10..=64 << 20).contains(&self.chunk.max_bytes) {
+            problems.push(format!(
+                "chunk.max_bytes {} must be between 1 KiB and 64 MiB",
+                self.chunk.max_bytes
+            ));
+        }
+        if self.chunk.max_age.is_zero() || self.chunk.max_age > Duration::from_secs(600) {
+            problems.push("chunk.max_age must be between 1ms and 10m".to_owned());
+        }
+        if !(1..=19).contains(&self.chunk.compression_level) {
+            problems.push(format!(
+                "chunk.compression_level {} must be 1 to 19",
+                self.chunk.compression_level
+            ));
+        }
+        if !(1 << 10..=128 << 20).contains(&self.max_line_bytes) {
+            problems.push(format!(
+                "max_line_bytes {} must be between 1 KiB and 128 MiB",
+                self.max_line_bytes
+            ));
+        }
+        if self.max_open_recordings == 0 {
+            problems.push("max_open_recordings must be at least 1".to_owned());
+        }
+        if self.ingest_listen == self.web_listen && self.ingest_listen.port() != 0 {
+            problems.push(format!(
+                "ingest_listen and web_listen are both {}",
+                self.ingest_listen
+            ));
+        }
+        problems
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_local() {
+        let c = Config::default();
+        assert_eq!(c.ack_level(), AckLevel::Spool);
+        assert!(c.store_url().starts_with("file:///"));
+        assert_eq!(c.chunk.max_bytes, 4 << 20);
+    }
+
+    #[test]
+    fn unknown_keys_and_every_problem_are_reported() {
+        assert!(toml::from_str::<Config>("nonsense = 1").is_err());
+        let c: Config = toml::from_str(
+            "region = \"Bad Region\"\nstore = \"s4://x\"\n[chunk]\ncompression_level = 99\nmax_age = \"0s\"\n",
+        )
+        .unwrap();
+        let problems = c.validate();
+        assert!(problems.len() >= 4, "{problems:?}");
+        let azure: Config =
+            toml::from_str("store = \"az://recordings\"\n[store_options]\naccess_key = \"k\"")
+                .unwrap();
+        assert_eq!(azure.ack_level(), AckLevel::Storage);
+        assert!(!format!("{azure:?}").contains("\"k\""));
+    }
+}

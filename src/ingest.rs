@@ -1,0 +1,615 @@
+//! Ingest: the Tailscale session-recording wire protocol (shared PROTOCOL.md; its section 6 is
+//! the checklist this module follows).
+//!
+//! - `HEAD /v2/record`: 200 over HTTP/2, 404 over HTTP/1.1 (the client only trusts an h2 answer).
+//! - `POST /v2/record` (h2c): admission first (503 + Retry-After so the client tries the next
+//!   recorder), then 200 headers at once, because the client writes nothing until it has them.
+//!   The response body is the ack stream: `{"ack":N}\n` whenever the acked offset moves and at
+//!   least every [`ACK_HEARTBEAT`]; after the request body ends, one final ack, then the end of
+//!   the response. A failure ends it with `{"ack":N,"error":"..."}\n` as the last frame.
+//! - `POST /record` (HTTP/1.1, `Expect: 100-continue`, chunked): hyper sends `100 Continue` when
+//!   the body is first polled, which is right after admission; 200 once the body has ended and
+//!   every byte is durable at the ack level.
+//! - `HEAD /v2/event` → 200; `POST /v2/event` stores one Kubernetes API request event.
+//!
+//! The body is read as fast as it arrives: each frame is appended to the spool (a page-cache
+//! write) and reading goes on; fsync and upload happen elsewhere, and acks follow them. Nothing
+//! per stream holds more than the frame in hand and, until the header line ends, the header.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderValue, Request, StatusCode, Version, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{head, post};
+use castvault_storage::cast::CastHeader;
+use castvault_storage::keys::{ObjectKey, RecordingId, Region};
+use castvault_storage::store::{DynStore, put_create};
+use futures::StreamExt;
+use time::OffsetDateTime;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{AckLevel, OutagePolicy};
+use crate::metrics::Metrics;
+use crate::spool::{RecordingMeta, Spool, SpoolFile, StreamEnd, StreamOutcome};
+use crate::upload::{Progress, Uploader, error_chain};
+
+/// Longest gap between ack frames; the client gives up after 30 s without one.
+pub const ACK_HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// How long the end of a stream waits for its last bytes to reach the ack level before the
+/// final frame; well under the client's 30 s ack window, which keeps running meanwhile.
+pub const FINAL_ACK_WAIT: Duration = Duration::from_secs(20);
+
+/// Longest header line; real headers are a few hundred bytes. Bounds the only per-stream buffer.
+pub const MAX_HEADER_LINE_BYTES: usize = 64 << 10;
+
+/// Largest `/v2/event` body. The proxy sends the Kubernetes request body inside, base64.
+pub const MAX_EVENT_BYTES: usize = 16 << 20;
+
+/// The TCP peer of a connection, set by the listener.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
+
+/// Everything ingest needs.
+pub struct Ingest {
+    pub spool: Spool,
+    pub uploader: Uploader,
+    pub store: DynStore,
+    pub metrics: Arc<Metrics>,
+    pub ack: AckLevel,
+    pub outage: OutagePolicy,
+    pub node_id: String,
+    pub zone: String,
+    pub region: Region,
+    pub max_line_bytes: usize,
+    pub min_free_disk_bytes: u64,
+    /// One permit per open recording.
+    pub open_recordings: Arc<Semaphore>,
+    /// Cancelled on SIGTERM: new recordings get 503.
+    pub draining: CancellationToken,
+    /// Cancelled when the drain deadline passes: open streams end with the error frame.
+    pub close_streams: CancellationToken,
+    pub streams: TaskTracker,
+}
+
+/// What the ack stream shows.
+#[derive(Debug, Clone, Default)]
+pub struct AckState {
+    pub acked: u64,
+    pub done: Option<Result<(), String>>,
+}
+
+/// How a stream ended, for the v1 response.
+#[derive(Debug)]
+enum StreamResult {
+    Stored,
+    /// Refused before anything was stored.
+    Rejected(StatusCode, String),
+    /// Ended with an error after storing what came before it.
+    Failed(String),
+    /// The client went away.
+    Broken,
+}
+
+pub fn router(ingest: Arc<Ingest>) -> Router {
+    Router::new()
+        .route("/v2/record", head(probe_v2).post(record_v2))
+        .route("/record", post(record_v1))
+        .route(
+            "/v2/event",
+            head(|| async { StatusCode::OK })
+                .post(event)
+                .layer(DefaultBodyLimit::max(MAX_EVENT_BYTES)),
+        )
+        .with_state(ingest)
+}
+
+async fn probe_v2(req: Request<Body>) -> StatusCode {
+    if req.version() == Version::HTTP_2 {
+        StatusCode::OK
+    } else {
+        StatusCode::NOT_FOUND
+    }
+}
+
+fn refuse(status: StatusCode, message: &str) -> Response {
+    let mut response = (status, format!("{message}\n")).into_response();
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    response
+}
+
+impl Ingest {
+    /// Admission: capacity, draining and disk space. Refusal is a 503 before the body is read.
+    fn admit(&self) -> Result<OwnedSemaphorePermit, Box<Response>> {
+        let refused = |message: &str| {
+            Metrics::add(&self.metrics.streams_refused, 1);
+            Box::new(refuse(StatusCode::SERVICE_UNAVAILABLE, message))
+        };
+        if self.draining.is_cancelled() {
+            return Err(refused("recorder is shutting down; try the next recorder"));
+        }
+        let Ok(permit) = self.open_recordings.clone().try_acquire_owned() else {
+            return Err(refused("recorder is at capacity; try the next recorder"));
+        };
+        if self
+            .spool
+            .free_bytes()
+            .is_none_or(|free| free < self.min_free_disk_bytes)
+        {
+            return Err(refused(
+                "recorder spool disk is full; try the next recorder",
+            ));
+        }
+        Ok(permit)
+    }
+}
+
+async fn record_v2(
+    State(ingest): State<Arc<Ingest>>,
+    peer: Option<axum::Extension<Peer>>,
+    req: Request<Body>,
+) -> Response {
+    if req.version() != Version::HTTP_2 {
+        return refuse(
+            StatusCode::HTTP_VERSION_NOT_SUPPORTED,
+            "POST /v2/record needs HTTP/2; use POST /record",
+        );
+    }
+    let permit = match ingest.admit() {
+        Ok(permit) => permit,
+        Err(response) => return *response,
+    };
+    let (acks, rx) = watch::channel(AckState::default());
+    let peer = peer.map(|p| p.0.0);
+    let body = req.into_body();
+    let tracker = ingest.streams.clone();
+    tracker.spawn(async move {
+        let result = receive(&ingest, body, "v2", peer, &acks).await;
+        drop(permit);
+        acks.send_modify(|a| {
+            a.done = Some(match result {
+                StreamResult::Stored | StreamResult::Broken => Ok(()),
+                StreamResult::Rejected(_, message) | StreamResult::Failed(message) => Err(message),
+            });
+        });
+    });
+    let mut response = Response::new(ack_body(rx));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+async fn record_v1(
+    State(ingest): State<Arc<Ingest>>,
+    peer: Option<axum::Extension<Peer>>,
+    req: Request<Body>,
+) -> Response {
+    let permit = match ingest.admit() {
+        Ok(permit) => permit,
+        Err(response) => return *response,
+    };
+    let (acks, _rx) = watch::channel(AckState::default());
+    let result = receive(&ingest, req.into_body(), "v1", peer.map(|p| p.0.0), &acks).await;
+    drop(permit);
+    match result {
+        StreamResult::Stored | StreamResult::Broken => StatusCode::OK.into_response(),
+        StreamResult::Rejected(status, message) => refuse(status, &message),
+        StreamResult::Failed(message) => refuse(StatusCode::SERVICE_UNAVAILABLE, &message),
+    }
+}
+
+/// The v2 response body: ack frames from `rx` and a heartbeat, until the stream is done.
+fn ack_body(rx: watch::Receiver<AckState>) -> Body {
+    let mut heartbeat = tokio::time::interval(ACK_HEARTBEAT);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let frames = futures::stream::unfold(Some((rx, heartbeat)), |state| async move {
+        let (mut rx, mut heartbeat) = state?;
+        let closed = tokio::select! {
+            changed = rx.changed() => changed.is_err(),
+            _ = heartbeat.tick() => false,
+        };
+        let s = rx.borrow_and_update().clone();
+        let (frame, next) = match s.done {
+            None if closed => (
+                error_frame(s.acked, "recorder stream task ended unexpectedly"),
+                None,
+            ),
+            None => (ack_frame(s.acked), Some((rx, heartbeat))),
+            Some(Ok(())) => (ack_frame(s.acked), None),
+            Some(Err(message)) => (error_frame(s.acked, &message), None),
+        };
+        Some((Ok::<_, Infallible>(frame), next))
+    });
+    Body::from_stream(frames)
+}
+
+fn ack_frame(acked: u64) -> Bytes {
+    Bytes::from(format!("{{\"ack\":{acked}}}\n"))
+}
+
+fn error_frame(acked: u64, message: &str) -> Bytes {
+    let frame = serde_json::json!({ "ack": acked, "error": message });
+    Bytes::from(format!("{frame}\n"))
+}
+
+/// A recording being received.
+struct Active {
+    file: Arc<SpoolFile>,
+    durable: watch::Receiver<u64>,
+    progress: watch::Receiver<Progress>,
+}
+
+impl Active {
+    /// The offset an ack may count now, or the error that ends the stream.
+    fn ack(&self, level: AckLevel, outage: OutagePolicy) -> Result<u64, String> {
+        if let Some(reason) = self.file.failure() {
+            return Err(format!("recorder spool failed: {reason}"));
+        }
+        let durable = *self.durable.borrow();
+        match level {
+            AckLevel::Spool => Ok(durable),
+            AckLevel::Storage => {
+                let progress = self.progress.borrow();
+                match (&progress.error, outage) {
+                    (None, _) => Ok(progress.committed),
+                    (Some(_), OutagePolicy::Degrade) => Ok(progress.committed.max(durable)),
+                    (Some(error), OutagePolicy::Fail) => {
+                        Err(format!("recorder storage failed: {error}"))
+                    }
+                }
+            }
+        }
+    }
+
+    async fn changed(&mut self) {
+        tokio::select! {
+            _ = self.durable.changed() => {}
+            _ = self.progress.changed() => {}
+        }
+    }
+}
+
+async fn next_change(active: &mut Option<Active>) {
+    match active {
+        Some(active) => active.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Tracks line lengths across frames.
+struct LineLimit {
+    max: usize,
+    current: usize,
+}
+
+impl LineLimit {
+    /// False once a line is longer than the limit.
+    fn check(&mut self, data: &[u8]) -> bool {
+        let mut start = 0;
+        for pos in memchr::memchr_iter(b'\n', data) {
+            if self.current + (pos - start) > self.max {
+                return false;
+            }
+            self.current = 0;
+            start = pos + 1;
+        }
+        self.current += data.len() - start;
+        self.current <= self.max
+    }
+}
+
+/// Receives one recording body; stores it and drives `acks`.
+async fn receive(
+    ingest: &Ingest,
+    body: Body,
+    protocol: &str,
+    peer: Option<SocketAddr>,
+    acks: &watch::Sender<AckState>,
+) -> StreamResult {
+    Metrics::add(&ingest.metrics.streams_open, 1);
+    Metrics::add(&ingest.metrics.streams_total, 1);
+    let received_at = OffsetDateTime::now_utc();
+    let id = RecordingId::new(&ingest.region, unix_ms(received_at), rand::random());
+    let span = tracing::info_span!("stream", recording_id = %id, protocol, peer = ?peer);
+    let _enter = span.enter();
+    let mut body = body.into_data_stream();
+    let mut header_line: Vec<u8> = Vec::new();
+    let mut active: Option<Active> = None;
+    let mut lines = LineLimit {
+        max: ingest.max_line_bytes,
+        current: 0,
+    };
+    let mut received: u64 = 0;
+
+    // Phase 1: the body, until it ends, breaks or is refused.
+    let (outcome, reason): (StreamOutcome, Option<String>) = loop {
+        tokio::select! {
+            biased;
+            () = ingest.close_streams.cancelled() => {
+                break (StreamOutcome::Interrupted, Some("recorder shut down before the stream ended".to_owned()));
+            }
+            next = body.next() => match next {
+                Some(Ok(data)) => {
+                    received += data.len() as u64;
+                    Metrics::add(&ingest.metrics.bytes_received, data.len() as u64);
+                    let line_ok = lines.check(&data);
+                    if let Some(active) = &active {
+                        if let Err(e) = active.file.append(data).await {
+                            break (StreamOutcome::Interrupted, Some(format!("recorder cannot store the recording: {}", error_chain(&e))));
+                        }
+                        ingest.spool.request_sync(&active.file);
+                    } else {
+                        header_line.extend_from_slice(&data);
+                        if let Some(pos) = memchr::memchr(b'\n', &header_line) {
+                            match open_recording(ingest, &id, protocol, peer, received_at, &header_line[..pos]).await {
+                                Ok(opened) => {
+                                    if let Err(e) = opened.file.append(Bytes::from(std::mem::take(&mut header_line))).await {
+                                        active = Some(opened);
+                                        break (StreamOutcome::Interrupted, Some(format!("recorder cannot store the recording: {}", error_chain(&e))));
+                                    }
+                                    ingest.spool.request_sync(&opened.file);
+                                    active = Some(opened);
+                                }
+                                Err(result) => return finish_refused(ingest, result),
+                            }
+                        } else if header_line.len() > MAX_HEADER_LINE_BYTES {
+                            return finish_refused(ingest, StreamResult::Rejected(
+                                StatusCode::BAD_REQUEST,
+                                format!("first line is longer than {MAX_HEADER_LINE_BYTES} bytes; expected an asciicast v2 header"),
+                            ));
+                        }
+                    }
+                    if !line_ok {
+                        break (StreamOutcome::Interrupted, Some(format!("a line is longer than the limit of {} bytes", ingest.max_line_bytes)));
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::info!(error = %e, "upload stream broke");
+                    break (StreamOutcome::Interrupted, Some(format!("upload stream broke: {e}")));
+                }
+                None => break (StreamOutcome::Complete, None),
+            },
+            () = next_change(&mut active) => {
+                if let Some(a) = &active {
+                    match a.ack(ingest.ack, ingest.outage) {
+                        Ok(acked) => { acks.send_if_modified(|s| std::mem::replace(&mut s.acked, acked) != acked); }
+                        Err(message) => break (StreamOutcome::Interrupted, Some(message)),
+                    }
+                }
+            }
+        }
+    };
+
+    // A body that ended inside its first line: the whole body is the header, or it is refused.
+    if active.is_none() {
+        if outcome == StreamOutcome::Complete && !header_line.is_empty() {
+            match open_recording(ingest, &id, protocol, peer, received_at, &header_line).await {
+                Ok(opened) => {
+                    if let Err(e) = opened
+                        .file
+                        .append(Bytes::from(std::mem::take(&mut header_line)))
+                        .await
+                    {
+                        tracing::error!(error = %e, "cannot store a header-only recording");
+                    }
+                    active = Some(opened);
+                }
+                Err(result) => return finish_refused(ingest, result),
+            }
+        } else {
+            let message = reason
+                .unwrap_or_else(|| "empty body; expected an asciicast v2 header line".to_owned());
+            let status = if outcome == StreamOutcome::Complete {
+                StatusCode::BAD_REQUEST
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            return finish_refused(ingest, StreamResult::Rejected(status, message));
+        }
+    }
+    let Some(mut active) = active else {
+        return finish_refused(ingest, StreamResult::Broken);
+    };
+
+    // Phase 2: record the end, then bring the acked offset to the end and say so.
+    let end = StreamEnd {
+        outcome,
+        reason: reason.clone(),
+        bytes: active.file.written(),
+        ended_at: OffsetDateTime::now_utc(),
+    };
+    let finish_error = active.file.finish(&end).await.err();
+    ingest.uploader.end_stream(&id, end);
+    ingest.spool.request_sync(&active.file);
+    Metrics::sub(&ingest.metrics.streams_open, 1);
+    if let Some(e) = finish_error {
+        return StreamResult::Failed(format!(
+            "recorder cannot store the recording: {}",
+            error_chain(&e)
+        ));
+    }
+    if let Some(reason) = reason {
+        tracing::info!(%reason, bytes = received, "stream ended early");
+        return if outcome == StreamOutcome::Interrupted && reason.starts_with("upload stream broke")
+        {
+            StreamResult::Broken
+        } else {
+            StreamResult::Failed(reason)
+        };
+    }
+    let target = active.file.written();
+    let reached = tokio::time::timeout(FINAL_ACK_WAIT, async {
+        loop {
+            match active.ack(ingest.ack, ingest.outage) {
+                Ok(acked) => {
+                    acks.send_if_modified(|s| std::mem::replace(&mut s.acked, acked) != acked);
+                    if acked >= target {
+                        return Ok(());
+                    }
+                }
+                Err(message) => return Err(message),
+            }
+            active.changed().await;
+        }
+    })
+    .await;
+    match reached {
+        Ok(Ok(())) => {
+            tracing::info!(bytes = target, "stream ended");
+            StreamResult::Stored
+        }
+        Ok(Err(message)) => StreamResult::Failed(message),
+        Err(_elapsed) => {
+            let durable = *active.durable.borrow();
+            match (ingest.ack, ingest.outage) {
+                (AckLevel::Storage, OutagePolicy::Degrade) if durable >= target => {
+                    tracing::warn!(bytes = target, "store is slow; final ack at spool level");
+                    acks.send_modify(|s| s.acked = durable);
+                    StreamResult::Stored
+                }
+                _ => StreamResult::Failed(
+                    "recorder could not make the recording durable in time".to_owned(),
+                ),
+            }
+        }
+    }
+}
+
+fn finish_refused(ingest: &Ingest, result: StreamResult) -> StreamResult {
+    Metrics::sub(&ingest.metrics.streams_open, 1);
+    if let StreamResult::Rejected(status, message) = &result {
+        tracing::info!(%status, %message, "recording refused");
+    }
+    result
+}
+
+/// Validates the header line and opens the recording's spool files and upload.
+async fn open_recording(
+    ingest: &Ingest,
+    id: &RecordingId,
+    protocol: &str,
+    peer: Option<SocketAddr>,
+    received_at: OffsetDateTime,
+    header_line: &[u8],
+) -> Result<Active, StreamResult> {
+    let header = CastHeader::parse(header_line).map_err(|e| {
+        StreamResult::Rejected(
+            StatusCode::BAD_REQUEST,
+            format!("invalid asciicast header: {e}"),
+        )
+    })?;
+    let meta = RecordingMeta {
+        recording_id: id.to_string(),
+        node_id: ingest.node_id.clone(),
+        zone: ingest.zone.clone(),
+        protocol: protocol.to_owned(),
+        peer: peer.map(|p| p.to_string()),
+        received_at,
+        header: header.into_value(),
+    };
+    let file = ingest
+        .spool
+        .create(id.clone(), meta.clone())
+        .await
+        .map_err(|e| {
+            let status = if e.is_disk_full() {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::INTERNAL_SERVER_ERROR
+            };
+            tracing::error!(error = %error_chain(&e), "cannot open spool for a recording");
+            StreamResult::Rejected(status, format!("recorder cannot store the recording: {e}"))
+        })?;
+    let progress = ingest.uploader.register(file.clone(), meta);
+    Ok(Active {
+        durable: file.durable(),
+        file,
+        progress,
+    })
+}
+
+fn unix_ms(t: OffsetDateTime) -> u64 {
+    u64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
+}
+
+/// `POST /v2/event`: one Kubernetes API request event, stored before the 200.
+async fn event(
+    State(ingest): State<Arc<Ingest>>,
+    peer: Option<axum::Extension<Peer>>,
+    body: Bytes,
+) -> Response {
+    let Ok(serde_json::Value::Object(mut event)) =
+        serde_json::from_slice::<serde_json::Value>(&body)
+    else {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "event body must be one JSON object",
+        );
+    };
+    let now = OffsetDateTime::now_utc();
+    let id = RecordingId::new(&ingest.region, unix_ms(now), rand::random());
+    event.insert("id".to_owned(), serde_json::Value::String(id.to_string()));
+    // Without tailnet identity (WhoIs) the uploader is known by its address.
+    let destination = event
+        .entry("destination")
+        .or_insert_with(|| serde_json::json!({}));
+    if let Some(dest) = destination.as_object_mut() {
+        let empty =
+            |v: Option<&serde_json::Value>| v.and_then(|v| v.as_str()).is_none_or(str::is_empty);
+        if empty(dest.get("node")) {
+            let node = peer.map(|p| p.0.0.ip().to_string()).unwrap_or_default();
+            dest.insert("node".to_owned(), serde_json::Value::String(node));
+        }
+        if empty(dest.get("nodeID")) {
+            dest.insert(
+                "nodeID".to_owned(),
+                serde_json::Value::String(String::new()),
+            );
+        }
+    }
+    let bytes = Bytes::from(serde_json::to_vec(&event).unwrap_or_default());
+    let path = ObjectKey::event(&id);
+    match put_create(ingest.store.as_ref(), &path, bytes).await {
+        Ok(()) => {
+            Metrics::add(&ingest.metrics.events_stored, 1);
+            StatusCode::OK.into_response()
+        }
+        Err(e) => {
+            tracing::error!(event_id = %id, error = %e, "cannot store event");
+            refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "recorder cannot store the event",
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_limit_spans_frames() {
+        let mut l = LineLimit { max: 4, current: 0 };
+        assert!(l.check(b"ab"));
+        assert!(l.check(b"cd\nabcd\n"));
+        assert!(l.check(b"abc"));
+        assert!(!l.check(b"de"));
+        let mut l = LineLimit { max: 4, current: 0 };
+        assert!(!l.check(b"abcdef\n"));
+    }
+}

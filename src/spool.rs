@@ -1,0 +1,558 @@
+//! The spool: append-only local files that hold every received byte until its chunk is committed
+//! in the store.
+//!
+//! # Layout
+//! ```text
+//! {data_dir}/spool/{recording_id}/meta.json     who sent what, written before the first ack
+//! {data_dir}/spool/{recording_id}/data          the body exactly as received, append-only
+//! {data_dir}/spool/{recording_id}/chunks.jsonl  one manifest chunk entry per committed chunk
+//! {data_dir}/spool/{recording_id}/end.json      how the stream ended, written when it ends
+//! ```
+//! `meta.json` and `end.json` are written temp → fsync → rename → fsync dir.
+//!
+//! # Group commit
+//! Writers append with `pwrite` and hand the file to one syncer task, at most once until it is
+//! synced. The syncer takes everything queued while the previous round ran (no artificial
+//! window: a round starts as soon as the previous one ends, so a lone writer pays one fdatasync)
+//! and runs the fdatasyncs of a round on up to [`SYNC_PARALLELISM`] blocking threads, so the
+//! filesystem folds them into shared journal commits. After a file's sync its `durable` offset
+//! moves to what was written before the sync began; acks at `spool` level read that offset.
+//!
+//! # Deletion
+//! A recording's directory is removed only after its manifest is committed in the store, which
+//! implies all of its chunks are.
+//!
+//! # Recovery
+//! On start every directory left is a recording that was not finalized. `data` holds every byte
+//! that was written (acked bytes were fsynced; after a power loss the unsynced tail may be
+//! missing, and such bytes were never acked). `chunks.jsonl` is not fsynced: a torn last line is
+//! ignored and chunks it misses are found in the store and checked byte for byte against `data`
+//! (see `upload`). No `end.json` means the stream was cut by the crash: status `interrupted`.
+//! A directory without `meta.json` never acked a byte and is removed.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
+use castvault_storage::keys::RecordingId;
+use castvault_storage::manifest::ChunkEntry;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use tokio::sync::{mpsc, watch};
+
+/// fdatasyncs run at once in one commit round: enough for the filesystem to batch journal
+/// commits, few enough not to crowd out the blocking pool that also serves spool writes.
+pub const SYNC_PARALLELISM: usize = 8;
+
+/// Most files taken into one commit round; bounds the time of a round so early writers are not
+/// held behind a huge batch.
+const SYNC_ROUND_MAX_FILES: usize = 4096;
+
+/// Why a spool operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("spool {path}: {op}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("spool file of {recording_id} failed earlier: {reason}")]
+    Failed {
+        recording_id: String,
+        reason: String,
+    },
+}
+
+impl SpoolError {
+    /// True when the disk is full.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, Self::Io { source, .. } if source.raw_os_error() == Some(nix::libc::ENOSPC))
+    }
+}
+
+/// What is known about a recording when it starts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RecordingMeta {
+    pub recording_id: String,
+    pub node_id: String,
+    pub zone: String,
+    pub protocol: String,
+    pub peer: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub received_at: OffsetDateTime,
+    /// The header object as received.
+    pub header: serde_json::Value,
+}
+
+/// How a stream ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamOutcome {
+    /// The client ended the body cleanly.
+    Complete,
+    /// The stream broke or was refused part-way.
+    Interrupted,
+}
+
+/// Contents of `end.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StreamEnd {
+    pub outcome: StreamOutcome,
+    pub reason: Option<String>,
+    pub bytes: u64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub ended_at: OffsetDateTime,
+}
+
+/// The node's spool directory and its syncer.
+#[derive(Clone)]
+pub struct Spool {
+    root: PathBuf,
+    sync_queue: mpsc::Sender<Arc<SpoolFile>>,
+}
+
+/// One recording's spool files.
+pub struct SpoolFile {
+    pub id: RecordingId,
+    dir: PathBuf,
+    data: File,
+    written: AtomicU64,
+    durable: watch::Sender<u64>,
+    queued: AtomicBool,
+    failed: OnceLock<String>,
+}
+
+impl Spool {
+    /// Opens (creating) the spool root and starts its syncer. `max_files` bounds the sync queue:
+    /// each file is queued at most once, so it never fills.
+    ///
+    /// # Errors
+    /// [`SpoolError::Io`] when the directory cannot be created.
+    pub fn open(root: PathBuf, max_files: usize) -> Result<Self, SpoolError> {
+        fs::create_dir_all(&root).map_err(|source| SpoolError::Io {
+            op: "create spool dir",
+            path: root.clone(),
+            source,
+        })?;
+        let (sync_queue, rx) = mpsc::channel(max_files.max(1));
+        tokio::spawn(run_syncer(rx));
+        Ok(Self { root, sync_queue })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Free bytes on the spool's filesystem.
+    pub fn free_bytes(&self) -> Option<u64> {
+        let stat = nix::sys::statvfs::statvfs(&self.root).ok()?;
+        Some(stat.blocks_available().saturating_mul(stat.fragment_size()))
+    }
+
+    /// Creates a recording's spool directory with its `meta.json`, durable before returning.
+    ///
+    /// # Errors
+    /// [`SpoolError::Io`] on any file error (disk full included).
+    pub async fn create(
+        &self,
+        id: RecordingId,
+        meta: RecordingMeta,
+    ) -> Result<Arc<SpoolFile>, SpoolError> {
+        let dir = self.root.join(id.as_str());
+        let root = self.root.clone();
+        let file = blocking(move || {
+            fs::create_dir(&dir).map_err(io_err("create recording dir", &dir))?;
+            write_atomically(
+                &dir,
+                "meta.json",
+                &serde_json::to_vec(&meta).unwrap_or_default(),
+            )?;
+            fsync_dir(&root)?;
+            let path = dir.join("data");
+            let data = OpenOptions::new()
+                .create_new(true)
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(io_err("create data", &path))?;
+            Ok(SpoolFile::new(id, dir, data, 0))
+        })
+        .await?;
+        Ok(Arc::new(file))
+    }
+
+    /// Asks the syncer to make `file` durable up to what is written now.
+    pub fn request_sync(&self, file: &Arc<SpoolFile>) {
+        if !file.queued.swap(true, Ordering::AcqRel)
+            && let Err(e) = self.sync_queue.try_send(file.clone())
+        {
+            // Unreachable while the queue holds one slot per open recording; never lose the
+            // request silently.
+            file.queued.store(false, Ordering::Release);
+            tracing::error!(recording_id = %file.id, error = %e, "spool sync queue full");
+        }
+    }
+
+    /// Recordings left in the spool by an earlier run, oldest first.
+    ///
+    /// # Errors
+    /// [`SpoolError::Io`] when the spool directory cannot be read.
+    pub fn recover(&self) -> Result<Vec<Recovered>, SpoolError> {
+        let entries = fs::read_dir(&self.root).map_err(io_err("read spool dir", &self.root))?;
+        let mut found = Vec::new();
+        for entry in entries.flatten() {
+            let dir = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Ok(id) = RecordingId::parse(&name) else {
+                tracing::warn!(path = %dir.display(), "ignoring unknown entry in spool");
+                continue;
+            };
+            let meta = match fs::read(dir.join("meta.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<RecordingMeta>(&b).ok())
+            {
+                Some(meta) => meta,
+                None => {
+                    tracing::warn!(recording_id = %id, "removing spool dir without meta.json (nothing was acked)");
+                    fs::remove_dir_all(&dir).map_err(io_err("remove spool dir", &dir))?;
+                    continue;
+                }
+            };
+            let end = fs::read(dir.join("end.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<StreamEnd>(&b).ok());
+            let path = dir.join("data");
+            let data = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(io_err("open data", &path))?;
+            let len = data.metadata().map_err(io_err("stat data", &path))?.len();
+            let chunks = read_chunk_log(&dir.join("chunks.jsonl"));
+            found.push(Recovered {
+                file: Arc::new(SpoolFile::new(id, dir, data, len)),
+                meta,
+                end,
+                chunks,
+            });
+        }
+        found.sort_by(|a, b| a.file.id.cmp(&b.file.id));
+        Ok(found)
+    }
+}
+
+/// A recording found in the spool at start.
+pub struct Recovered {
+    pub file: Arc<SpoolFile>,
+    pub meta: RecordingMeta,
+    pub end: Option<StreamEnd>,
+    pub chunks: Vec<ChunkEntry>,
+}
+
+impl SpoolFile {
+    fn new(id: RecordingId, dir: PathBuf, data: File, len: u64) -> Self {
+        Self {
+            id,
+            dir,
+            data,
+            written: AtomicU64::new(len),
+            durable: watch::Sender::new(len),
+            queued: AtomicBool::new(false),
+            failed: OnceLock::new(),
+        }
+    }
+
+    /// Bytes appended so far (maybe not yet durable).
+    pub fn written(&self) -> u64 {
+        self.written.load(Ordering::Acquire)
+    }
+
+    /// Bytes fsynced so far.
+    pub fn durable(&self) -> watch::Receiver<u64> {
+        self.durable.subscribe()
+    }
+
+    pub fn failure(&self) -> Option<&str> {
+        self.failed.get().map(String::as_str)
+    }
+
+    /// Appends bytes. Only the recording's stream calls this, one call at a time.
+    ///
+    /// # Errors
+    /// [`SpoolError`] on a write error; the file is then failed for good.
+    pub async fn append(self: &Arc<Self>, bytes: Bytes) -> Result<(), SpoolError> {
+        self.check_failed()?;
+        let this = self.clone();
+        blocking(move || {
+            let offset = this.written.load(Ordering::Acquire);
+            let result = this.data.write_all_at(&bytes, offset);
+            match result {
+                Ok(()) => {
+                    this.written
+                        .store(offset + bytes.len() as u64, Ordering::Release);
+                    Ok(())
+                }
+                Err(source) => {
+                    // A short write may have left bytes past `written`; `set_len` trims them so
+                    // the file stays exactly the bytes counted.
+                    let _ = this.data.set_len(offset);
+                    let _ = this.failed.set(source.to_string());
+                    Err(SpoolError::Io {
+                        op: "append",
+                        path: this.dir.join("data"),
+                        source,
+                    })
+                }
+            }
+        })
+        .await
+    }
+
+    /// Reads `len` bytes at `offset` of the data file.
+    ///
+    /// # Errors
+    /// [`SpoolError::Io`] on a read error or a short file.
+    pub async fn read_at(self: &Arc<Self>, offset: u64, len: usize) -> Result<Vec<u8>, SpoolError> {
+        let this = self.clone();
+        blocking(move || {
+            let mut buf = vec![0; len];
+            this.data
+                .read_exact_at(&mut buf, offset)
+                .map_err(io_err("read data", &this.dir.join("data")))?;
+            Ok(buf)
+        })
+        .await
+    }
+
+    /// Records how the stream ended (`end.json`, durable before returning).
+    ///
+    /// # Errors
+    /// [`SpoolError::Io`] on a file error.
+    pub async fn finish(self: &Arc<Self>, end: &StreamEnd) -> Result<(), SpoolError> {
+        let dir = self.dir.clone();
+        let bytes = serde_json::to_vec(end).unwrap_or_default();
+        blocking(move || write_atomically(&dir, "end.json", &bytes)).await
+    }
+
+    /// Appends a committed chunk's manifest entry to `chunks.jsonl` (not fsynced; see module doc).
+    ///
+    /// # Errors
+    /// [`SpoolError::Io`] on a file error.
+    pub async fn log_chunk(self: &Arc<Self>, entry: &ChunkEntry) -> Result<(), SpoolError> {
+        let path = self.dir.join("chunks.jsonl");
+        let mut line = serde_json::to_vec(entry).unwrap_or_default();
+        line.push(b'\n');
+        blocking(move || {
+            let mut f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(io_err("open chunk log", &path))?;
+            f.write_all(&line)
+                .map_err(io_err("append chunk log", &path))
+        })
+        .await
+    }
+
+    /// The chunk entries logged so far.
+    pub async fn chunk_log(self: &Arc<Self>) -> Vec<ChunkEntry> {
+        let path = self.dir.join("chunks.jsonl");
+        tokio::task::spawn_blocking(move || read_chunk_log(&path))
+            .await
+            .unwrap_or_default()
+    }
+
+    /// Removes the recording's spool directory (after its manifest is committed).
+    ///
+    /// # Errors
+    /// [`SpoolError::Io`] on a file error.
+    pub async fn remove(self: &Arc<Self>) -> Result<(), SpoolError> {
+        let dir = self.dir.clone();
+        blocking(move || fs::remove_dir_all(&dir).map_err(io_err("remove recording dir", &dir)))
+            .await
+    }
+
+    fn check_failed(&self) -> Result<(), SpoolError> {
+        match self.failed.get() {
+            Some(reason) => Err(SpoolError::Failed {
+                recording_id: self.id.to_string(),
+                reason: reason.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// One fdatasync; moves `durable` to what was written before it began.
+    fn sync(&self) {
+        self.queued.store(false, Ordering::Release);
+        let target = self.written.load(Ordering::Acquire);
+        if *self.durable.borrow() >= target || self.failed.get().is_some() {
+            return;
+        }
+        match self.data.sync_data() {
+            Ok(()) => {
+                self.durable.send_if_modified(|d| {
+                    let moved = target > *d;
+                    *d = (*d).max(target);
+                    moved
+                });
+            }
+            Err(e) => {
+                tracing::error!(recording_id = %self.id, error = %e, "spool fsync failed; the stream will end with an error");
+                let _ = self.failed.set(format!("fsync failed: {e}"));
+                // Wake waiters so they see the failure.
+                self.durable.send_modify(|_| {});
+            }
+        }
+    }
+}
+
+async fn run_syncer(mut rx: mpsc::Receiver<Arc<SpoolFile>>) {
+    let mut round = Vec::new();
+    while rx.recv_many(&mut round, SYNC_ROUND_MAX_FILES).await > 0 {
+        let per_thread = round.len().div_ceil(SYNC_PARALLELISM);
+        let tasks: Vec<_> = round
+            .chunks(per_thread)
+            .map(|files| {
+                let files = files.to_vec();
+                tokio::task::spawn_blocking(move || files.iter().for_each(|f| f.sync()))
+            })
+            .collect();
+        for task in tasks {
+            if let Err(e) = task.await {
+                tracing::error!(error = %e, "spool sync task panicked");
+            }
+        }
+        round.clear();
+    }
+}
+
+fn read_chunk_log(path: &Path) -> Vec<ChunkEntry> {
+    let Ok(text) = fs::read(path) else {
+        return Vec::new();
+    };
+    let mut entries = Vec::new();
+    for line in text.split_inclusive(|&b| b == b'\n') {
+        // A torn last line (no newline, or unparsable) ends the log.
+        let Some(entry) = line
+            .strip_suffix(b"\n")
+            .and_then(|l| serde_json::from_slice::<ChunkEntry>(l).ok())
+        else {
+            break;
+        };
+        if entry.seq as usize != entries.len() {
+            break;
+        }
+        entries.push(entry);
+    }
+    entries
+}
+
+fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), SpoolError> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let path = dir.join(name);
+    let mut f = File::create(&tmp).map_err(io_err("create temp", &tmp))?;
+    f.write_all(bytes).map_err(io_err("write temp", &tmp))?;
+    f.sync_all().map_err(io_err("fsync temp", &tmp))?;
+    fs::rename(&tmp, &path).map_err(io_err("rename temp", &path))?;
+    fsync_dir(dir)
+}
+
+fn fsync_dir(dir: &Path) -> Result<(), SpoolError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("fsync dir", dir))
+}
+
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> SpoolError + use<> {
+    let path = path.to_owned();
+    move |source| SpoolError::Io { op, path, source }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, SpoolError> + Send + 'static,
+) -> Result<T, SpoolError> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(SpoolError::Io {
+            op: "blocking task",
+            path: PathBuf::new(),
+            source: io::Error::other(e.to_string()),
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use castvault_storage::keys::Region;
+
+    fn meta(id: &RecordingId) -> RecordingMeta {
+        RecordingMeta {
+            recording_id: id.to_string(),
+            node_id: "n".into(),
+            zone: "z".into(),
+            protocol: "v2".into(),
+            peer: None,
+            received_at: OffsetDateTime::now_utc(),
+            header: serde_json::json!({"version": 2}),
+        }
+    }
+
+    #[tokio::test]
+    async fn appends_become_durable_and_survive_recovery() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path().to_owned(), 16).unwrap();
+        let id = RecordingId::new(&Region::new("local").unwrap(), 1, 1);
+        let file = spool.create(id.clone(), meta(&id)).await.unwrap();
+        let mut durable = file.durable();
+        file.append(Bytes::from_static(b"{\"version\":2}\n"))
+            .await
+            .unwrap();
+        file.append(Bytes::from_static(b"[0.1,\"o\",\"x\"]\n"))
+            .await
+            .unwrap();
+        spool.request_sync(&file);
+        durable.wait_for(|&d| d == 29).await.unwrap();
+        drop(file);
+
+        let recovered = spool.recover().unwrap();
+        assert_eq!(recovered.len(), 1);
+        assert_eq!(recovered[0].file.written(), 29);
+        assert!(recovered[0].end.is_none());
+        assert_eq!(
+            recovered[0].file.read_at(14, 15).await.unwrap(),
+            b"[0.1,\"o\",\"x\"]\n"
+        );
+    }
+
+    #[test]
+    fn chunk_log_stops_at_a_torn_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let entry = |seq| ChunkEntry {
+            seq,
+            offset: 0,
+            raw_len: 1,
+            compressed_len: 1,
+            events: 0,
+            malformed_lines: 0,
+            first_event_time: None,
+            last_event_time: None,
+            sha256: String::new(),
+            chain: String::new(),
+        };
+        let mut text = Vec::new();
+        for seq in 0..2 {
+            text.extend(serde_json::to_vec(&entry(seq)).unwrap());
+            text.push(b'\n');
+        }
+        text.extend(b"{\"seq\":2,\"off");
+        fs::write(dir.path().join("log"), text).unwrap();
+        assert_eq!(read_chunk_log(&dir.path().join("log")).len(), 2);
+    }
+}

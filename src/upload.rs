@@ -1,0 +1,755 @@
+//! The chunker/uploader: cuts each recording's spooled bytes into chunks, compresses them with
+//! pooled zstd contexts, writes them as immutable objects, and finalizes the recording with its
+//! manifest and catalog row once its stream has ended and every byte is committed.
+//!
+//! One scheduler task looks at every recording each [`SCHEDULER_TICK`] (or when woken) and
+//! starts work on those that are due: `chunk.max_bytes` pending, the oldest pending byte older
+//! than `chunk.max_age`, or the stream ended. At most [`UPLOAD_CONCURRENCY`] recordings are
+//! worked on at once and each by one task at a time, so chunks of a recording are committed in
+//! order. A failed put is retried with exponential backoff and jitter, forever, and the failure
+//! is visible (`/api/v1/uploads`, metrics, `Progress::error`); the spool keeps the bytes.
+//!
+//! After a crash the store may hold chunks the spool's chunk log does not list. Before writing
+//! chunk `n` of a recovered recording (or when a put finds the key taken) the uploader reads the
+//! stored chunk `n` and adopts it only if it is byte-for-byte the spool's bytes at that offset;
+//! anything else is reported as corruption and never overwritten.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use castvault_storage::chunk::{self, ChunkEncoder, ChunkStats, MAX_DECODED_CHUNK_BYTES};
+use castvault_storage::keys::{ObjectKey, RecordingId};
+use castvault_storage::manifest::{
+    CatalogRow, ChunkEntry, HashChain, MANIFEST_FORMAT, Manifest, RecordingStatus,
+};
+use castvault_storage::store::{DynStore, ErrorKind, error_kind, put_create, put_overwrite};
+use object_store::ObjectStoreExt;
+use rand::Rng;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use tokio::sync::{Notify, Semaphore, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use crate::spool::{RecordingMeta, Recovered, SpoolError, SpoolFile, StreamEnd, StreamOutcome};
+
+/// Recordings uploaded at once: each holds one raw chunk and its compressed copy in memory
+/// (up to `chunk.max_bytes + max_line_bytes`), and a 2-core node saturates well before this.
+pub const UPLOAD_CONCURRENCY: usize = 8;
+
+/// How often the scheduler looks for due recordings when nobody wakes it; bounds how late a
+/// time-based cut can be.
+pub const SCHEDULER_TICK: Duration = Duration::from_millis(200);
+
+/// Backoff after a failed upload: doubles from the first value up to the cap, with ±50% jitter
+/// so a fleet recovering from an outage does not retry in lockstep.
+const RETRY_BACKOFF_FIRST: Duration = Duration::from_millis(500);
+const RETRY_BACKOFF_CAP: Duration = Duration::from_secs(60);
+
+/// Why an upload step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    #[error("store: {op} {path}")]
+    Store {
+        op: &'static str,
+        path: String,
+        #[source]
+        source: object_store::Error,
+    },
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+    #[error("recording {recording_id}: {what}")]
+    Corrupt { recording_id: String, what: String },
+}
+
+impl UploadError {
+    fn store(
+        op: &'static str,
+        path: &object_store::path::Path,
+    ) -> impl FnOnce(object_store::Error) -> Self + use<> {
+        let path = path.to_string();
+        move |source| Self::Store { op, path, source }
+    }
+}
+
+/// Chunking settings.
+#[derive(Debug, Clone)]
+pub struct UploadConfig {
+    pub max_chunk_bytes: usize,
+    pub max_chunk_age: Duration,
+    pub compression_level: i32,
+    pub max_line_bytes: usize,
+    pub region: String,
+}
+
+/// What a recording's stream can see of its upload.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Progress {
+    /// Bytes in committed chunks.
+    pub committed: u64,
+    pub finalized: bool,
+    /// The last upload failure, cleared by the next success.
+    pub error: Option<String>,
+}
+
+/// Upload state of one recording, as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct UploadStatus {
+    pub recording_id: String,
+    pub received: u64,
+    pub committed: u64,
+    pub chunks: u32,
+    pub stream_ended: bool,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+}
+
+struct Upload {
+    file: Arc<SpoolFile>,
+    meta: RecordingMeta,
+    state: Mutex<UploadState>,
+    progress: watch::Sender<Progress>,
+}
+
+struct UploadState {
+    next_seq: u32,
+    committed: u64,
+    chain: HashChain,
+    body: Sha256,
+    /// False until stored chunks past the chunk log were checked (recovered recordings).
+    reconciled: bool,
+    live_row_written: bool,
+    /// Set when the recording was found in the spool at start.
+    recovered: bool,
+    pending_since: Option<Instant>,
+    end: Option<StreamEnd>,
+    busy: bool,
+    retry_at: Option<Instant>,
+    attempts: u32,
+    last_error: Option<String>,
+}
+
+impl Upload {
+    fn state(&self) -> MutexGuard<'_, UploadState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+struct Inner {
+    store: DynStore,
+    config: UploadConfig,
+    registry: Mutex<HashMap<RecordingId, Arc<Upload>>>,
+    wake: Notify,
+    permits: Arc<Semaphore>,
+    encoders: Mutex<Vec<ChunkEncoder>>,
+    metrics: Arc<Metrics>,
+}
+
+/// Handle to the uploader; cheap to clone.
+#[derive(Clone)]
+pub struct Uploader {
+    inner: Arc<Inner>,
+}
+
+impl Uploader {
+    /// Starts the scheduler; it stops when `stop` is cancelled.
+    pub fn start(
+        store: DynStore,
+        config: UploadConfig,
+        metrics: Arc<Metrics>,
+        stop: CancellationToken,
+    ) -> Self {
+        let inner = Arc::new(Inner {
+            store,
+            config,
+            registry: Mutex::new(HashMap::new()),
+            wake: Notify::new(),
+            permits: Arc::new(Semaphore::new(UPLOAD_CONCURRENCY)),
+            encoders: Mutex::new(Vec::new()),
+            metrics,
+        });
+        tokio::spawn(run_scheduler(inner.clone(), stop));
+        Self { inner }
+    }
+
+    fn registry(&self) -> MutexGuard<'_, HashMap<RecordingId, Arc<Upload>>> {
+        self.inner
+            .registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Starts uploading a new recording; returns its progress.
+    pub fn register(&self, file: Arc<SpoolFile>, meta: RecordingMeta) -> watch::Receiver<Progress> {
+        let state = UploadState::new(&file.id, 0, true, false);
+        self.insert(file, meta, state)
+    }
+
+    /// Resumes a recording found in the spool at start.
+    ///
+    /// # Errors
+    /// [`UploadError`] when the spool cannot be read back.
+    pub async fn resume(&self, recovered: Recovered) -> Result<(), UploadError> {
+        let Recovered {
+            file,
+            meta,
+            end,
+            chunks,
+        } = recovered;
+        let committed = chunks.last().map_or(0, |c| c.offset + c.raw_len);
+        let mut state = UploadState::new(&file.id, 0, false, true);
+        for entry in &chunks {
+            let digest: [u8; 32] = hex::decode(&entry.sha256)
+                .ok()
+                .and_then(|d| d.try_into().ok())
+                .unwrap_or_default();
+            state
+                .chain
+                .push(&digest, entry.seq, entry.offset, entry.raw_len);
+        }
+        state.next_seq = u32::try_from(chunks.len()).unwrap_or(u32::MAX);
+        state.committed = committed;
+        state.live_row_written = true;
+        // Rehash what is already committed, from the spool, in bounded pieces.
+        let mut offset = 0;
+        while offset < committed {
+            let len = (committed - offset).min(1 << 20) as usize;
+            state.body.update(file.read_at(offset, len).await?);
+            offset += len as u64;
+        }
+        state.end = Some(end.unwrap_or_else(|| StreamEnd {
+            outcome: StreamOutcome::Interrupted,
+            reason: Some("the recorder stopped before the stream ended".to_owned()),
+            bytes: file.written(),
+            ended_at: OffsetDateTime::now_utc(),
+        }));
+        self.insert(file, meta, state);
+        Ok(())
+    }
+
+    fn insert(
+        &self,
+        file: Arc<SpoolFile>,
+        meta: RecordingMeta,
+        state: UploadState,
+    ) -> watch::Receiver<Progress> {
+        let (progress, rx) = watch::channel(Progress {
+            committed: state.committed,
+            ..Progress::default()
+        });
+        let id = file.id.clone();
+        let upload = Arc::new(Upload {
+            file,
+            meta,
+            state: Mutex::new(state),
+            progress,
+        });
+        self.registry().insert(id, upload);
+        Metrics::add(&self.inner.metrics.recordings_pending, 1);
+        self.inner.wake.notify_one();
+        rx
+    }
+
+    /// Marks a recording's stream as ended; the rest is cut and the recording finalized.
+    pub fn end_stream(&self, id: &RecordingId, end: StreamEnd) {
+        if let Some(upload) = self.registry().get(id) {
+            upload.state().end = Some(end);
+        }
+        self.inner.wake.notify_one();
+    }
+
+    /// Asks the scheduler to look now (a recording may have passed `chunk.max_bytes`).
+    pub fn poke(&self) {
+        self.inner.wake.notify_one();
+    }
+
+    /// Recordings not yet finalized.
+    pub fn pending(&self) -> usize {
+        self.registry().len()
+    }
+
+    /// Upload state of every recording not yet finalized.
+    pub fn status(&self) -> Vec<UploadStatus> {
+        let mut all: Vec<_> = self
+            .registry()
+            .values()
+            .map(|u| {
+                let s = u.state();
+                UploadStatus {
+                    recording_id: u.file.id.to_string(),
+                    received: u.file.written(),
+                    committed: s.committed,
+                    chunks: s.next_seq,
+                    stream_ended: s.end.is_some(),
+                    attempts: s.attempts,
+                    last_error: s.last_error.clone(),
+                }
+            })
+            .collect();
+        all.sort_by(|a, b| a.recording_id.cmp(&b.recording_id));
+        all
+    }
+
+    /// True while any recording's last upload attempt failed.
+    pub fn has_failures(&self) -> bool {
+        self.registry()
+            .values()
+            .any(|u| u.state().last_error.is_some())
+    }
+}
+
+impl UploadState {
+    fn new(id: &RecordingId, committed: u64, reconciled: bool, recovered: bool) -> Self {
+        Self {
+            next_seq: 0,
+            committed,
+            chain: HashChain::new(id),
+            body: Sha256::new(),
+            reconciled,
+            live_row_written: false,
+            recovered,
+            pending_since: None,
+            end: None,
+            busy: false,
+            retry_at: None,
+            attempts: 0,
+            last_error: None,
+        }
+    }
+}
+
+async fn run_scheduler(inner: Arc<Inner>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = inner.wake.notified() => {}
+            () = tokio::time::sleep(SCHEDULER_TICK) => {}
+            () = stop.cancelled() => return,
+        }
+        let now = Instant::now();
+        let due: Vec<Arc<Upload>> = {
+            let registry = inner
+                .registry
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            registry
+                .values()
+                .filter(|u| take_if_due(u, now, &inner.config))
+                .cloned()
+                .collect()
+        };
+        for upload in due {
+            let permit = tokio::select! {
+                permit = inner.permits.clone().acquire_owned() => permit,
+                () = stop.cancelled() => return,
+            };
+            let Ok(permit) = permit else { return };
+            let inner = inner.clone();
+            tokio::spawn(async move {
+                inner.process(&upload).await;
+                upload.state().busy = false;
+                drop(permit);
+            });
+        }
+    }
+}
+
+/// Marks the upload busy and returns true when it has work to do now.
+fn take_if_due(upload: &Upload, now: Instant, config: &UploadConfig) -> bool {
+    let mut s = upload.state();
+    if s.busy || s.retry_at.is_some_and(|at| at > now) {
+        return false;
+    }
+    let pending = upload.file.written().saturating_sub(s.committed);
+    if pending > 0 && s.pending_since.is_none() {
+        s.pending_since = Some(now);
+    }
+    let aged = s
+        .pending_since
+        .is_some_and(|since| now.duration_since(since) >= config.max_chunk_age);
+    let due = !s.reconciled
+        || !s.live_row_written
+        || s.end.is_some()
+        || pending >= config.max_chunk_bytes as u64
+        || (pending > 0 && aged);
+    s.busy = due;
+    due
+}
+
+impl Inner {
+    async fn process(&self, upload: &Upload) {
+        match self.try_process(upload).await {
+            Ok(()) => {
+                let mut s = upload.state();
+                s.attempts = 0;
+                s.retry_at = None;
+                if s.last_error.take().is_some() {
+                    upload.progress.send_modify(|p| p.error = None);
+                }
+            }
+            Err(e) => {
+                Metrics::add(&self.metrics.upload_failures, 1);
+                let mut s = upload.state();
+                s.attempts += 1;
+                let backoff = RETRY_BACKOFF_FIRST
+                    .saturating_mul(1 << s.attempts.min(16))
+                    .min(RETRY_BACKOFF_CAP)
+                    .mul_f64(rand::rng().random_range(0.5..1.5));
+                s.retry_at = Some(Instant::now() + backoff);
+                let message = error_chain(&e);
+                s.last_error = Some(message.clone());
+                if s.attempts >= 5 {
+                    tracing::error!(recording_id = %upload.file.id, attempts = s.attempts, retry_in = ?backoff, error = %message, "upload keeps failing; spool keeps the bytes");
+                } else {
+                    tracing::warn!(recording_id = %upload.file.id, attempts = s.attempts, retry_in = ?backoff, error = %message, "upload failed; will retry");
+                }
+                upload.progress.send_modify(|p| p.error = Some(message));
+            }
+        }
+    }
+
+    async fn try_process(&self, upload: &Upload) -> Result<(), UploadError> {
+        let id = &upload.file.id;
+        if !upload.state().live_row_written {
+            let header = castvault_storage::cast::CastHeader::parse(
+                upload.meta.header.to_string().as_bytes(),
+            )
+            .ok();
+            let row = CatalogRow::live(id, &upload.meta.node_id, header.as_ref());
+            let path = ObjectKey::catalog(id);
+            put_overwrite(self.store.as_ref(), &path, json_bytes(&row))
+                .await
+                .map_err(UploadError::store("put", &path))?;
+            upload.state().live_row_written = true;
+        }
+        if !upload.state().reconciled {
+            self.reconcile(upload).await?;
+        }
+        loop {
+            let (committed, ended, aged) = {
+                let s = upload.state();
+                let aged = s
+                    .pending_since
+                    .is_some_and(|t| t.elapsed() >= self.config.max_chunk_age);
+                (s.committed, s.end.is_some(), aged)
+            };
+            let pending = upload.file.written().saturating_sub(committed);
+            if pending == 0 || !(ended || aged || pending >= self.config.max_chunk_bytes as u64) {
+                break;
+            }
+            let Some(raw) = self.cut(upload, committed, pending, ended).await? else {
+                break;
+            };
+            if !self.commit_chunk(upload, raw).await? {
+                self.reconcile(upload).await?;
+            }
+        }
+        let (ended, committed) = {
+            let s = upload.state();
+            (s.end.is_some(), s.committed)
+        };
+        if ended && committed == upload.file.written() {
+            self.finalize(upload).await?;
+        }
+        Ok(())
+    }
+
+    /// Reads the next chunk's raw bytes from the spool, or `None` to wait for the line to end.
+    async fn cut(
+        &self,
+        upload: &Upload,
+        committed: u64,
+        pending: u64,
+        ended: bool,
+    ) -> Result<Option<Vec<u8>>, UploadError> {
+        let max = self.config.max_chunk_bytes;
+        let first = pending.min(max as u64) as usize;
+        let mut buf = upload.file.read_at(committed, first).await?;
+        let mut len = chunk::next_chunk_len(&buf, max, ended && buf.len() as u64 == pending);
+        if len.is_none() && pending > buf.len() as u64 {
+            // The line at the window's end is longer than the window: read on to its end.
+            let limit = (max + self.config.max_line_bytes + 1) as u64;
+            let want = pending.min(limit) as usize;
+            buf = upload.file.read_at(committed, want).await?;
+            len = chunk::next_chunk_len(&buf, max, ended && buf.len() as u64 == pending);
+            if len.is_none() && buf.len() as u64 == limit {
+                len = Some(buf.len());
+            }
+        }
+        Ok(len.map(|len| {
+            buf.truncate(len);
+            buf
+        }))
+    }
+
+    /// Compresses and writes one chunk. Returns false when its key was already taken.
+    async fn commit_chunk(&self, upload: &Upload, raw: Vec<u8>) -> Result<bool, UploadError> {
+        let (seq, offset) = {
+            let s = upload.state();
+            (s.next_seq, s.committed)
+        };
+        let encoder = self.take_encoder()?;
+        let (encoder, encoded) = tokio::task::spawn_blocking(move || {
+            let mut encoder = encoder;
+            let compressed = encoder.encode(&raw);
+            let stats = ChunkStats::scan(&raw, seq == 0);
+            let digest = chunk::digest(&raw);
+            (encoder, compressed.map(|c| (c, stats, digest, raw)))
+        })
+        .await
+        .map_err(|e| UploadError::Corrupt {
+            recording_id: upload.file.id.to_string(),
+            what: format!("compression task failed: {e}"),
+        })?;
+        self.return_encoder(encoder);
+        let (compressed, stats, digest, raw) = encoded.map_err(|e| UploadError::Corrupt {
+            recording_id: upload.file.id.to_string(),
+            what: format!("compression failed: {e}"),
+        })?;
+        let path = ObjectKey::chunk(&upload.file.id, seq);
+        let compressed_len = compressed.len() as u64;
+        match put_create(self.store.as_ref(), &path, Bytes::from(compressed)).await {
+            Ok(()) => {}
+            Err(e) if error_kind(&e) == ErrorKind::AlreadyExists => {
+                tracing::warn!(recording_id = %upload.file.id, seq, "chunk key already taken; checking the stored chunk");
+                upload.state().reconciled = false;
+                return Ok(false);
+            }
+            Err(e) => return Err(UploadError::store("put", &path)(e)),
+        }
+        Metrics::add(&self.metrics.bytes_stored, compressed_len);
+        self.apply_commit(upload, seq, offset, &raw, compressed_len, &stats, digest)
+            .await?;
+        Ok(true)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn apply_commit(
+        &self,
+        upload: &Upload,
+        seq: u32,
+        offset: u64,
+        raw: &[u8],
+        compressed_len: u64,
+        stats: &ChunkStats,
+        digest: [u8; 32],
+    ) -> Result<(), UploadError> {
+        let raw_len = raw.len() as u64;
+        let entry = {
+            let mut s = upload.state();
+            let link = s.chain.push(&digest, seq, offset, raw_len);
+            s.body.update(raw);
+            s.next_seq = seq + 1;
+            s.committed = offset + raw_len;
+            s.pending_since = (upload.file.written() > s.committed).then(Instant::now);
+            ChunkEntry {
+                seq,
+                offset,
+                raw_len,
+                compressed_len,
+                events: stats.events,
+                malformed_lines: stats.malformed_lines,
+                first_event_time: stats.first_event_time,
+                last_event_time: stats.last_event_time,
+                sha256: hex::encode(digest),
+                chain: hex::encode(link),
+            }
+        };
+        upload.file.log_chunk(&entry).await?;
+        upload
+            .progress
+            .send_modify(|p| p.committed = offset + raw_len);
+        Metrics::add(&self.metrics.chunks_committed, 1);
+        Metrics::add(&self.metrics.bytes_committed, raw_len);
+        Ok(())
+    }
+
+    /// Adopts chunks found in the store past the chunk log, if they match the spool exactly.
+    async fn reconcile(&self, upload: &Upload) -> Result<(), UploadError> {
+        let id = &upload.file.id;
+        loop {
+            let (seq, offset) = {
+                let s = upload.state();
+                (s.next_seq, s.committed)
+            };
+            let path = ObjectKey::chunk(id, seq);
+            let stored = match self.store.get(&path).await {
+                Ok(got) => got
+                    .bytes()
+                    .await
+                    .map_err(UploadError::store("get", &path))?,
+                Err(e) if error_kind(&e) == ErrorKind::NotFound => break,
+                Err(e) => return Err(UploadError::store("get", &path)(e)),
+            };
+            let corrupt = |what: String| UploadError::Corrupt {
+                recording_id: id.to_string(),
+                what,
+            };
+            let raw = chunk::decode(&stored, MAX_DECODED_CHUNK_BYTES)
+                .map_err(|e| corrupt(format!("stored chunk {seq} does not decode: {e}")))?;
+            let available = upload.file.written().saturating_sub(offset);
+            if raw.len() as u64 > available || upload.file.read_at(offset, raw.len()).await? != raw
+            {
+                return Err(corrupt(format!(
+                    "stored chunk {seq} differs from the spool; not overwriting it"
+                )));
+            }
+            tracing::info!(recording_id = %id, seq, "adopted a chunk committed before a restart");
+            let stats = ChunkStats::scan(&raw, seq == 0);
+            self.apply_commit(
+                upload,
+                seq,
+                offset,
+                &raw,
+                stored.len() as u64,
+                &stats,
+                chunk::digest(&raw),
+            )
+            .await?;
+        }
+        upload.state().reconciled = true;
+        Ok(())
+    }
+
+    async fn finalize(&self, upload: &Upload) -> Result<(), UploadError> {
+        let id = &upload.file.id;
+        let chunks = upload.file.chunk_log().await;
+        let (end, recovered, chain_head, body_sha256, next_seq) = {
+            let s = upload.state();
+            let end = s.end.clone().ok_or_else(|| UploadError::Corrupt {
+                recording_id: id.to_string(),
+                what: "finalize before end".into(),
+            })?;
+            (
+                end,
+                s.recovered,
+                s.chain.head(),
+                hex::encode(s.body.clone().finalize()),
+                s.next_seq,
+            )
+        };
+        if chunks.len() != next_seq as usize {
+            return Err(UploadError::Corrupt {
+                recording_id: id.to_string(),
+                what: format!(
+                    "chunk log lists {} chunks, {next_seq} were committed",
+                    chunks.len()
+                ),
+            });
+        }
+        let bytes = upload.file.written();
+        let partial_last_line = bytes > 0 && upload.file.read_at(bytes - 1, 1).await? != b"\n";
+        let status = match (end.outcome, recovered) {
+            (StreamOutcome::Complete, false) => RecordingStatus::Complete,
+            (StreamOutcome::Complete, true) => RecordingStatus::Recovered,
+            (StreamOutcome::Interrupted, _) => RecordingStatus::Interrupted,
+        };
+        let manifest = Manifest {
+            format: MANIFEST_FORMAT.to_owned(),
+            recording_id: id.to_string(),
+            region: self.config.region.clone(),
+            zone: upload.meta.zone.clone(),
+            node_id: upload.meta.node_id.clone(),
+            status,
+            end_reason: end.reason.clone(),
+            protocol: upload.meta.protocol.clone(),
+            peer: upload.meta.peer.clone(),
+            received_at: upload.meta.received_at,
+            ended_at: end.ended_at,
+            header: upload.meta.header.clone(),
+            bytes,
+            events: chunks.iter().map(|c| c.events).sum(),
+            malformed_lines: chunks.iter().map(|c| c.malformed_lines).sum(),
+            partial_last_line,
+            duration_seconds: chunks
+                .iter()
+                .rev()
+                .find_map(|c| c.last_event_time)
+                .unwrap_or(0.0),
+            body_sha256,
+            chain_head: hex::encode(chain_head),
+            chunks,
+        };
+        let path = ObjectKey::manifest(id);
+        match put_create(self.store.as_ref(), &path, json_bytes(&manifest)).await {
+            Ok(()) => {}
+            // Finalized before a restart: the stored manifest stands.
+            Err(e) if error_kind(&e) == ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(UploadError::store("put", &path)(e)),
+        }
+        if let Some(row) = CatalogRow::from_manifest(&manifest) {
+            let path = ObjectKey::catalog(id);
+            put_overwrite(self.store.as_ref(), &path, json_bytes(&row))
+                .await
+                .map_err(UploadError::store("put", &path))?;
+        }
+        upload.file.remove().await?;
+        self.registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(id);
+        Metrics::sub(&self.metrics.recordings_pending, 1);
+        Metrics::add(&self.metrics.recordings_finalized, 1);
+        upload.progress.send_modify(|p| p.finalized = true);
+        tracing::info!(recording_id = %id, ?status, bytes, chunks = manifest.chunks.len(), "recording finalized");
+        Ok(())
+    }
+
+    fn take_encoder(&self) -> Result<ChunkEncoder, UploadError> {
+        let pooled = self
+            .encoders
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop();
+        match pooled {
+            Some(encoder) => Ok(encoder),
+            None => {
+                ChunkEncoder::new(self.config.compression_level).map_err(|e| UploadError::Corrupt {
+                    recording_id: String::new(),
+                    what: format!("cannot create a zstd context: {e}"),
+                })
+            }
+        }
+    }
+
+    fn return_encoder(&self, encoder: ChunkEncoder) {
+        let mut pool = self
+            .encoders
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if pool.len() < UPLOAD_CONCURRENCY {
+            pool.push(encoder);
+        }
+    }
+}
+
+fn json_bytes<T: Serialize>(value: &T) -> Bytes {
+    Bytes::from(serde_json::to_vec_pretty(value).unwrap_or_default())
+}
+
+/// An error and its sources on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// Waits until every registered recording is finalized, or the deadline passes.
+pub async fn drain(uploader: &Uploader, deadline: Duration) -> usize {
+    let until = Instant::now() + deadline;
+    while uploader.pending() > 0 && Instant::now() < until {
+        uploader.poke();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    uploader.pending()
+}
