@@ -35,6 +35,7 @@ use time::OffsetDateTime;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::config::{AckLevel, OutagePolicy};
 use crate::metrics::Metrics;
@@ -325,7 +326,18 @@ async fn receive(
     let received_at = OffsetDateTime::now_utc();
     let id = RecordingId::new(&ingest.region, unix_ms(received_at), rand::random());
     let span = tracing::info_span!("stream", recording_id = %id, protocol, peer = ?peer);
-    let _enter = span.enter();
+    receive_recording(ingest, body, id, protocol, peer, received_at, acks).instrument(span).await
+}
+
+async fn receive_recording(
+    ingest: &Ingest,
+    body: Body,
+    id: RecordingId,
+    protocol: &str,
+    peer: Option<SocketAddr>,
+    received_at: OffsetDateTime,
+    acks: &watch::Sender<AckState>,
+) -> StreamResult {
     let mut body = body.into_data_stream();
     let mut header_line: Vec<u8> = Vec::new();
     let mut active: Option<Active> = None;

@@ -518,15 +518,15 @@ mod tests {
             .await
             .unwrap();
         spool.request_sync(&file);
-        durable.wait_for(|&d| d == 29).await.unwrap();
+        durable.wait_for(|&d| d == 28).await.unwrap();
         drop(file);
 
         let recovered = spool.recover().unwrap();
         assert_eq!(recovered.len(), 1);
-        assert_eq!(recovered[0].file.written(), 29);
+        assert_eq!(recovered[0].file.written(), 28);
         assert!(recovered[0].end.is_none());
         assert_eq!(
-            recovered[0].file.read_at(14, 15).await.unwrap(),
+            recovered[0].file.read_at(14, 14).await.unwrap(),
             b"[0.1,\"o\",\"x\"]\n"
         );
     }

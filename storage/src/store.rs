@@ -119,7 +119,7 @@ impl StoreUrl {
                     && container
                         .bytes()
                         .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-                if !valid || parsed.path().trim_matches('/') != "" {
+                if !valid || !parsed.path().trim_matches('/').is_empty() {
                     return Err(invalid(
                         "expected az://CONTAINER (3 to 63 of a-z, 0-9, '-')",
                     ));
