@@ -1,1 +1,352 @@
-fn main() {}
+//! End-to-end load generator: the release `castvault` binary on 127.0.0.1, driven over HTTP/2
+//! (h2c) exactly as Tailscale clients drive it, with the reference tools run in the same process
+//! on the same corpus so figures are ratios from one run.
+//!
+//! `cargo bench --bench load` runs every scenario; `cargo bench --bench load -- NAME` runs one of
+//! `throughput`, `streams10k`, `latency`. Scenarios:
+//! - throughput: 100 MiB corpus, one stream, then 100 parallel streams of 1 MiB each, HTTP/2 →
+//!   spool → zstd chunks → local store (to every recording finalized), against
+//!   `zstd -3 -T1` on the same corpus; stored size against `gzip -6`; object writes per recording.
+//! - streams10k: 10,000 concurrent v2 streams, each writing one event every 3 s for 30 s: the
+//!   node's peak RSS and the longest any write waited for its ack.
+//! - latency: 1,000 streams × 8 KiB/s for 20 s at `ack = spool`: ack latency percentiles.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{Node, corpus, start_v2};
+
+fn main() {
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let wants = |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    if std::env::args().any(|a| a == "--test" || a == "--list") {
+        return; // `cargo test --all-targets` runs benches as tests; this one is for `cargo bench`.
+    }
+    runtime.block_on(async {
+        if wants("throughput") {
+            throughput().await;
+        }
+        if wants("streams10k") {
+            streams_10k().await;
+        }
+        if wants("latency") {
+            latency().await;
+        }
+    });
+}
+
+fn time_command(cmd: &str, input: &Path) -> (Duration, u64) {
+    let start = Instant::now();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("{cmd} < '{}' | wc -c", input.display()))
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{cmd} failed");
+    (
+        start.elapsed(),
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap(),
+    )
+}
+
+async fn metric(node: &Node, name: &str) -> u64 {
+    let (_, body) = common::http_get(node.web, "/metrics").await.unwrap();
+    let text = String::from_utf8(body).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+async fn wait_finalized(node: &Node, n: u64) {
+    while metric(node, "castvault_recordings_finalized_total").await < n {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn dir_size(dir: &Path, name_filter: &dyn Fn(&str) -> bool) -> (u64, u64) {
+    let (mut bytes, mut files) = (0, 0);
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            let (b, f) = dir_size(&path, name_filter);
+            bytes += b;
+            files += f;
+        } else if name_filter(&entry.file_name().to_string_lossy()) {
+            bytes += entry.metadata().unwrap().len();
+            files += 1;
+        }
+    }
+    (bytes, files)
+}
+
+async fn upload(node_addr: std::net::SocketAddr, body: &[u8], piece: usize) {
+    let mut up = start_v2(node_addr).await.unwrap();
+    for p in body.chunks(piece) {
+        up.send(p).await.unwrap();
+    }
+    let (result, _) = up.finish().await;
+    result.unwrap();
+}
+
+async fn throughput() {
+    let work = tempfile::tempdir().unwrap();
+    let corpus_bytes = corpus::generate(42, 100 << 20);
+    let corpus_path = work.path().join("corpus.cast");
+    std::fs::write(&corpus_path, &corpus_bytes).unwrap();
+    let mib = corpus_bytes.len() as f64 / (1 << 20) as f64;
+    // Warm the page cache, then the references.
+    time_command("cat", &corpus_path);
+    let (zstd_time, zstd_size) = time_command("zstd -q -3 -T1 -c", &corpus_path);
+    let (gzip_time, gzip_size) = time_command("gzip -6 -c", &corpus_path);
+    let zstd_rate = mib / zstd_time.as_secs_f64();
+    println!(
+        "corpus: {:.1} MiB, {} lines",
+        mib,
+        corpus_bytes.iter().filter(|&&b| b == b'\n').count()
+    );
+    println!("reference zstd -3 -T1: {zstd_rate:.1} MiB/s, {zstd_size} bytes");
+    println!(
+        "reference gzip -6:     {:.1} MiB/s, {gzip_size} bytes",
+        mib / gzip_time.as_secs_f64()
+    );
+
+    // One stream.
+    let data = tempfile::tempdir().unwrap();
+    let node = Node::start(data.path(), &[], &[]).await;
+    let start = Instant::now();
+    upload(node.ingest, &corpus_bytes, 64 << 10).await;
+    let acked = start.elapsed();
+    wait_finalized(&node, 1).await;
+    let one = start.elapsed();
+    let store = data.path().join("store");
+    let (stored, chunk_objects) = dir_size(&store, &|n| n.starts_with("chunk-"));
+    let (_, all_objects) = dir_size(&store, &|_| true);
+    println!(
+        "one stream: acked in {:.2} s, finalized in {:.2} s: {:.1} MiB/s = {:.2} x zstd -3 -T1",
+        acked.as_secs_f64(),
+        one.as_secs_f64(),
+        mib / one.as_secs_f64(),
+        (mib / one.as_secs_f64()) / zstd_rate
+    );
+    println!(
+        "stored: {stored} bytes = {:.3} x gzip -6 ({gzip_size}); objects: {chunk_objects} chunks + {} others",
+        stored as f64 / gzip_size as f64,
+        all_objects - chunk_objects
+    );
+    drop(node);
+
+    // 100 parallel streams of 1 MiB each (the same corpus, cut into 100 recordings).
+    let data = tempfile::tempdir().unwrap();
+    let node = Node::start(data.path(), &[], &[]).await;
+    let mut bodies = Vec::new();
+    let header = format!("{}\n", corpus::header(120, 40));
+    let events_start = corpus_bytes.iter().position(|&b| b == b'\n').unwrap() + 1;
+    let per = (corpus_bytes.len() - events_start) / 100;
+    let mut at = events_start;
+    for _ in 0..100 {
+        let end = at
+            + corpus_bytes[at + per..]
+                .iter()
+                .position(|&b| b == b'\n')
+                .map_or(corpus_bytes.len() - at, |p| per + p + 1);
+        let end = end.min(corpus_bytes.len());
+        let mut body = header.clone().into_bytes();
+        body.extend_from_slice(&corpus_bytes[at..end]);
+        bodies.push(Arc::new(body));
+        at = end;
+        if at >= corpus_bytes.len() {
+            break;
+        }
+    }
+    let total: usize = bodies.iter().map(|b| b.len()).sum();
+    let start = Instant::now();
+    let tasks: Vec<_> = bodies
+        .iter()
+        .map(|b| {
+            let b = b.clone();
+            let addr = node.ingest;
+            tokio::spawn(async move { upload(addr, &b, 32 << 10).await })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    wait_finalized(&node, bodies.len() as u64).await;
+    let elapsed = start.elapsed();
+    let rate = total as f64 / (1 << 20) as f64 / elapsed.as_secs_f64();
+    let store = data.path().join("store");
+    let (stored, chunk_objects) = dir_size(&store, &|n| n.starts_with("chunk-"));
+    let (_, all_objects) = dir_size(&store, &|_| true);
+    println!(
+        "{} parallel streams: {:.1} MiB in {:.2} s: {rate:.1} MiB/s = {:.2} x zstd -3 -T1; stored {stored} bytes; objects: {chunk_objects} chunks + {} others ({:.1} per recording)",
+        bodies.len(),
+        total as f64 / (1 << 20) as f64,
+        elapsed.as_secs_f64(),
+        rate / zstd_rate,
+        all_objects - chunk_objects,
+        (all_objects - chunk_objects) as f64 / bodies.len() as f64
+    );
+}
+
+fn rss_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Per-write ack latency from a stream's send log and ack log.
+fn latencies(sends: &[(Instant, u64)], acks: &[(Instant, u64)]) -> Vec<Duration> {
+    let mut out = Vec::with_capacity(sends.len());
+    let mut a = 0;
+    for &(sent_at, offset) in sends {
+        while a < acks.len() && (acks[a].1 < offset || acks[a].0 < sent_at) {
+            a += 1;
+        }
+        match acks.get(a) {
+            Some(&(acked_at, _)) => out.push(acked_at - sent_at),
+            None => out.push(Duration::MAX),
+        }
+    }
+    out
+}
+
+/// Runs `streams` concurrent v2 uploads, each sending `event_bytes` every `every` for `duration`.
+/// Returns every write's ack latency.
+async fn paced_streams(
+    node: &Node,
+    streams: usize,
+    every: Duration,
+    event_bytes: usize,
+    duration: Duration,
+) -> Vec<Duration> {
+    let header = format!("{}\n", corpus::header(80, 24));
+    let tasks: Vec<_> = (0..streams)
+        .map(|i| {
+            let addr = node.ingest;
+            let header = header.clone();
+            tokio::spawn(async move {
+                // Spread starts so the streams do not write in lockstep.
+                tokio::time::sleep(every.mul_f64((i as f64 / streams as f64).fract())).await;
+                let mut up = loop {
+                    match start_v2(addr).await {
+                        Ok(up) => break up,
+                        Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    }
+                };
+                let mut sends = Vec::new();
+                up.send(header.as_bytes()).await.unwrap();
+                sends.push((Instant::now(), up.sent));
+                let end = Instant::now() + duration;
+                let mut t = 0.0;
+                let pad = "x".repeat(event_bytes.saturating_sub(24));
+                let mut tick = tokio::time::interval(every);
+                tick.tick().await;
+                while Instant::now() < end {
+                    tick.tick().await;
+                    t += every.as_secs_f64();
+                    let line = format!("[{t:.3},\"o\",\"{pad}\"]\n");
+                    up.send(line.as_bytes()).await.unwrap();
+                    sends.push((Instant::now(), up.sent));
+                }
+                let log = up.log.clone();
+                let (result, _) = up.finish().await;
+                result.unwrap();
+                let acks = log.lock().unwrap().acks.clone();
+                latencies(&sends, &acks)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+async fn streams_10k() {
+    let data = tempfile::tempdir().unwrap();
+    let node = Node::start(data.path(), &[], &[]).await;
+    let pid = node.pid();
+    let idle_rss = rss_kib(pid, "VmRSS:");
+    let sampler = tokio::spawn(async move {
+        let mut peak = 0;
+        loop {
+            peak = peak.max(rss_kib(pid, "VmRSS:"));
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if rss_kib(pid, "VmRSS:") == 0 {
+                return peak;
+            }
+        }
+    });
+    let start = Instant::now();
+    let mut lat = paced_streams(
+        &node,
+        10_000,
+        Duration::from_secs(3),
+        120,
+        Duration::from_secs(30),
+    )
+    .await;
+    let elapsed = start.elapsed();
+    let hwm = rss_kib(pid, "VmHWM:");
+    lat.sort();
+    let writes = lat.len();
+    println!(
+        "10,000 streams x 1 write / 3 s for 30 s ({:.0} s, {writes} writes): node RSS idle {} MiB, peak (VmHWM) {} MiB; ack wait p50 {:?} p99 {:?} max {:?}",
+        elapsed.as_secs_f64(),
+        idle_rss / 1024,
+        hwm / 1024,
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99),
+        lat.last().unwrap()
+    );
+    drop(node);
+    sampler.abort();
+}
+
+async fn latency() {
+    let data = tempfile::tempdir().unwrap();
+    let node = Node::start(data.path(), &["--ack", "spool"], &[]).await;
+    // 8 KiB/s per stream: a 1 KiB write every 125 ms.
+    let mut lat = paced_streams(
+        &node,
+        1_000,
+        Duration::from_millis(125),
+        1024,
+        Duration::from_secs(20),
+    )
+    .await;
+    lat.sort();
+    println!(
+        "1,000 streams x 8 KiB/s for 20 s at ack=spool ({} writes): ack latency p50 {:?} p90 {:?} p99 {:?} max {:?}",
+        lat.len(),
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.9),
+        percentile(&lat, 0.99),
+        lat.last().unwrap()
+    );
+}

@@ -326,7 +326,9 @@ async fn receive(
     let received_at = OffsetDateTime::now_utc();
     let id = RecordingId::new(&ingest.region, unix_ms(received_at), rand::random());
     let span = tracing::info_span!("stream", recording_id = %id, protocol, peer = ?peer);
-    receive_recording(ingest, body, id, protocol, peer, received_at, acks).instrument(span).await
+    receive_recording(ingest, body, id, protocol, peer, received_at, acks)
+        .instrument(span)
+        .await
 }
 
 async fn receive_recording(

@@ -6,7 +6,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Azurite, Node, Used, connect_and_upload, corpus, dead_addr, refusing_recorder, sha256, start_v2, upload_v1};
+use common::{
+    Azurite, Node, Used, connect_and_upload, corpus, dead_addr, refusing_recorder, sha256,
+    start_v2, upload_v1,
+};
 
 /// Finds the one recording whose export hashes to `digest`.
 fn find_by_digest(node: &Node, rows: &[serde_json::Value], digest: &str) -> serde_json::Value {
@@ -20,10 +23,21 @@ async fn tailscale_client_round_trip(node: &Node) {
     let body = corpus::generate(1, 1 << 20);
     let digest = sha256(&body);
     // Unreachable address, then a 403 recorder, then a 500 recorder, then ours (TestMultipleRecorders).
-    let addrs = [dead_addr(), refusing_recorder(403).await, refusing_recorder(500).await, node.ingest];
-    let (addr, used, log) = connect_and_upload(&addrs, &body, 32 << 10).await.expect("upload failed");
+    let addrs = [
+        dead_addr(),
+        refusing_recorder(403).await,
+        refusing_recorder(500).await,
+        node.ingest,
+    ];
+    let (addr, used, log) = connect_and_upload(&addrs, &body, 32 << 10)
+        .await
+        .expect("upload failed");
     assert_eq!((addr, used), (node.ingest, Used::V2));
-    assert_eq!(log.acks.last().unwrap().1, body.len() as u64, "final ack must cover the whole body");
+    assert_eq!(
+        log.acks.last().unwrap().1,
+        body.len() as u64,
+        "final ack must cover the whole body"
+    );
     assert!(log.error.is_none());
 
     // A client older than v1.78 speaks only v1.
@@ -49,8 +63,14 @@ async fn tailscale_client_round_trip_on_local_store() {
     let dir = tempfile::tempdir().unwrap();
     let node = Node::start(dir.path(), &[], &[]).await;
     // The probe answers 404 over HTTP/1.1: only an h2 200 means v2.
-    assert_eq!(common::http_get(node.ingest, "/v2/record").await.unwrap().0, 405);
-    let head = std::process::Command::new("curl").args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-I"]).arg(format!("http://{}/v2/record", node.ingest)).output();
+    assert_eq!(
+        common::http_get(node.ingest, "/v2/record").await.unwrap().0,
+        405
+    );
+    let head = std::process::Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-I"])
+        .arg(format!("http://{}/v2/record", node.ingest))
+        .output();
     if let Ok(out) = head {
         assert_eq!(String::from_utf8_lossy(&out.stdout), "404");
     }
@@ -65,7 +85,12 @@ async fn tailscale_client_round_trip_on_azurite_with_storage_acks() {
     let dir = tempfile::tempdir().unwrap();
     let env = azurite.env();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let node = Node::start(dir.path(), &["--store", "az://recordings", "--ack", "storage"], &env).await;
+    let node = Node::start(
+        dir.path(),
+        &["--store", "az://recordings", "--ack", "storage"],
+        &env,
+    )
+    .await;
     tailscale_client_round_trip(&node).await;
 }
 
@@ -79,19 +104,31 @@ fn config(dir: &std::path::Path, text: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_stream_loses_no_acked_byte() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), "[chunk]\nmax_bytes = 65536\nmax_age = \"300ms\"\n");
+    let cfg = config(
+        dir.path(),
+        "[chunk]\nmax_bytes = 65536\nmax_age = \"300ms\"\n",
+    );
     let mut node = Node::start(dir.path(), &["--config", &cfg], &[]).await;
     let mut expected = Vec::new();
     // Kill at several points: right after the header, mid-stream after chunks were committed,
     // and after the body ended but before the client saw the end.
-    for (round, (before_kill, end_body)) in [(600usize, false), (400 << 10, false), (200 << 10, true)].into_iter().enumerate() {
+    for (round, (before_kill, end_body)) in
+        [(600usize, false), (400 << 10, false), (200 << 10, true)]
+            .into_iter()
+            .enumerate()
+    {
         let body = corpus::generate(10 + round as u64, before_kill);
         let mut upload = start_v2(node.ingest).await.unwrap();
         for piece in body.chunks(8 << 10) {
             upload.send(piece).await.unwrap();
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        assert!(upload.wait_ack(body.len() as u64, Duration::from_secs(20)).await, "acks stalled");
+        assert!(
+            upload
+                .wait_ack(body.len() as u64, Duration::from_secs(20))
+                .await,
+            "acks stalled"
+        );
         let acked = upload.last_ack();
         if end_body {
             // END_STREAM, then kill before the response ends.
@@ -110,10 +147,15 @@ async fn sigkill_mid_stream_loses_no_acked_byte() {
                 exported.len() as u64 >= acked && body.starts_with(&exported)
             })
             .unwrap_or_else(|| panic!("no recording holds the {acked} acked bytes"));
-        assert!(row["status"] == "interrupted" || row["status"] == "recovered", "{row}");
+        assert!(
+            row["status"] == "interrupted" || row["status"] == "recovered",
+            "{row}"
+        );
     }
     // Nothing is left in the spool once everything is finalized.
-    let spool: Vec<_> = std::fs::read_dir(dir.path().join("spool")).unwrap().collect();
+    let spool: Vec<_> = std::fs::read_dir(dir.path().join("spool"))
+        .unwrap()
+        .collect();
     assert!(spool.is_empty(), "spool not emptied: {spool:?}");
 }
 
@@ -129,8 +171,18 @@ async fn bad_input_gets_a_clear_answer_and_costs_nothing_else() {
     bystander.send(&good[..100 << 10]).await.unwrap();
 
     // First line not a v2 header: 400 before storing (v1), final error frame (v2).
-    assert_eq!(upload_v1(node.ingest, &[b"[0.1,\"o\",\"no header\"]\n"]).await.unwrap(), 400);
-    assert_eq!(upload_v1(node.ingest, &[b"{\"version\":1}\n"]).await.unwrap(), 400);
+    assert_eq!(
+        upload_v1(node.ingest, &[b"[0.1,\"o\",\"no header\"]\n"])
+            .await
+            .unwrap(),
+        400
+    );
+    assert_eq!(
+        upload_v1(node.ingest, &[b"{\"version\":1}\n"])
+            .await
+            .unwrap(),
+        400
+    );
     let mut v2 = start_v2(node.ingest).await.unwrap();
     v2.send(b"not json at all\n").await.unwrap();
     let (result, log) = v2.finish().await;
@@ -142,14 +194,22 @@ async fn bad_input_gets_a_clear_answer_and_costs_nothing_else() {
     let before = format!("{header}[0.5,\"o\",\"fine\"]\n");
     let mut long = start_v2(node.ingest).await.unwrap();
     long.send(before.as_bytes()).await.unwrap();
-    assert!(long.wait_ack(before.len() as u64, Duration::from_secs(10)).await);
-    long.send(format!("[1.0,\"o\",\"{}\"]\n", "x".repeat(5000)).as_bytes()).await.unwrap();
+    assert!(
+        long.wait_ack(before.len() as u64, Duration::from_secs(10))
+            .await
+    );
+    long.send(format!("[1.0,\"o\",\"{}\"]\n", "x".repeat(5000)).as_bytes())
+        .await
+        .unwrap();
     let (result, _) = long.finish().await;
     assert!(result.unwrap_err().contains("longer than the limit"));
 
     // Malformed event lines are kept byte-exact and counted; tolerant parsing of the rest.
     let odd = r#"{"version":2,"width":0,"height":0,"timestamp":1764072000,"srcNode":"k.ts.net","srcNodeID":"n","srcNodeTags":null,"srcNodeUserID":9007199254740993,"env":null,"sshUser":"","localUser":"","kubernetes":{"PodName":"web-0","Namespace":"prod","Container":"app","SessionType":"exec"},"newKey":[1]}\n[5e-07,"o","a"]\n[0.1,"r","24x80"]\nthis is not an event\n[0.2,"o","b"]\n[0.3,"o","trunc"#.replace("\\n", "\n");
-    assert_eq!(upload_v1(node.ingest, &[odd.as_bytes()]).await.unwrap(), 200);
+    assert_eq!(
+        upload_v1(node.ingest, &[odd.as_bytes()]).await.unwrap(),
+        200
+    );
 
     bystander.send(&good[100 << 10..]).await.unwrap();
     let (result, log) = bystander.finish().await;
@@ -157,13 +217,25 @@ async fn bad_input_gets_a_clear_answer_and_costs_nothing_else() {
     assert_eq!(log.acks.last().unwrap().1, good.len() as u64);
 
     let rows = node.wait_finalized(3).await;
-    assert_eq!(rows.len(), 3, "refused uploads must store nothing: {rows:#?}");
+    assert_eq!(
+        rows.len(),
+        3,
+        "refused uploads must store nothing: {rows:#?}"
+    );
     find_by_digest(&node, &rows, &sha256(&good));
     let long_row = rows.iter().find(|r| r["status"] == "interrupted").unwrap();
-    assert!(node.export(long_row["id"].as_str().unwrap()).starts_with(before.as_bytes()));
+    assert!(
+        node.export(long_row["id"].as_str().unwrap())
+            .starts_with(before.as_bytes())
+    );
     let odd_row = find_by_digest(&node, &rows, &sha256(odd.as_bytes()));
     assert_eq!(odd_row["srcNodeUserID"], 9_007_199_254_740_993i64);
-    let (status, manifest) = common::http_get(node.web, &format!("/api/v1/recordings/{}", odd_row["id"].as_str().unwrap())).await.unwrap();
+    let (status, manifest) = common::http_get(
+        node.web,
+        &format!("/api/v1/recordings/{}", odd_row["id"].as_str().unwrap()),
+    )
+    .await
+    .unwrap();
     assert_eq!(status, 200);
     let manifest: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
     assert_eq!(manifest["malformed_lines"], 1);
@@ -172,8 +244,14 @@ async fn bad_input_gets_a_clear_answer_and_costs_nothing_else() {
     assert_eq!(manifest["header"]["kubernetes"]["PodName"], "web-0");
 
     // Ids from requests never leave their prefix.
-    for hostile in ["..%2F..%2Fetc%2Fpasswd", "0000000000000000000000000000-..", "x"] {
-        let (status, _) = common::http_get(node.web, &format!("/api/v1/recordings/{hostile}")).await.unwrap();
+    for hostile in [
+        "..%2F..%2Fetc%2Fpasswd",
+        "0000000000000000000000000000-..",
+        "x",
+    ] {
+        let (status, _) = common::http_get(node.web, &format!("/api/v1/recordings/{hostile}"))
+            .await
+            .unwrap();
         assert_eq!(status, 400, "{hostile}");
     }
     let out = node.cli(&["export", "../../etc/passwd"]);
@@ -187,7 +265,12 @@ async fn full_disk_refuses_new_recordings_with_503() {
     let cfg = config(dir.path(), "min_free_disk_bytes = 18446744073709551615\n");
     let node = Node::start(dir.path(), &["--config", &cfg], &[]).await;
     let header = format!("{}\n", corpus::header(80, 24));
-    assert_eq!(upload_v1(node.ingest, &[header.as_bytes()]).await.unwrap_err(), "recording: unexpected status: 503");
+    assert_eq!(
+        upload_v1(node.ingest, &[header.as_bytes()])
+            .await
+            .unwrap_err(),
+        "recording: unexpected status: 503"
+    );
     let err = start_v2(node.ingest).await.err().unwrap();
     assert!(err.contains("503"), "{err}");
     assert!(node.list().is_empty());
@@ -206,13 +289,25 @@ async fn kubernetes_events_are_stored_with_id_and_destination() {
     let event = r#"{"type":"kubernetes-api-request","id":"","timestamp":1764072000,"userAgent":"kubectl/v1.36.3","request":{"method":"GET","path":"/api/v1/pods","body":"","queryParameters":{}},"kubernetes":{"Verb":"list","Resource":"pods"},"source":{"node":"laptop.ts.net","nodeID":"n1"},"destination":{"node":"","nodeID":""}}"#;
     let post = |body: &str| {
         std::process::Command::new("curl")
-            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-H", "Content-Type: application/json", "--data-binary"])
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+            ])
             .arg(body)
             .arg(format!("http://{}/v2/event", node.ingest))
             .output()
             .unwrap()
     };
-    assert_eq!(String::from_utf8_lossy(&post(&format!("{event}\n")).stdout), "200");
+    assert_eq!(
+        String::from_utf8_lossy(&post(&format!("{event}\n")).stdout),
+        "200"
+    );
     assert_eq!(String::from_utf8_lossy(&post("[1,2]").stdout), "400");
     let events = dir.path().join("store/v1/events");
     let stored: Vec<_> = walk(&events);
@@ -228,7 +323,11 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let path = entry.path();
-        if path.is_dir() { out.extend(walk(&path)) } else { out.push(path) }
+        if path.is_dir() {
+            out.extend(walk(&path))
+        } else {
+            out.push(path)
+        }
     }
     out
 }
@@ -245,22 +344,47 @@ async fn sigterm_drains_and_exits_cleanly() {
     let node = Node::start(dir.path(), &[], &[]).await;
     let rows = node.wait_finalized(1).await;
     assert_eq!(rows[0]["status"], "complete");
-    assert_eq!(sha256(&node.export(rows[0]["id"].as_str().unwrap())), sha256(&body));
+    assert_eq!(
+        sha256(&node.export(rows[0]["id"].as_str().unwrap())),
+        sha256(&body)
+    );
 }
 
 #[test]
 fn config_check_reports_every_problem() {
     let dir = tempfile::tempdir().unwrap();
-    let bad = config(dir.path(), "region = \"Not A Region\"\nstore = \"ftp://x\"\n[chunk]\ncompression_level = 42\n");
-    let out = std::process::Command::new(common::BIN).args(["config", "check", "--config", &bad]).output().unwrap();
+    let bad = config(
+        dir.path(),
+        "region = \"Not A Region\"\nstore = \"ftp://x\"\n[chunk]\ncompression_level = 42\n",
+    );
+    let out = std::process::Command::new(common::BIN)
+        .args(["config", "check", "--config", &bad])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("region") && stderr.contains("ftp") && stderr.contains("compression_level"), "{stderr}");
+    assert!(
+        stderr.contains("region") && stderr.contains("ftp") && stderr.contains("compression_level"),
+        "{stderr}"
+    );
     let unknown = config(dir.path(), "colour = \"blue\"\n");
-    let out = std::process::Command::new(common::BIN).args(["config", "check", "--config", &unknown]).output().unwrap();
+    let out = std::process::Command::new(common::BIN)
+        .args(["config", "check", "--config", &unknown])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("colour"));
-    let good = config(dir.path(), &format!("data_dir = \"{}\"\n", dir.path().display()));
-    let out = std::process::Command::new(common::BIN).args(["config", "check", "--config", &good]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let good = config(
+        dir.path(),
+        &format!("data_dir = \"{}\"\n", dir.path().display()),
+    );
+    let out = std::process::Command::new(common::BIN)
+        .args(["config", "check", "--config", &good])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

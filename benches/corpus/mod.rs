@@ -21,10 +21,30 @@ impl Rng {
 }
 
 const WORDS: &[&str] = &[
-    "kernel", "systemd", "nginx", "postgres", "worker", "request", "completed", "connection", "timeout", "user",
-    "session", "cache", "volume", "mounted", "eth0", "backup", "deploy", "rollout", "pod", "container",
+    "kernel",
+    "systemd",
+    "nginx",
+    "postgres",
+    "worker",
+    "request",
+    "completed",
+    "connection",
+    "timeout",
+    "user",
+    "session",
+    "cache",
+    "volume",
+    "mounted",
+    "eth0",
+    "backup",
+    "deploy",
+    "rollout",
+    "pod",
+    "container",
 ];
-const DIRS: &[&str] = &["bin", "lib", "share", "include", "src", "local", "etc", "var", "log", "doc"];
+const DIRS: &[&str] = &[
+    "bin", "lib", "share", "include", "src", "local", "etc", "var", "log", "doc",
+];
 
 /// The header line a Tailscale SSH server sends (no trailing newline).
 pub fn header(width: u32, height: u32) -> String {
@@ -60,16 +80,26 @@ fn payloads(rng: &mut Rng, out: &mut Vec<String>) {
             let dir = DIRS[rng.below(DIRS.len() as u64) as usize];
             let size = rng.below(1 << 20);
             if rng.below(4) == 0 {
-                s.push_str(&format!("drwxr-xr-x  2 root root {size:>8} Nov 25 12:00 \u{1b}[01;34m{dir}\u{1b}[0m\r\n"));
+                s.push_str(&format!(
+                    "drwxr-xr-x  2 root root {size:>8} Nov 25 12:00 \u{1b}[01;34m{dir}\u{1b}[0m\r\n"
+                ));
             } else {
-                s.push_str(&format!("-rw-r--r--  1 root root {size:>8} Nov 25 12:00 {dir}-{}.so.{}\r\n", rng.below(999), rng.below(9)));
+                s.push_str(&format!(
+                    "-rw-r--r--  1 root root {size:>8} Nov 25 12:00 {dir}-{}.so.{}\r\n",
+                    rng.below(999),
+                    rng.below(9)
+                ));
             }
         }
         out.push(s);
     } else if kind < 70 {
         let mut s = String::new();
         for _ in 0..1 + rng.below(20) {
-            let level = ["\u{1b}[32mINFO\u{1b}[0m", "\u{1b}[33mWARN\u{1b}[0m", "\u{1b}[31mERROR\u{1b}[0m"][rng.below(3) as usize];
+            let level = [
+                "\u{1b}[32mINFO\u{1b}[0m",
+                "\u{1b}[33mWARN\u{1b}[0m",
+                "\u{1b}[31mERROR\u{1b}[0m",
+            ][rng.below(3) as usize];
             s.push_str(&format!(
                 "2026-11-25T12:{:02}:{:02}.{:03}Z {level} {}[{}]: {} {} from 10.{}.{}.{} id={:016x}\r\n",
                 rng.below(60), rng.below(60), rng.below(1000),
@@ -90,7 +120,12 @@ fn payloads(rng: &mut Rng, out: &mut Vec<String>) {
         out.push(s);
     } else {
         out.push("\u{1b}[01;32malice@db-prod\u{1b}[00m:\u{1b}[01;34m~\u{1b}[00m$ ".to_owned());
-        let command = format!("{} --{} {}", WORDS[rng.below(20) as usize], WORDS[rng.below(20) as usize], DIRS[rng.below(10) as usize]);
+        let command = format!(
+            "{} --{} {}",
+            WORDS[rng.below(20) as usize],
+            WORDS[rng.below(20) as usize],
+            DIRS[rng.below(10) as usize]
+        );
         for c in command.chars() {
             out.push(c.to_string());
         }

@@ -46,7 +46,10 @@ impl Node {
     /// Starts a node on 127.0.0.1:0 with `extra` arguments, and waits for `/readyz`.
     pub async fn start(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let args: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
-        let env: Vec<(String, String)> = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
         Self::spawn(data_dir.to_owned(), args, env).await
     }
 
@@ -55,7 +58,12 @@ impl Node {
         cmd.arg("serve")
             .arg("--data-dir")
             .arg(&data_dir)
-            .args(["--ingest-listen", "127.0.0.1:0", "--web-listen", "127.0.0.1:0"])
+            .args([
+                "--ingest-listen",
+                "127.0.0.1:0",
+                "--web-listen",
+                "127.0.0.1:0",
+            ])
             .args(&args)
             .env("RUST_LOG", "castvault=info,warn")
             .stdin(Stdio::null())
@@ -73,7 +81,8 @@ impl Node {
         })
         .await
         .unwrap();
-        let addrs: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad first line {line:?}: {e}"));
+        let addrs: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad first line {line:?}: {e}"));
         let node = Self {
             child: Some(child),
             ingest: addrs["ingest"].as_str().unwrap().parse().unwrap(),
@@ -97,6 +106,10 @@ impl Node {
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
     /// SIGKILL, as a crash.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -108,14 +121,19 @@ impl Node {
     /// SIGTERM and wait for a clean exit.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().unwrap();
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
         child.wait().unwrap()
     }
 
     /// A new process on the same data dir and arguments.
     pub async fn restart(&mut self) {
         self.kill9();
-        let restarted = Self::spawn(self.data_dir.clone(), self.args.clone(), self.env.clone()).await;
+        let restarted =
+            Self::spawn(self.data_dir.clone(), self.args.clone(), self.env.clone()).await;
         *self = restarted;
     }
 
@@ -136,7 +154,11 @@ impl Node {
     /// `castvault recordings list --json`.
     pub fn list(&self) -> Vec<serde_json::Value> {
         let out = self.cli(&["recordings", "list", "--json"]);
-        assert!(out.status.success(), "list failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "list failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
@@ -149,7 +171,11 @@ impl Node {
             if done.len() >= n {
                 return done;
             }
-            assert!(Instant::now() < deadline, "only {} of {n} recordings finalized", done.len());
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {n} recordings finalized",
+                done.len()
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -157,7 +183,11 @@ impl Node {
     /// `castvault export ID --format cast`, as bytes.
     pub fn export(&self, id: &str) -> Vec<u8> {
         let out = self.cli(&["export", id, "--format", "cast"]);
-        assert!(out.status.success(), "export failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "export failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         out.stdout
     }
 }
@@ -171,12 +201,23 @@ impl Drop for Node {
 /// A plain HTTP/1.1 GET; returns status and body.
 pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, Vec<u8>), String> {
     let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
-    let req = hyper::Request::get(path).header("host", addr.to_string()).body(Empty::<Bytes>::new()).unwrap();
+    let req = hyper::Request::get(path)
+        .header("host", addr.to_string())
+        .body(Empty::<Bytes>::new())
+        .unwrap();
     let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
     let status = resp.status().as_u16();
-    let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes().to_vec();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes()
+        .to_vec();
     Ok((status, body))
 }
 
@@ -197,26 +238,44 @@ pub struct V2Upload {
 
 type BodyTx = mpsc::Sender<Bytes>;
 
-fn channel_body(capacity: usize) -> (BodyTx, StreamBody<impl futures::Stream<Item = Result<Frame<Bytes>, std::convert::Infallible>>>) {
+fn channel_body(
+    capacity: usize,
+) -> (
+    BodyTx,
+    StreamBody<impl futures::Stream<Item = Result<Frame<Bytes>, std::convert::Infallible>>>,
+) {
     let (tx, rx) = mpsc::channel::<Bytes>(capacity);
-    let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (Ok(Frame::data(b)), rx)) });
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok(Frame::data(b)), rx))
+    });
     (tx, StreamBody::new(stream))
 }
 
 /// h2c connection, as Go's `http.Transport` with unencrypted HTTP/2 only.
-pub async fn h2_connect(addr: SocketAddr) -> Result<hyper::client::conn::http2::SendRequest<StreamBody<futures::stream::BoxStream<'static, Result<Frame<Bytes>, std::convert::Infallible>>>>, String> {
+pub async fn h2_connect(
+    addr: SocketAddr,
+) -> Result<
+    hyper::client::conn::http2::SendRequest<
+        StreamBody<
+            futures::stream::BoxStream<'static, Result<Frame<Bytes>, std::convert::Infallible>>,
+        >,
+    >,
+    String,
+> {
     let stream = tokio::time::timeout(PER_DIAL_TIMEOUT, TcpStream::connect(addr))
         .await
         .map_err(|_| "dial timeout".to_owned())?
         .map_err(|e| format!("dial: {e}"))?;
-    let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("h2 handshake: {e}"))?;
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("h2 handshake: {e}"))?;
     tokio::spawn(conn);
     Ok(send)
 }
 
-fn empty_h2_body() -> StreamBody<futures::stream::BoxStream<'static, Result<Frame<Bytes>, std::convert::Infallible>>> {
+fn empty_h2_body()
+-> StreamBody<futures::stream::BoxStream<'static, Result<Frame<Bytes>, std::convert::Infallible>>> {
     use futures::StreamExt;
     StreamBody::new(futures::stream::empty().boxed())
 }
@@ -225,11 +284,16 @@ fn empty_h2_body() -> StreamBody<futures::stream::BoxStream<'static, Result<Fram
 pub async fn probe_v2(addr: SocketAddr) -> bool {
     let attempt = async {
         let mut send = h2_connect(addr).await?;
-        let req = hyper::Request::head(format!("http://{addr}/v2/record")).body(empty_h2_body()).unwrap();
+        let req = hyper::Request::head(format!("http://{addr}/v2/record"))
+            .body(empty_h2_body())
+            .unwrap();
         let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
         Ok::<_, String>(resp.status() == 200 && resp.version() == hyper::Version::HTTP_2)
     };
-    matches!(tokio::time::timeout(HTTP2_PROBE_TIMEOUT, attempt).await, Ok(Ok(true)))
+    matches!(
+        tokio::time::timeout(HTTP2_PROBE_TIMEOUT, attempt).await,
+        Ok(Ok(true))
+    )
 }
 
 /// Starts `POST /v2/record`: waits for the 200 headers before any body byte, then reads acks
@@ -238,17 +302,26 @@ pub async fn start_v2(addr: SocketAddr) -> Result<V2Upload, String> {
     use futures::StreamExt;
     let mut send = h2_connect(addr).await?;
     let (tx, rx) = mpsc::channel::<Bytes>(16);
-    let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (Ok(Frame::data(b)), rx)) }).boxed();
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok(Frame::data(b)), rx))
+    })
+    .boxed();
     let req = hyper::Request::post(format!("http://{addr}/v2/record"))
         .header("user-agent", "Go-http-client/2.0")
         .header("accept-encoding", "gzip")
         .body(StreamBody::new(stream))
         .unwrap();
-    let resp = send.send_request(req).await.map_err(|e| format!("recording: error starting recording: {e}"))?;
+    let resp = send
+        .send_request(req)
+        .await
+        .map_err(|e| format!("recording: error starting recording: {e}"))?;
     if resp.status() != 200 {
         return Err(format!("recording: unexpected status: {}", resp.status()));
     }
-    assert!(resp.headers().get("content-encoding").is_none(), "ack stream must not be compressed");
+    assert!(
+        resp.headers().get("content-encoding").is_none(),
+        "ack stream must not be compressed"
+    );
     let log = Arc::new(Mutex::new(AckLog::default()));
     let reader_log = log.clone();
     let reader = tokio::spawn(async move {
@@ -256,16 +329,21 @@ pub async fn start_v2(addr: SocketAddr) -> Result<V2Upload, String> {
         let mut buf = Vec::new();
         loop {
             let frame = match tokio::time::timeout(UPLOAD_ACK_WINDOW, body.frame()).await {
-                Err(_) => return Err("did not receive ack frames from the recorder in 30s".to_owned()),
+                Err(_) => {
+                    return Err("did not receive ack frames from the recorder in 30s".to_owned());
+                }
                 Ok(None) => return Ok(()),
                 Ok(Some(Err(e))) => return Err(format!("unexpected error receiving acks: {e}")),
                 Ok(Some(Ok(frame))) => frame,
             };
-            let Ok(data) = frame.into_data() else { continue };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
             buf.extend_from_slice(&data);
             while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
                 let line: Vec<u8> = buf.drain(..=pos).collect();
-                let v: serde_json::Value = serde_json::from_slice(&line).map_err(|e| format!("unexpected error receiving acks: {e}"))?;
+                let v: serde_json::Value = serde_json::from_slice(&line)
+                    .map_err(|e| format!("unexpected error receiving acks: {e}"))?;
                 let mut log = reader_log.lock().unwrap();
                 if let Some(ack) = v.get("ack").and_then(serde_json::Value::as_u64) {
                     if let Some(&(_, last)) = log.acks.last() {
@@ -280,13 +358,20 @@ pub async fn start_v2(addr: SocketAddr) -> Result<V2Upload, String> {
             }
         }
     });
-    Ok(V2Upload { tx: Some(tx), sent: 0, log, reader })
+    Ok(V2Upload {
+        tx: Some(tx),
+        sent: 0,
+        log,
+        reader,
+    })
 }
 
 impl V2Upload {
     pub async fn send(&mut self, bytes: &[u8]) -> Result<(), String> {
         let tx = self.tx.as_ref().ok_or("body closed")?;
-        tx.send(Bytes::copy_from_slice(bytes)).await.map_err(|_| "body stream closed".to_owned())?;
+        tx.send(Bytes::copy_from_slice(bytes))
+            .await
+            .map_err(|_| "body stream closed".to_owned())?;
         self.sent += bytes.len() as u64;
         Ok(())
     }
@@ -332,7 +417,10 @@ pub async fn upload_v1(addr: SocketAddr, pieces: &[&[u8]]) -> Result<u16, String
     let head = format!(
         "POST /record HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: Go-http-client/1.1\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\nAccept-Encoding: gzip\r\n\r\n"
     );
-    write.write_all(head.as_bytes()).await.map_err(|e| e.to_string())?;
+    write
+        .write_all(head.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
     let status = read_status(&mut read).await?;
     if status != 100 {
         return Err(format!("recording: unexpected status: {status}"));
@@ -341,18 +429,30 @@ pub async fn upload_v1(addr: SocketAddr, pieces: &[&[u8]]) -> Result<u16, String
         if piece.is_empty() {
             continue;
         }
-        write.write_all(format!("{:x}\r\n", piece.len()).as_bytes()).await.map_err(|e| e.to_string())?;
+        write
+            .write_all(format!("{:x}\r\n", piece.len()).as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
         write.write_all(piece).await.map_err(|e| e.to_string())?;
         write.write_all(b"\r\n").await.map_err(|e| e.to_string())?;
     }
-    write.write_all(b"0\r\n\r\n").await.map_err(|e| e.to_string())?;
+    write
+        .write_all(b"0\r\n\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
     read_status(&mut read).await
 }
 
 async fn read_status<R: tokio::io::AsyncBufRead + Unpin>(read: &mut R) -> Result<u16, String> {
     let mut status_line = String::new();
-    read.read_line(&mut status_line).await.map_err(|e| e.to_string())?;
-    let status: u16 = status_line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or(format!("bad status line {status_line:?}"))?;
+    read.read_line(&mut status_line)
+        .await
+        .map_err(|e| e.to_string())?;
+    let status: u16 = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or(format!("bad status line {status_line:?}"))?;
     let mut content_length = 0usize;
     loop {
         let mut line = String::new();
@@ -365,7 +465,9 @@ async fn read_status<R: tokio::io::AsyncBufRead + Unpin>(read: &mut R) -> Result
         }
     }
     let mut body = vec![0; content_length];
-    read.read_exact(&mut body).await.map_err(|e| e.to_string())?;
+    read.read_exact(&mut body)
+        .await
+        .map_err(|e| e.to_string())?;
     Ok(status)
 }
 
@@ -378,7 +480,11 @@ pub enum Used {
 
 /// The client's per-address algorithm (ConnectToRecorder): probe, v2 or v1 fallback, next
 /// address on failure. Uploads `body` in `piece`-sized writes. Returns the address used and how.
-pub async fn connect_and_upload(addrs: &[SocketAddr], body: &[u8], piece: usize) -> Result<(SocketAddr, Used, AckLog), Vec<String>> {
+pub async fn connect_and_upload(
+    addrs: &[SocketAddr],
+    body: &[u8],
+    piece: usize,
+) -> Result<(SocketAddr, Used, AckLog), Vec<String>> {
     let mut attempts = Vec::new();
     for &addr in addrs {
         if probe_v2(addr).await {
@@ -400,7 +506,9 @@ pub async fn connect_and_upload(addrs: &[SocketAddr], body: &[u8], piece: usize)
                     }
                 }
                 Err(e) => {
-                    attempts.push(format!("recording: error starting recording on {addr:?}: {e}"));
+                    attempts.push(format!(
+                        "recording: error starting recording on {addr:?}: {e}"
+                    ));
                     continue;
                 }
             }
@@ -409,7 +517,9 @@ pub async fn connect_and_upload(addrs: &[SocketAddr], body: &[u8], piece: usize)
         match upload_v1(addr, &pieces).await {
             Ok(200) => return Ok((addr, Used::V1, AckLog::default())),
             Ok(status) => attempts.push(format!("{addr}: recording: unexpected status: {status}")),
-            Err(e) => attempts.push(format!("recording: error starting recording on {addr:?}: {e}")),
+            Err(e) => attempts.push(format!(
+                "recording: error starting recording on {addr:?}: {e}"
+            )),
         }
     }
     Err(attempts)
@@ -427,16 +537,27 @@ const AZURITE_SAS: &str = "sv=2020-08-04&ss=b&srt=sco&sp=rwdlac&st=2020-01-01T00
 
 impl Azurite {
     pub async fn start() -> Self {
-        let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tools/node_modules/.bin/azurite-blob");
+        let bin = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/tools/node_modules/.bin/azurite-blob");
         assert!(
             bin.exists(),
             "Azurite is missing at {}: run the README's test command (it installs tests/tools with npm ci)",
             bin.display()
         );
         let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let child = Command::new(bin)
-            .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string(), "--location"])
+            .args([
+                "--blobHost",
+                "127.0.0.1",
+                "--blobPort",
+                &port.to_string(),
+                "--location",
+            ])
             .arg(dir.path())
             .args(["--disableTelemetry", "--silent"])
             .stdout(Stdio::null())
@@ -444,7 +565,11 @@ impl Azurite {
             .spawn()
             .expect("spawn azurite");
         let url = format!("http://127.0.0.1:{port}");
-        let azurite = Self { child, url, _dir: dir };
+        let azurite = Self {
+            child,
+            url,
+            _dir: dir,
+        };
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         while http_get(addr, "/").await.is_err() {
@@ -458,20 +583,27 @@ impl Azurite {
     pub async fn create_container(&self, name: &str) {
         let addr: SocketAddr = self.url.trim_start_matches("http://").parse().unwrap();
         let stream = TcpStream::connect(addr).await.unwrap();
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
-        tokio::spawn(conn);
-        let req = hyper::Request::put(format!("/devstoreaccount1/{name}?restype=container&{AZURITE_SAS}"))
-            .header("host", addr.to_string())
-            .header("content-length", "0")
-            .body(Empty::<Bytes>::new())
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
             .unwrap();
+        tokio::spawn(conn);
+        let req = hyper::Request::put(format!(
+            "/devstoreaccount1/{name}?restype=container&{AZURITE_SAS}"
+        ))
+        .header("host", addr.to_string())
+        .header("content-length", "0")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
         let status = send.send_request(req).await.unwrap().status();
         assert!(status == 201 || status == 409, "create container: {status}");
     }
 
     /// Environment for a node or CLI using `az://` on this Azurite.
     pub fn env(&self) -> Vec<(&'static str, String)> {
-        vec![("AZURE_STORAGE_USE_EMULATOR", "true".to_owned()), ("AZURITE_BLOB_STORAGE_URL", self.url.clone())]
+        vec![
+            ("AZURE_STORAGE_USE_EMULATOR", "true".to_owned()),
+            ("AZURITE_BLOB_STORAGE_URL", self.url.clone()),
+        ]
     }
 }
 
@@ -492,7 +624,8 @@ pub fn dead_addr() -> SocketAddr {
 pub async fn refusing_recorder(status: u16) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let app = axum::Router::new().fallback(move || async move { axum::http::StatusCode::from_u16(status).unwrap() });
+    let app = axum::Router::new()
+        .fallback(move || async move { axum::http::StatusCode::from_u16(status).unwrap() });
     tokio::spawn(async move { axum::serve(listener, app).await });
     addr
 }
