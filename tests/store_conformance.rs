@@ -157,9 +157,12 @@ async fn in_memory() {
 async fn azurite() {
     let azurite = common::Azurite::start().await;
     azurite.create_container("conformance").await;
+    // Explicit account settings, the shape a real account uses (not the emulator shortcut).
     let options: BTreeMap<String, String> = [
-        ("use_emulator", "true".to_owned()),
+        ("account_name", "devstoreaccount1".to_owned()),
+        ("access_key", common::AZURITE_KEY.to_owned()),
         ("endpoint", format!("{}/devstoreaccount1", azurite.url)),
+        ("allow_http", "true".to_owned()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))

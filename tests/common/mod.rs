@@ -532,6 +532,10 @@ pub struct Azurite {
     _dir: tempfile::TempDir,
 }
 
+/// Azurite's public, well-known account key.
+pub const AZURITE_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
 /// Account SAS for Azurite's public well-known key (shared DEPENDENCIES.md 1).
 const AZURITE_SAS: &str = "sv=2020-08-04&ss=b&srt=sco&sp=rwdlac&st=2020-01-01T00%3A00%3A00Z&se=2099-01-01T00%3A00%3A00Z&spr=https%2Chttp&sig=JAxgQZsc6imr9R3HrDTg4G71700iSnrSTDgEWtEbCsQ%3D";
 
