@@ -388,3 +388,81 @@ fn config_check_reports_every_problem() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A tmpfs mounted for one test, unmounted on drop.
+struct SmallDisk {
+    path: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk");
+        std::fs::create_dir(&path).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mounting a tmpfs needs root (CI runs as root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self { path, _dir: dir }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_full_mid_stream_ends_with_error_frame_and_keeps_acked_bytes() {
+    let disk = SmallDisk::mount("2m");
+    let store = tempfile::tempdir().unwrap();
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let cfg = config(cfg_dir.path(), "min_free_disk_bytes = 524288\n");
+    let store_url = format!("file://{}", store.path().display());
+    let mut node = Node::start(&disk.path, &["--config", &cfg, "--store", &store_url], &[]).await;
+
+    let body = corpus::generate(40, 4 << 20);
+    let mut upload = start_v2(node.ingest).await.unwrap();
+    let mut sent = 0;
+    for piece in body.chunks(64 << 10) {
+        if upload.send(piece).await.is_err() {
+            break;
+        }
+        sent += piece.len();
+        // Let acks keep up, as a terminal's pace would.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        if upload.log.lock().unwrap().error.is_some() {
+            break;
+        }
+    }
+    let acked = upload.last_ack();
+    let (result, log) = upload.finish().await;
+    let error = result.unwrap_err();
+    assert!(error.contains("cannot store"), "{error}");
+    assert!(log.error.is_some());
+    assert!(
+        acked > 0 && (acked as usize) < sent,
+        "acked {acked} of {sent}"
+    );
+
+    // What was acked is stored, byte-exact, and the recording is finalized as interrupted.
+    let rows = node.wait_finalized(1).await;
+    assert_eq!(rows[0]["status"], "interrupted");
+    let exported = node.export(rows[0]["id"].as_str().unwrap());
+    assert!(exported.len() as u64 >= acked && body.starts_with(&exported));
+
+    // Once the upload freed the spool, new recordings are admitted again.
+    let small = corpus::generate(41, 10 << 10);
+    assert_eq!(upload_v1(node.ingest, &[&small]).await.unwrap(), 200);
+    node.kill9();
+}
