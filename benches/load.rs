@@ -28,6 +28,10 @@ fn main() {
         .filter(|a| !a.starts_with("--"))
         .collect();
     let wants = |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()));
+    if let Ok(path) = std::env::var("CASTVAULT_CORPUS_OUT") {
+        std::fs::write(path, corpus::generate(42, 100 << 20)).unwrap();
+        return;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -160,20 +164,16 @@ async fn throughput() {
     let events_start = corpus_bytes.iter().position(|&b| b == b'\n').unwrap() + 1;
     let per = (corpus_bytes.len() - events_start) / 100;
     let mut at = events_start;
-    for _ in 0..100 {
-        let end = at
-            + corpus_bytes[at + per..]
-                .iter()
-                .position(|&b| b == b'\n')
-                .map_or(corpus_bytes.len() - at, |p| per + p + 1);
-        let end = end.min(corpus_bytes.len());
+    while at < corpus_bytes.len() && bodies.len() < 100 {
+        let want = (at + per).min(corpus_bytes.len());
+        let end = corpus_bytes[want..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(corpus_bytes.len(), |p| want + p + 1);
         let mut body = header.clone().into_bytes();
         body.extend_from_slice(&corpus_bytes[at..end]);
         bodies.push(Arc::new(body));
         at = end;
-        if at >= corpus_bytes.len() {
-            break;
-        }
     }
     let total: usize = bodies.iter().map(|b| b.len()).sum();
     let start = Instant::now();

@@ -24,6 +24,7 @@ use castvault_storage::keys::{ObjectKey, RecordingId};
 use castvault_storage::manifest::{
     CatalogRow, ChunkEntry, HashChain, MANIFEST_FORMAT, Manifest, RecordingStatus,
 };
+use castvault_storage::reader::read_manifest;
 use castvault_storage::store::{DynStore, ErrorKind, error_kind, put_create, put_overwrite};
 use object_store::ObjectStoreExt;
 use rand::Rng;
@@ -32,6 +33,7 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::metrics::Metrics;
 use crate::spool::{RecordingMeta, Recovered, SpoolError, SpoolFile, StreamEnd, StreamOutcome};
@@ -130,6 +132,18 @@ struct UploadState {
     retry_at: Option<Instant>,
     attempts: u32,
     last_error: Option<String>,
+}
+
+/// A chunk compressed and hashed, ready to put.
+struct Prepared {
+    seq: u32,
+    offset: u64,
+    raw_len: u64,
+    compressed: Bytes,
+    stats: ChunkStats,
+    digest: [u8; 32],
+    /// The body digest state after this chunk.
+    body_after: Sha256,
 }
 
 impl Upload {
@@ -349,11 +363,15 @@ async fn run_scheduler(inner: Arc<Inner>, stop: CancellationToken) {
             };
             let Ok(permit) = permit else { return };
             let inner = inner.clone();
-            tokio::spawn(async move {
-                inner.process(&upload).await;
-                upload.state().busy = false;
-                drop(permit);
-            });
+            let span = tracing::info_span!("upload", recording_id = %upload.file.id);
+            tokio::spawn(
+                async move {
+                    inner.process(&upload).await;
+                    upload.state().busy = false;
+                    drop(permit);
+                }
+                .instrument(span),
+            );
         }
     }
 }
@@ -429,23 +447,51 @@ impl Inner {
         if !upload.state().reconciled {
             self.reconcile(upload).await?;
         }
+        // Two-stage pipeline: chunk n+1 is cut and compressed while chunk n is being put.
+        let (mut offset, mut seq, mut body) = {
+            let s = upload.state();
+            (s.committed, s.next_seq, s.body.clone())
+        };
+        let mut in_flight: Option<(
+            Prepared,
+            tokio::task::JoinHandle<Result<(), object_store::Error>>,
+        )> = None;
         loop {
-            let (committed, ended, aged) = {
+            let (ended, aged) = {
                 let s = upload.state();
                 let aged = s
                     .pending_since
                     .is_some_and(|t| t.elapsed() >= self.config.max_chunk_age);
-                (s.committed, s.end.is_some(), aged)
+                (s.end.is_some(), aged)
             };
-            let pending = upload.file.written().saturating_sub(committed);
+            let pending = upload.file.written().saturating_sub(offset);
             if pending == 0 || !(ended || aged || pending >= self.config.max_chunk_bytes as u64) {
                 break;
             }
-            let Some(raw) = self.cut(upload, committed, pending, ended).await? else {
+            let Some(raw) = self.cut(upload, offset, pending, ended).await? else {
                 break;
             };
-            if !self.commit_chunk(upload, raw).await? {
-                self.reconcile(upload).await?;
+            let prepared = self.prepare(upload, seq, offset, raw, body, None).await?;
+            body = prepared.body_after.clone();
+            offset += prepared.raw_len;
+            seq += 1;
+            if let Some((previous, put)) = in_flight.take() {
+                if !self.publish(upload, previous, put).await? {
+                    // Someone else's chunk holds the key: check it, then start over from state.
+                    return self.reconcile(upload).await;
+                }
+            }
+            let path = ObjectKey::chunk(&upload.file.id, prepared.seq);
+            let store = self.store.clone();
+            let bytes = prepared.compressed.clone();
+            in_flight = Some((
+                prepared,
+                tokio::spawn(async move { put_create(store.as_ref(), &path, bytes).await }),
+            ));
+        }
+        if let Some((previous, put)) = in_flight.take() {
+            if !self.publish(upload, previous, put).await? {
+                return self.reconcile(upload).await;
             }
         }
         let (ended, committed) = {
@@ -486,63 +532,109 @@ impl Inner {
         }))
     }
 
-    /// Compresses and writes one chunk. Returns false when its key was already taken.
-    async fn commit_chunk(&self, upload: &Upload, raw: Vec<u8>) -> Result<bool, UploadError> {
-        let (seq, offset) = {
-            let s = upload.state();
-            (s.next_seq, s.committed)
+    /// Compresses a chunk and, at the same time on another thread, scans its lines and hashes
+    /// it (the chunk digest and the running body digest).
+    /// `stored` is the compressed object when it is already in the store (reconciliation).
+    async fn prepare(
+        &self,
+        upload: &Upload,
+        seq: u32,
+        offset: u64,
+        raw: Vec<u8>,
+        body: Sha256,
+        stored: Option<Bytes>,
+    ) -> Result<Prepared, UploadError> {
+        let corrupt = |what: String| UploadError::Corrupt {
+            recording_id: upload.file.id.to_string(),
+            what,
         };
-        let encoder = self.take_encoder()?;
-        let (encoder, encoded) = tokio::task::spawn_blocking(move || {
-            let mut encoder = encoder;
-            let compressed = encoder.encode(&raw);
-            let stats = ChunkStats::scan(&raw, seq == 0);
-            let digest = chunk::digest(&raw);
-            (encoder, compressed.map(|c| (c, stats, digest, raw)))
+        let raw = Arc::new(raw);
+        let encoder = match stored {
+            Some(_) => None,
+            None => Some(self.take_encoder()?),
+        };
+        let to_compress = raw.clone();
+        let compress = tokio::task::spawn_blocking(move || {
+            let mut encoder = encoder?;
+            let compressed = encoder.encode(&to_compress);
+            Some((encoder, compressed))
+        });
+        let to_scan = raw.clone();
+        let scan = tokio::task::spawn_blocking(move || {
+            let stats = ChunkStats::scan(&to_scan, seq == 0);
+            let digest = chunk::digest(&to_scan);
+            let mut body = body;
+            body.update(to_scan.as_slice());
+            (stats, digest, body)
+        });
+        let (compressed, scanned) = tokio::join!(compress, scan);
+        let compressed = match (
+            compressed.map_err(|e| corrupt(format!("compression task failed: {e}")))?,
+            stored,
+        ) {
+            (_, Some(stored)) => stored,
+            (Some((encoder, compressed)), None) => {
+                self.return_encoder(encoder);
+                Bytes::from(compressed.map_err(|e| corrupt(format!("compression failed: {e}")))?)
+            }
+            (None, None) => return Err(corrupt("no compression context".to_owned())),
+        };
+        let (stats, digest, body_after) =
+            scanned.map_err(|e| corrupt(format!("scan task failed: {e}")))?;
+        Ok(Prepared {
+            seq,
+            offset,
+            raw_len: raw.len() as u64,
+            compressed,
+            stats,
+            digest,
+            body_after,
         })
-        .await
-        .map_err(|e| UploadError::Corrupt {
+    }
+
+    /// Waits for a chunk's put and records the commit. Returns false when its key was taken.
+    async fn publish(
+        &self,
+        upload: &Upload,
+        prepared: Prepared,
+        put: tokio::task::JoinHandle<Result<(), object_store::Error>>,
+    ) -> Result<bool, UploadError> {
+        let path = ObjectKey::chunk(&upload.file.id, prepared.seq);
+        let result = put.await.map_err(|e| UploadError::Corrupt {
             recording_id: upload.file.id.to_string(),
-            what: format!("compression task failed: {e}"),
+            what: format!("put task failed: {e}"),
         })?;
-        self.return_encoder(encoder);
-        let (compressed, stats, digest, raw) = encoded.map_err(|e| UploadError::Corrupt {
-            recording_id: upload.file.id.to_string(),
-            what: format!("compression failed: {e}"),
-        })?;
-        let path = ObjectKey::chunk(&upload.file.id, seq);
-        let compressed_len = compressed.len() as u64;
-        match put_create(self.store.as_ref(), &path, Bytes::from(compressed)).await {
+        match result {
             Ok(()) => {}
             Err(e) if error_kind(&e) == ErrorKind::AlreadyExists => {
-                tracing::warn!(recording_id = %upload.file.id, seq, "chunk key already taken; checking the stored chunk");
+                tracing::warn!(
+                    seq = prepared.seq,
+                    "chunk key already taken; checking the stored chunk"
+                );
                 upload.state().reconciled = false;
                 return Ok(false);
             }
             Err(e) => return Err(UploadError::store("put", &path)(e)),
         }
-        Metrics::add(&self.metrics.bytes_stored, compressed_len);
-        self.apply_commit(upload, seq, offset, &raw, compressed_len, &stats, digest)
-            .await?;
+        Metrics::add(&self.metrics.bytes_stored, prepared.compressed.len() as u64);
+        self.apply_commit(upload, prepared).await?;
         Ok(true)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn apply_commit(
-        &self,
-        upload: &Upload,
-        seq: u32,
-        offset: u64,
-        raw: &[u8],
-        compressed_len: u64,
-        stats: &ChunkStats,
-        digest: [u8; 32],
-    ) -> Result<(), UploadError> {
-        let raw_len = raw.len() as u64;
+    async fn apply_commit(&self, upload: &Upload, prepared: Prepared) -> Result<(), UploadError> {
+        let Prepared {
+            seq,
+            offset,
+            raw_len,
+            compressed,
+            stats,
+            digest,
+            body_after,
+        } = prepared;
         let entry = {
             let mut s = upload.state();
             let link = s.chain.push(&digest, seq, offset, raw_len);
-            s.body.update(raw);
+            s.body = body_after;
             s.next_seq = seq + 1;
             s.committed = offset + raw_len;
             s.pending_since = (upload.file.written() > s.committed).then(Instant::now);
@@ -550,7 +642,7 @@ impl Inner {
                 seq,
                 offset,
                 raw_len,
-                compressed_len,
+                compressed_len: compressed.len() as u64,
                 events: stats.events,
                 malformed_lines: stats.malformed_lines,
                 first_event_time: stats.first_event_time,
@@ -599,17 +691,11 @@ impl Inner {
                 )));
             }
             tracing::info!(recording_id = %id, seq, "adopted a chunk committed before a restart");
-            let stats = ChunkStats::scan(&raw, seq == 0);
-            self.apply_commit(
-                upload,
-                seq,
-                offset,
-                &raw,
-                stored.len() as u64,
-                &stats,
-                chunk::digest(&raw),
-            )
-            .await?;
+            let body = upload.state().body.clone();
+            let prepared = self
+                .prepare(upload, seq, offset, raw, body, Some(stored))
+                .await?;
+            self.apply_commit(upload, prepared).await?;
         }
         upload.state().reconciled = true;
         Ok(())
@@ -675,12 +761,20 @@ impl Inner {
             chunks,
         };
         let path = ObjectKey::manifest(id);
-        match put_create(self.store.as_ref(), &path, json_bytes(&manifest)).await {
-            Ok(()) => {}
-            // Finalized before a restart: the stored manifest stands.
-            Err(e) if error_kind(&e) == ErrorKind::AlreadyExists => {}
+        let manifest = match put_create(self.store.as_ref(), &path, json_bytes(&manifest)).await {
+            Ok(()) => manifest,
+            // Finalized before a restart: the stored manifest stands, and the row follows it.
+            Err(e) if error_kind(&e) == ErrorKind::AlreadyExists => {
+                read_manifest(self.store.as_ref(), id)
+                    .await
+                    .map_err(|e| UploadError::Corrupt {
+                        recording_id: id.to_string(),
+                        what: format!("a manifest exists but cannot be read: {}", error_chain(&e)),
+                    })?
+            }
             Err(e) => return Err(UploadError::store("put", &path)(e)),
-        }
+        };
+        let status = manifest.status;
         if let Some(row) = CatalogRow::from_manifest(&manifest) {
             let path = ObjectKey::catalog(id);
             put_overwrite(self.store.as_ref(), &path, json_bytes(&row))
