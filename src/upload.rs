@@ -475,11 +475,11 @@ impl Inner {
             body = prepared.body_after.clone();
             offset += prepared.raw_len;
             seq += 1;
-            if let Some((previous, put)) = in_flight.take() {
-                if !self.publish(upload, previous, put).await? {
-                    // Someone else's chunk holds the key: check it, then start over from state.
-                    return self.reconcile(upload).await;
-                }
+            if let Some((previous, put)) = in_flight.take()
+                && !self.publish(upload, previous, put).await?
+            {
+                // Someone else's chunk holds the key: check it, then start over from state.
+                return self.reconcile(upload).await;
             }
             let path = ObjectKey::chunk(&upload.file.id, prepared.seq);
             let store = self.store.clone();
@@ -489,10 +489,10 @@ impl Inner {
                 tokio::spawn(async move { put_create(store.as_ref(), &path, bytes).await }),
             ));
         }
-        if let Some((previous, put)) = in_flight.take() {
-            if !self.publish(upload, previous, put).await? {
-                return self.reconcile(upload).await;
-            }
+        if let Some((previous, put)) = in_flight.take()
+            && !self.publish(upload, previous, put).await?
+        {
+            return self.reconcile(upload).await;
         }
         let (ended, committed) = {
             let s = upload.state();
