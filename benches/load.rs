@@ -29,7 +29,11 @@ fn main() {
         .collect();
     let wants = |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()));
     if let Ok(path) = std::env::var("CASTVAULT_CORPUS_OUT") {
-        std::fs::write(path, corpus::generate(42, 100 << 20)).unwrap();
+        std::fs::write(
+            path,
+            corpus::generate_with(42, 100 << 20, corpus::listing_pool().as_deref()),
+        )
+        .unwrap();
         return;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -111,7 +115,8 @@ async fn upload(node_addr: std::net::SocketAddr, body: &[u8], piece: usize) {
 
 async fn throughput() {
     let work = tempfile::tempdir().unwrap();
-    let corpus_bytes = corpus::generate(42, 100 << 20);
+    let pool = corpus::listing_pool().expect("ls -laR /usr for the listing pool");
+    let corpus_bytes = corpus::generate_with(42, 100 << 20, Some(&pool));
     let corpus_path = work.path().join("corpus.cast");
     std::fs::write(&corpus_path, &corpus_bytes).unwrap();
     let mib = corpus_bytes.len() as f64 / (1 << 20) as f64;

@@ -1,6 +1,9 @@
-//! A deterministic, realistic asciicast v2 corpus: ANSI-coloured directory listings, log lines,
-//! hex dumps and an interactive shell typed one keystroke per event, as JSON lines the way Go
-//! encodes them (control bytes as \u001b, `<`/`>`/`&` escaped).
+//! A realistic asciicast v2 corpus, following the recipe in the shared DEPENDENCIES.md (section 8):
+//! 40% directory listings (real `ls -laR /usr` lines when a pool is given, with ANSI colour on
+//! directories and symlinks), 30% log lines, 15% `xxd`-style hex dumps of random bytes, 15% an
+//! interactive shell typed one keystroke per event; event gaps exponential with a 30 ms mean plus
+//! a 1–5 s pause 1% of the time. Lines are JSON the way Go encodes them (control bytes as
+//! \u001b, `<`/`>`/`&` escaped). Deterministic for a given seed and pool.
 
 /// A small deterministic PRNG (xorshift64*), so corpora are identical across runs and machines.
 pub struct Rng(u64);
@@ -72,24 +75,28 @@ fn escape(text: &str) -> String {
 }
 
 /// Output payloads for one event.
-fn payloads(rng: &mut Rng, out: &mut Vec<String>) {
+fn payloads(rng: &mut Rng, pool: Option<&[String]>, cursor: &mut usize, out: &mut Vec<String>) {
     let kind = rng.below(100);
     if kind < 40 {
         let mut s = String::new();
         for _ in 0..5 + rng.below(55) {
-            let dir = DIRS[rng.below(DIRS.len() as u64) as usize];
-            let size = rng.below(1 << 20);
-            if rng.below(4) == 0 {
-                s.push_str(&format!(
-                    "drwxr-xr-x  2 root root {size:>8} Nov 25 12:00 \u{1b}[01;34m{dir}\u{1b}[0m\r\n"
-                ));
-            } else {
-                s.push_str(&format!(
-                    "-rw-r--r--  1 root root {size:>8} Nov 25 12:00 {dir}-{}.so.{}\r\n",
-                    rng.below(999),
-                    rng.below(9)
-                ));
+            match pool {
+                Some(pool) if !pool.is_empty() => {
+                    let line = &pool[*cursor % pool.len()];
+                    *cursor += 1;
+                    s.push_str(&colour_listing(line));
+                }
+                _ => {
+                    let dir = DIRS[rng.below(DIRS.len() as u64) as usize];
+                    let size = rng.below(1 << 20);
+                    s.push_str(&format!(
+                        "-rw-r--r--  1 root root {size:>8} Nov 25 12:00 {dir}-{}.so.{}",
+                        rng.below(999),
+                        rng.below(9)
+                    ));
+                }
             }
+            s.push_str("\r\n");
         }
         out.push(s);
     } else if kind < 70 {
@@ -111,11 +118,20 @@ fn payloads(rng: &mut Rng, out: &mut Vec<String>) {
     } else if kind < 85 {
         let mut s = String::new();
         for line in 0..1 + rng.below(30) {
+            let bytes: Vec<u8> = (0..16).map(|_| rng.below(256) as u8).collect();
             s.push_str(&format!("{:08x}: ", line * 16));
-            for _ in 0..8 {
-                s.push_str(&format!("{:04x} ", rng.below(65536)));
+            for pair in bytes.chunks(2) {
+                s.push_str(&format!("{:02x}{:02x} ", pair[0], pair[1]));
             }
-            s.push_str(" ................\r\n");
+            s.push(' ');
+            s.extend(bytes.iter().map(|&b| {
+                if (0x20..0x7f).contains(&b) {
+                    b as char
+                } else {
+                    '.'
+                }
+            }));
+            s.push_str("\r\n");
         }
         out.push(s);
     } else {
@@ -136,18 +152,59 @@ fn payloads(rng: &mut Rng, out: &mut Vec<String>) {
     }
 }
 
-/// A cast of at least `target_bytes`: header line, then `[t, "o", data]` events.
+/// Colours the name of a directory (blue) or symlink (cyan) in an `ls -l` line, as `ls --color`.
+fn colour_listing(line: &str) -> String {
+    let colour = match line.as_bytes().first() {
+        Some(b'd') => "01;34",
+        Some(b'l') => "01;36",
+        _ => return line.to_owned(),
+    };
+    match line.rsplit_once(' ') {
+        Some((head, name)) if line.split_whitespace().count() >= 9 => {
+            format!("{head} \u{1b}[{colour}m{name}\u{1b}[0m")
+        }
+        _ => line.to_owned(),
+    }
+}
+
+/// Lines of `ls -laR /usr` on this machine, the listing pool of the documented corpus; `None` if
+/// `ls` fails.
+pub fn listing_pool() -> Option<Vec<String>> {
+    let out = std::process::Command::new("ls")
+        .args(["-laR", "/usr"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<String> = text
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect();
+    (!lines.is_empty()).then_some(lines)
+}
+
+/// A cast of at least `target_bytes` with synthetic listings (no pool): header line, then
+/// `[t, "o", data]` events.
 pub fn generate(seed: u64, target_bytes: usize) -> Vec<u8> {
+    generate_with(seed, target_bytes, None)
+}
+
+/// A cast of at least `target_bytes`, taking listing lines from `pool` when given.
+pub fn generate_with(seed: u64, target_bytes: usize, pool: Option<&[String]>) -> Vec<u8> {
     let mut rng = Rng::new(seed);
     let mut cast = header(120, 40).into_bytes();
     cast.push(b'\n');
     let mut t = 0.0f64;
     let mut pieces = Vec::new();
+    let mut cursor = 0;
     while cast.len() < target_bytes {
         pieces.clear();
-        payloads(&mut rng, &mut pieces);
+        payloads(&mut rng, pool, &mut cursor, &mut pieces);
         for p in &pieces {
-            t += (rng.below(60_000) as f64) / 1_000_000.0;
+            // Exponential gaps, 30 ms mean.
+            let uniform = (rng.below(1 << 30) as f64 + 1.0) / (1u64 << 30) as f64;
+            t += -uniform.ln() * 0.030;
             if rng.below(100) == 0 {
                 t += 1.0 + rng.below(4) as f64;
             }
