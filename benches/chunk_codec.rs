@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "corpus/mod.rs"]
+#[allow(dead_code)]
 mod corpus;
 
 use castvault_storage::chunk::{self, ChunkEncoder, ChunkStats};

@@ -53,8 +53,7 @@ pub async fn run(
     let store = castvault_storage::store::open(&store_url, &config.store_options())
         .context("opening the store")?;
     let metrics = Arc::new(Metrics::default());
-    let spool =
-        Spool::open(config.spool_dir(), config.max_open_recordings).context("opening the spool")?;
+    let spool = Spool::open(config.spool_dir()).context("opening the spool")?;
     let upload_stop = CancellationToken::new();
     let uploader = Uploader::start(
         store.clone(),

@@ -258,7 +258,7 @@ impl Active {
     /// The offset an ack may count now, or the error that ends the stream.
     fn ack(&self, level: AckLevel, outage: OutagePolicy) -> Result<u64, String> {
         if let Some(reason) = self.file.failure() {
-            return Err(format!("recorder spool failed: {reason}"));
+            return Err(format!("recorder cannot store the recording: {reason}"));
         }
         let durable = *self.durable.borrow();
         match level {
@@ -362,20 +362,18 @@ async fn receive_recording(
                     Metrics::add(&ingest.metrics.bytes_received, data.len() as u64);
                     let line_ok = lines.check(&data);
                     if let Some(active) = &active {
-                        if let Err(e) = active.file.append(data).await {
+                        if let Err(e) = ingest.spool.append(&active.file, data).await {
                             break (StreamOutcome::Interrupted, Some(format!("recorder cannot store the recording: {}", error_chain(&e))));
                         }
-                        ingest.spool.request_sync(&active.file);
                     } else {
                         header_line.extend_from_slice(&data);
                         if let Some(pos) = memchr::memchr(b'\n', &header_line) {
                             match open_recording(ingest, &id, protocol, peer, received_at, &header_line[..pos]).await {
                                 Ok(opened) => {
-                                    if let Err(e) = opened.file.append(Bytes::from(std::mem::take(&mut header_line))).await {
+                                    if let Err(e) = ingest.spool.append(&opened.file, Bytes::from(std::mem::take(&mut header_line))).await {
                                         active = Some(opened);
                                         break (StreamOutcome::Interrupted, Some(format!("recorder cannot store the recording: {}", error_chain(&e))));
                                     }
-                                    ingest.spool.request_sync(&opened.file);
                                     active = Some(opened);
                                 }
                                 Err(result) => return finish_refused(ingest, result),
@@ -413,9 +411,9 @@ async fn receive_recording(
         if outcome == StreamOutcome::Complete && !header_line.is_empty() {
             match open_recording(ingest, &id, protocol, peer, received_at, &header_line).await {
                 Ok(opened) => {
-                    if let Err(e) = opened
-                        .file
-                        .append(Bytes::from(std::mem::take(&mut header_line)))
+                    if let Err(e) = ingest
+                        .spool
+                        .append(&opened.file, Bytes::from(std::mem::take(&mut header_line)))
                         .await
                     {
                         tracing::error!(error = %e, "cannot store a header-only recording");
@@ -448,7 +446,6 @@ async fn receive_recording(
     };
     let finish_error = active.file.finish(&end).await.err();
     ingest.uploader.end_stream(&id, end);
-    ingest.spool.request_sync(&active.file);
     Metrics::sub(&ingest.metrics.streams_open, 1);
     if let Some(e) = finish_error {
         return StreamResult::Failed(format!(

@@ -124,6 +124,8 @@ struct UploadState {
     /// False until stored chunks past the chunk log were checked (recovered recordings).
     reconciled: bool,
     live_row_written: bool,
+    /// A chunk-log append failed (disk full): finalize rebuilds the table from the store.
+    chunk_log_incomplete: bool,
     /// Set when the recording was found in the spool at start.
     recovered: bool,
     pending_since: Option<Instant>,
@@ -326,6 +328,7 @@ impl UploadState {
             body: Sha256::new(),
             reconciled,
             live_row_written: false,
+            chunk_log_incomplete: false,
             recovered,
             pending_since: None,
             end: None,
@@ -651,7 +654,11 @@ impl Inner {
                 chain: hex::encode(link),
             }
         };
-        upload.file.log_chunk(&entry).await?;
+        if let Err(e) = upload.file.log_chunk(&entry).await {
+            // The store holds the chunk; the log is only a cache of its manifest entry.
+            tracing::warn!(seq, error = %e, "cannot append to the chunk log; the manifest will be rebuilt from the store");
+            upload.state().chunk_log_incomplete = true;
+        }
         upload
             .progress
             .send_modify(|p| p.committed = offset + raw_len);
@@ -703,7 +710,7 @@ impl Inner {
 
     async fn finalize(&self, upload: &Upload) -> Result<(), UploadError> {
         let id = &upload.file.id;
-        let chunks = upload.file.chunk_log().await;
+        let mut chunks = upload.file.chunk_log().await;
         let (end, recovered, chain_head, body_sha256, next_seq) = {
             let s = upload.state();
             let end = s.end.clone().ok_or_else(|| UploadError::Corrupt {
@@ -718,14 +725,8 @@ impl Inner {
                 s.next_seq,
             )
         };
-        if chunks.len() != next_seq as usize {
-            return Err(UploadError::Corrupt {
-                recording_id: id.to_string(),
-                what: format!(
-                    "chunk log lists {} chunks, {next_seq} were committed",
-                    chunks.len()
-                ),
-            });
+        if upload.state().chunk_log_incomplete || chunks.len() != next_seq as usize {
+            chunks = self.chunk_table_from_store(upload, next_seq).await?;
         }
         let bytes = upload.file.written();
         let partial_last_line = bytes > 0 && upload.file.read_at(bytes - 1, 1).await? != b"\n";
@@ -791,6 +792,55 @@ impl Inner {
         upload.progress.send_modify(|p| p.finalized = true);
         tracing::info!(recording_id = %id, ?status, bytes, chunks = manifest.chunks.len(), "recording finalized");
         Ok(())
+    }
+
+    /// Rebuilds a recording's chunk table by reading its committed chunks back from the store
+    /// (when the local chunk log could not be written).
+    async fn chunk_table_from_store(
+        &self,
+        upload: &Upload,
+        chunks: u32,
+    ) -> Result<Vec<ChunkEntry>, UploadError> {
+        let id = &upload.file.id;
+        let mut table = Vec::with_capacity(chunks as usize);
+        let mut chain = HashChain::new(id);
+        let mut offset = 0;
+        for seq in 0..chunks {
+            let path = ObjectKey::chunk(id, seq);
+            let stored = async { self.store.get(&path).await?.bytes().await }
+                .await
+                .map_err(UploadError::store("get", &path))?;
+            let raw = chunk::decode(&stored, MAX_DECODED_CHUNK_BYTES).map_err(|e| {
+                UploadError::Corrupt {
+                    recording_id: id.to_string(),
+                    what: format!("stored chunk {seq} does not decode: {e}"),
+                }
+            })?;
+            let stats = ChunkStats::scan(&raw, seq == 0);
+            let digest = chunk::digest(&raw);
+            let link = chain.push(&digest, seq, offset, raw.len() as u64);
+            table.push(ChunkEntry {
+                seq,
+                offset,
+                raw_len: raw.len() as u64,
+                compressed_len: stored.len() as u64,
+                events: stats.events,
+                malformed_lines: stats.malformed_lines,
+                first_event_time: stats.first_event_time,
+                last_event_time: stats.last_event_time,
+                sha256: hex::encode(digest),
+                chain: hex::encode(link),
+            });
+            offset += raw.len() as u64;
+        }
+        if chain.head() != upload.state().chain.head() {
+            return Err(UploadError::Corrupt {
+                recording_id: id.to_string(),
+                what: "chunks read back from the store do not match the committed chain".to_owned(),
+            });
+        }
+        tracing::info!(chunks, "rebuilt the chunk table from the store");
+        Ok(table)
     }
 
     fn take_encoder(&self) -> Result<ChunkEncoder, UploadError> {

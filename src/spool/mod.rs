@@ -10,22 +10,20 @@
 //! ```
 //! `meta.json` and `end.json` are written temp → fsync → rename → fsync dir.
 //!
-//! # Group commit
-//! Writers append with `pwrite` and hand the file to one syncer task, at most once until it is
-//! synced. The syncer takes everything queued while the previous round ran (no artificial
-//! window: a round starts as soon as the previous one ends, so a lone writer pays one fdatasync)
-//! and runs the fdatasyncs of a round on up to [`SYNC_PARALLELISM`] blocking threads, so the
-//! filesystem folds them into shared journal commits. After a file's sync its `durable` offset
-//! moves to what was written before the sync began; acks at `spool` level read that offset.
+//! # Durability and group commit
+//! A stream's bytes are written to its `data` file (page cache) and then to the shared journal
+//! ([`journal`]), whose one writer thread commits everything queued with a single fdatasync per
+//! round, however many streams are writing. After a round the recordings' `durable` offsets move;
+//! acks at `spool` level read them. Data files are fsynced when their journal segment is
+//! checkpointed, off the ack path.
 //!
 //! # Deletion
 //! A recording's directory is removed only after its manifest is committed in the store, which
 //! implies all of its chunks are.
 //!
 //! # Recovery
-//! On start every directory left is a recording that was not finalized. `data` holds every byte
-//! that was written (acked bytes were fsynced; after a power loss the unsynced tail may be
-//! missing, and such bytes were never acked). `chunks.jsonl` is not fsynced: a torn last line is
+//! On start the journal is replayed into the data files first (see [`journal`]). Then every
+//! directory left is a recording that was not finalized, and its `data` holds every acked byte. `chunks.jsonl` is not fsynced: a torn last line is
 //! ignored and chunks it misses are found in the store and checked byte for byte against `data`
 //! (see `upload`). No `end.json` means the stream was cut by the crash: status `interrupted`.
 //! A directory without `meta.json` never acked a byte and is removed.
@@ -34,7 +32,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
@@ -42,15 +40,9 @@ use castvault_storage::keys::RecordingId;
 use castvault_storage::manifest::ChunkEntry;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
-/// fdatasyncs run at once in one commit round: enough for the filesystem to batch journal
-/// commits, few enough not to crowd out the blocking pool that also serves spool writes.
-pub const SYNC_PARALLELISM: usize = 8;
-
-/// Most files taken into one commit round; bounds the time of a round so early writers are not
-/// held behind a huge batch.
-const SYNC_ROUND_MAX_FILES: usize = 4096;
+pub mod journal;
 
 /// Why a spool operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -110,11 +102,14 @@ pub struct StreamEnd {
     pub ended_at: OffsetDateTime,
 }
 
-/// The node's spool directory and its syncer.
+/// Name of the journal directory inside the spool root.
+const JOURNAL_DIR: &str = "journal";
+
+/// The node's spool directory and its journal.
 #[derive(Clone)]
 pub struct Spool {
     root: PathBuf,
-    sync_queue: mpsc::Sender<Arc<SpoolFile>>,
+    journal: Arc<journal::Journal>,
 }
 
 /// One recording's spool files.
@@ -124,25 +119,35 @@ pub struct SpoolFile {
     data: File,
     written: AtomicU64,
     durable: watch::Sender<u64>,
-    queued: AtomicBool,
     failed: OnceLock<String>,
 }
 
 impl Spool {
-    /// Opens (creating) the spool root and starts its syncer. `max_files` bounds the sync queue:
-    /// each file is queued at most once, so it never fills.
+    /// Opens (creating) the spool root, replays its journal into the data files and starts
+    /// the journal writer.
     ///
     /// # Errors
-    /// [`SpoolError::Io`] when the directory cannot be created.
-    pub fn open(root: PathBuf, max_files: usize) -> Result<Self, SpoolError> {
+    /// [`SpoolError::Io`] when the directory cannot be created or the journal not replayed.
+    pub fn open(root: PathBuf) -> Result<Self, SpoolError> {
         fs::create_dir_all(&root).map_err(|source| SpoolError::Io {
             op: "create spool dir",
             path: root.clone(),
             source,
         })?;
-        let (sync_queue, rx) = mpsc::channel(max_files.max(1));
-        tokio::spawn(run_syncer(rx));
-        Ok(Self { root, sync_queue })
+        let journal_dir = root.join(JOURNAL_DIR);
+        let last_seq = journal::replay(&journal_dir, &root)?;
+        let journal = Arc::new(journal::Journal::start(journal_dir, last_seq)?);
+        Ok(Self { root, journal })
+    }
+
+    /// Appends bytes to a recording: its data file, then the journal. The bytes become durable
+    /// (and ackable) at the journal's next commit.
+    ///
+    /// # Errors
+    /// [`SpoolError`] on a write error (the file is then failed for good).
+    pub async fn append(&self, file: &Arc<SpoolFile>, bytes: Bytes) -> Result<(), SpoolError> {
+        let offset = file.append(bytes.clone()).await?;
+        self.journal.append(file, offset, bytes).await
     }
 
     pub fn root(&self) -> &Path {
@@ -187,18 +192,6 @@ impl Spool {
         Ok(Arc::new(file))
     }
 
-    /// Asks the syncer to make `file` durable up to what is written now.
-    pub fn request_sync(&self, file: &Arc<SpoolFile>) {
-        if !file.queued.swap(true, Ordering::AcqRel)
-            && let Err(e) = self.sync_queue.try_send(file.clone())
-        {
-            // Unreachable while the queue holds one slot per open recording; never lose the
-            // request silently.
-            file.queued.store(false, Ordering::Release);
-            tracing::error!(recording_id = %file.id, error = %e, "spool sync queue full");
-        }
-    }
-
     /// Recordings left in the spool by an earlier run, oldest first.
     ///
     /// # Errors
@@ -209,6 +202,9 @@ impl Spool {
         for entry in entries.flatten() {
             let dir = entry.path();
             let name = entry.file_name().to_string_lossy().into_owned();
+            if name == JOURNAL_DIR {
+                continue;
+            }
             let Ok(id) = RecordingId::parse(&name) else {
                 tracing::warn!(path = %dir.display(), "ignoring unknown entry in spool");
                 continue;
@@ -263,7 +259,6 @@ impl SpoolFile {
             data,
             written: AtomicU64::new(len),
             durable: watch::Sender::new(len),
-            queued: AtomicBool::new(false),
             failed: OnceLock::new(),
         }
     }
@@ -282,11 +277,12 @@ impl SpoolFile {
         self.failed.get().map(String::as_str)
     }
 
-    /// Appends bytes. Only the recording's stream calls this, one call at a time.
+    /// Writes bytes at the end of the data file and returns their offset. Only the recording's
+    /// stream calls this, one call at a time; durability comes from [`Spool::append`].
     ///
     /// # Errors
     /// [`SpoolError`] on a write error; the file is then failed for good.
-    pub async fn append(self: &Arc<Self>, bytes: Bytes) -> Result<(), SpoolError> {
+    async fn append(self: &Arc<Self>, bytes: Bytes) -> Result<u64, SpoolError> {
         self.check_failed()?;
         let this = self.clone();
         blocking(move || {
@@ -296,7 +292,7 @@ impl SpoolFile {
                 Ok(()) => {
                     this.written
                         .store(offset + bytes.len() as u64, Ordering::Release);
-                    Ok(())
+                    Ok(offset)
                 }
                 Err(source) => {
                     // A short write may have left bytes past `written`; `set_len` trims them so
@@ -388,48 +384,26 @@ impl SpoolFile {
         }
     }
 
-    /// One fdatasync; moves `durable` to what was written before it began.
-    fn sync(&self) {
-        self.queued.store(false, Ordering::Release);
-        let target = self.written.load(Ordering::Acquire);
-        if *self.durable.borrow() >= target || self.failed.get().is_some() {
-            return;
-        }
-        match self.data.sync_data() {
-            Ok(()) => {
-                self.durable.send_if_modified(|d| {
-                    let moved = target > *d;
-                    *d = (*d).max(target);
-                    moved
-                });
-            }
-            Err(e) => {
-                tracing::error!(recording_id = %self.id, error = %e, "spool fsync failed; the stream will end with an error");
-                let _ = self.failed.set(format!("fsync failed: {e}"));
-                // Wake waiters so they see the failure.
-                self.durable.send_modify(|_| {});
-            }
-        }
+    /// Moves the durable offset forward (called by the journal after a commit).
+    fn mark_durable(&self, upto: u64) {
+        self.durable.send_if_modified(|d| {
+            let moved = upto > *d;
+            *d = (*d).max(upto);
+            moved
+        });
     }
-}
 
-async fn run_syncer(mut rx: mpsc::Receiver<Arc<SpoolFile>>) {
-    let mut round = Vec::new();
-    while rx.recv_many(&mut round, SYNC_ROUND_MAX_FILES).await > 0 {
-        let per_thread = round.len().div_ceil(SYNC_PARALLELISM);
-        let tasks: Vec<_> = round
-            .chunks(per_thread)
-            .map(|files| {
-                let files = files.to_vec();
-                tokio::task::spawn_blocking(move || files.iter().for_each(|f| f.sync()))
-            })
-            .collect();
-        for task in tasks {
-            if let Err(e) = task.await {
-                tracing::error!(error = %e, "spool sync task panicked");
-            }
-        }
-        round.clear();
+    /// Fails the file for good and wakes everyone waiting on its durable offset.
+    fn fail(&self, reason: &str) {
+        let _ = self.failed.set(reason.to_owned());
+        self.durable.send_modify(|_| {});
+    }
+
+    /// fsyncs the data file (journal checkpoint).
+    fn sync_data_file(&self) -> Result<(), SpoolError> {
+        self.data
+            .sync_data()
+            .map_err(io_err("fsync data", &self.dir.join("data")))
     }
 }
 
@@ -464,13 +438,16 @@ fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), SpoolErr
     fsync_dir(dir)
 }
 
-fn fsync_dir(dir: &Path) -> Result<(), SpoolError> {
+pub(crate) fn fsync_dir(dir: &Path) -> Result<(), SpoolError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_err("fsync dir", dir))
 }
 
-fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> SpoolError + use<> {
+pub(crate) fn io_err(
+    op: &'static str,
+    path: &Path,
+) -> impl FnOnce(io::Error) -> SpoolError + use<> {
     let path = path.to_owned();
     move |source| SpoolError::Io { op, path, source }
 }
@@ -507,17 +484,18 @@ mod tests {
     #[tokio::test]
     async fn appends_become_durable_and_survive_recovery() {
         let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::open(dir.path().to_owned(), 16).unwrap();
+        let spool = Spool::open(dir.path().to_owned()).unwrap();
         let id = RecordingId::new(&Region::new("local").unwrap(), 1, 1);
         let file = spool.create(id.clone(), meta(&id)).await.unwrap();
         let mut durable = file.durable();
-        file.append(Bytes::from_static(b"{\"version\":2}\n"))
+        spool
+            .append(&file, Bytes::from_static(b"{\"version\":2}\n"))
             .await
             .unwrap();
-        file.append(Bytes::from_static(b"[0.1,\"o\",\"x\"]\n"))
+        spool
+            .append(&file, Bytes::from_static(b"[0.1,\"o\",\"x\"]\n"))
             .await
             .unwrap();
-        spool.request_sync(&file);
         durable.wait_for(|&d| d == 28).await.unwrap();
         drop(file);
 
@@ -529,6 +507,40 @@ mod tests {
             recovered[0].file.read_at(14, 14).await.unwrap(),
             b"[0.1,\"o\",\"x\"]\n"
         );
+    }
+
+    #[tokio::test]
+    async fn journal_replay_restores_acked_bytes_a_data_file_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = RecordingId::new(&Region::new("local").unwrap(), 2, 2);
+        let body = b"{\"version\":2}\n[0.1,\"o\",\"lost in a power cut\"]\n";
+        {
+            let spool = Spool::open(dir.path().to_owned()).unwrap();
+            let file = spool.create(id.clone(), meta(&id)).await.unwrap();
+            spool
+                .append(&file, Bytes::from_static(&body[..14]))
+                .await
+                .unwrap();
+            spool
+                .append(&file, Bytes::from_static(&body[14..]))
+                .await
+                .unwrap();
+            let mut durable = file.durable();
+            durable.wait_for(|&d| d == body.len() as u64).await.unwrap();
+        }
+        // The data file's unsynced pages are gone; the journal was fsynced.
+        let data = dir.path().join(id.as_str()).join("data");
+        OpenOptions::new()
+            .write(true)
+            .open(&data)
+            .unwrap()
+            .set_len(3)
+            .unwrap();
+        let spool = Spool::open(dir.path().to_owned()).unwrap();
+        assert_eq!(fs::read(&data).unwrap(), body);
+        let recovered = spool.recover().unwrap();
+        assert_eq!(recovered.len(), 1, "the journal dir is not a recording");
+        assert_eq!(recovered[0].file.written(), body.len() as u64);
     }
 
     #[test]
