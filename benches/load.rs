@@ -36,6 +36,9 @@ fn main() {
         .unwrap();
         return;
     }
+    // The generator holds one connection per stream, like real clients.
+    let _ =
+        nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, 65_536, 65_536);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -335,7 +338,12 @@ async fn streams_10k() {
 
 async fn latency() {
     let data = tempfile::tempdir().unwrap();
-    let node = Node::start(data.path(), &["--ack", "spool"], &[]).await;
+    let mut args = vec!["--ack".to_owned(), "spool".to_owned()];
+    if let Ok(config) = std::env::var("CASTVAULT_BENCH_CONFIG") {
+        args.extend(["--config".to_owned(), config]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let node = Node::start(data.path(), &args, &[]).await;
     // 8 KiB/s per stream: a 1 KiB write every 125 ms.
     let mut lat = paced_streams(
         &node,

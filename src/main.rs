@@ -224,13 +224,22 @@ async fn wait_for_signal() {
     }
 }
 
-/// Each open recording holds a spool file and a socket: lift the soft descriptor limit to the
-/// hard one.
+/// File descriptors wanted: each open recording holds a spool file and a socket, and a node is
+/// sized for 10,000 recordings plus store connections and journal segments.
+const WANTED_FILE_DESCRIPTORS: u64 = 65_536;
+
+/// Lifts the descriptor limit toward [`WANTED_FILE_DESCRIPTORS`]: the soft limit to the hard one,
+/// and the hard one too where the process may (root, or `LimitNOFILE=` in the unit).
 fn raise_fd_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
-        && soft < hard
-    {
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if soft >= WANTED_FILE_DESCRIPTORS {
+        return;
+    }
+    let wanted = WANTED_FILE_DESCRIPTORS.max(soft);
+    if setrlimit(Resource::RLIMIT_NOFILE, wanted, wanted.max(hard)).is_err() {
         let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
 }

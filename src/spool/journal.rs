@@ -47,6 +47,9 @@ pub const SEGMENT_BYTES: u64 = 64 << 20;
 /// finalized recordings within seconds even when little is written (a full disk recovers).
 pub const SEGMENT_MAX_AGE: Duration = Duration::from_secs(10);
 
+/// A commit round slower than this is logged: acks wait on it.
+const SLOW_COMMIT: Duration = Duration::from_millis(500);
+
 /// Bytes queued for the writer at most; past it appends wait (back-pressure on the stream).
 pub const QUEUE_BYTES: usize = 32 << 20;
 
@@ -176,7 +179,11 @@ fn run_writer(dir: PathBuf, mut segment: Segment, mut rx: mpsc::Receiver<Message
             Message::Tick => None,
         }));
         if !batch.is_empty() {
+            let started = Instant::now();
             commit(&mut segment, &batch, &mut buf, &mut touched);
+            if started.elapsed() > SLOW_COMMIT {
+                tracing::warn!(appends = batch.len(), bytes = buf.len(), took = ?started.elapsed(), "slow journal commit");
+            }
             batch.clear();
         }
         let aged = segment.len > 0 && segment.opened.elapsed() >= SEGMENT_MAX_AGE;

@@ -266,6 +266,10 @@ pub async fn h2_connect(
         .await
         .map_err(|_| "dial timeout".to_owned())?
         .map_err(|e| format!("dial: {e}"))?;
+    // Go's net package sets TCP_NODELAY on every TCP connection.
+    stream
+        .set_nodelay(true)
+        .map_err(|e| format!("nodelay: {e}"))?;
     let (send, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
             .await
@@ -412,6 +416,9 @@ pub async fn upload_v1(addr: SocketAddr, pieces: &[&[u8]]) -> Result<u16, String
         .await
         .map_err(|_| "dial timeout".to_owned())?
         .map_err(|e| format!("dial: {e}"))?;
+    stream
+        .set_nodelay(true)
+        .map_err(|e| format!("nodelay: {e}"))?;
     let (read, mut write) = stream.into_split();
     let mut read = tokio::io::BufReader::new(read);
     let head = format!(
