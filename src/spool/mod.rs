@@ -116,11 +116,10 @@ pub struct Spool {
     journal: Arc<journal::Journal>,
 }
 
-/// One recording's spool files.
+/// One recording's spool files. No descriptor is held between operations (see `open_data`).
 pub struct SpoolFile {
     pub id: RecordingId,
     dir: PathBuf,
-    data: File,
     written: AtomicU64,
     durable: watch::Sender<u64>,
     failed: OnceLock<String>,
@@ -184,13 +183,12 @@ impl Spool {
             )?;
             fsync_dir(&root)?;
             let path = dir.join("data");
-            let data = OpenOptions::new()
+            OpenOptions::new()
                 .create_new(true)
-                .read(true)
                 .write(true)
                 .open(&path)
                 .map_err(io_err("create data", &path))?;
-            Ok(SpoolFile::new(id, dir, data, 0))
+            Ok(SpoolFile::new(id, dir, 0))
         })
         .await?;
         Ok(Arc::new(file))
@@ -228,15 +226,12 @@ impl Spool {
                 .ok()
                 .and_then(|b| serde_json::from_slice::<StreamEnd>(&b).ok());
             let path = dir.join("data");
-            let data = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&path)
-                .map_err(io_err("open data", &path))?;
-            let len = data.metadata().map_err(io_err("stat data", &path))?.len();
+            let len = fs::metadata(&path)
+                .map_err(io_err("stat data", &path))?
+                .len();
             let chunks = read_chunk_log(&dir.join("chunks.jsonl"));
             found.push(Recovered {
-                file: Arc::new(SpoolFile::new(id, dir, data, len)),
+                file: Arc::new(SpoolFile::new(id, dir, len)),
                 meta,
                 end,
                 chunks,
@@ -256,11 +251,10 @@ pub struct Recovered {
 }
 
 impl SpoolFile {
-    fn new(id: RecordingId, dir: PathBuf, data: File, len: u64) -> Self {
+    fn new(id: RecordingId, dir: PathBuf, len: u64) -> Self {
         Self {
             id,
             dir,
-            data,
             written: AtomicU64::new(len),
             durable: watch::Sender::new(len),
             failed: OnceLock::new(),
@@ -303,16 +297,20 @@ impl SpoolFile {
 
     fn write_at_end(&self, bytes: &[u8]) -> Result<u64, SpoolError> {
         let offset = self.written.load(Ordering::Acquire);
-        match self.data.write_all_at(bytes, offset) {
+        let written = self.open_data(true).and_then(|data| {
+            data.write_all_at(bytes, offset).inspect_err(|_| {
+                // A short write may have left bytes past `written`; trim them so the file stays
+                // exactly the bytes counted.
+                let _ = data.set_len(offset);
+            })
+        });
+        match written {
             Ok(()) => {
                 self.written
                     .store(offset + bytes.len() as u64, Ordering::Release);
                 Ok(offset)
             }
             Err(source) => {
-                // A short write may have left bytes past `written`; `set_len` trims them so the
-                // file stays exactly the bytes counted.
-                let _ = self.data.set_len(offset);
                 let _ = self.failed.set(source.to_string());
                 Err(SpoolError::Io {
                     op: "append",
@@ -331,8 +329,8 @@ impl SpoolFile {
         let this = self.clone();
         blocking(move || {
             let mut buf = vec![0; len];
-            this.data
-                .read_exact_at(&mut buf, offset)
+            this.open_data(false)
+                .and_then(|data| data.read_exact_at(&mut buf, offset))
                 .map_err(io_err("read data", &this.dir.join("data")))?;
             Ok(buf)
         })
@@ -414,9 +412,23 @@ impl SpoolFile {
 
     /// fsyncs the data file (journal checkpoint).
     fn sync_data_file(&self) -> Result<(), SpoolError> {
-        self.data
-            .sync_data()
-            .map_err(io_err("fsync data", &self.dir.join("data")))
+        match self.open_data(true) {
+            Ok(data) => data
+                .sync_data()
+                .map_err(io_err("fsync data", &self.dir.join("data"))),
+            // Finalized meanwhile: its bytes are in the store.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err("open data", &self.dir.join("data"))(e)),
+        }
+    }
+
+    /// Opens the data file for one operation. Holding no descriptor per recording keeps a node
+    /// at one descriptor per stream (its socket), whatever the process limit.
+    fn open_data(&self, write: bool) -> io::Result<File> {
+        OpenOptions::new()
+            .read(!write)
+            .write(write)
+            .open(self.dir.join("data"))
     }
 }
 
