@@ -116,63 +116,20 @@ async fn upload(node_addr: std::net::SocketAddr, body: &[u8], piece: usize) {
     result.unwrap();
 }
 
-async fn throughput() {
-    let work = tempfile::tempdir().unwrap();
-    let pool = corpus::listing_pool().expect("ls -laR /usr for the listing pool");
-    let corpus_bytes = corpus::generate_with(42, 100 << 20, Some(&pool));
-    let corpus_path = work.path().join("corpus.cast");
-    std::fs::write(&corpus_path, &corpus_bytes).unwrap();
-    let mib = corpus_bytes.len() as f64 / (1 << 20) as f64;
-    // Warm the page cache, then the references.
-    time_command("cat", &corpus_path);
-    let (zstd_time, zstd_size) = time_command("zstd -q -3 -T1 -c", &corpus_path);
-    let (gzip_time, gzip_size) = time_command("gzip -6 -c", &corpus_path);
-    let zstd_rate = mib / zstd_time.as_secs_f64();
-    println!(
-        "corpus: {:.1} MiB, {} lines",
-        mib,
-        corpus_bytes.iter().filter(|&&b| b == b'\n').count()
-    );
-    println!("reference zstd -3 -T1: {zstd_rate:.1} MiB/s, {zstd_size} bytes");
-    println!(
-        "reference gzip -6:     {:.1} MiB/s, {gzip_size} bytes",
-        mib / gzip_time.as_secs_f64()
-    );
+/// Median of three.
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
 
-    // One stream.
-    let data = tempfile::tempdir().unwrap();
-    let node = Node::start(data.path(), &[], &[]).await;
-    let start = Instant::now();
-    upload(node.ingest, &corpus_bytes, 64 << 10).await;
-    let acked = start.elapsed();
-    wait_finalized(&node, 1).await;
-    let one = start.elapsed();
-    let store = data.path().join("store");
-    let (stored, chunk_objects) = dir_size(&store, &|n| n.starts_with("chunk-"));
-    let (_, all_objects) = dir_size(&store, &|_| true);
-    println!(
-        "one stream: acked in {:.2} s, finalized in {:.2} s: {:.1} MiB/s = {:.2} x zstd -3 -T1",
-        acked.as_secs_f64(),
-        one.as_secs_f64(),
-        mib / one.as_secs_f64(),
-        (mib / one.as_secs_f64()) / zstd_rate
-    );
-    println!(
-        "stored: {stored} bytes = {:.3} x gzip -6 ({gzip_size}); objects: {chunk_objects} chunks + {} others",
-        stored as f64 / gzip_size as f64,
-        all_objects - chunk_objects
-    );
-    drop(node);
-
-    // 100 parallel streams of 1 MiB each (the same corpus, cut into 100 recordings).
-    let data = tempfile::tempdir().unwrap();
-    let node = Node::start(data.path(), &[], &[]).await;
-    let mut bodies = Vec::new();
+/// The corpus cut into `n` recordings, each with the header line.
+fn split_corpus(corpus_bytes: &[u8], n: usize) -> Vec<Arc<Vec<u8>>> {
     let header = format!("{}\n", corpus::header(120, 40));
     let events_start = corpus_bytes.iter().position(|&b| b == b'\n').unwrap() + 1;
-    let per = (corpus_bytes.len() - events_start) / 100;
+    let per = (corpus_bytes.len() - events_start) / n;
+    let mut bodies = Vec::new();
     let mut at = events_start;
-    while at < corpus_bytes.len() && bodies.len() < 100 {
+    while at < corpus_bytes.len() && bodies.len() < n {
         let want = (at + per).min(corpus_bytes.len());
         let end = corpus_bytes[want..]
             .iter()
@@ -183,14 +140,21 @@ async fn throughput() {
         bodies.push(Arc::new(body));
         at = end;
     }
-    let total: usize = bodies.iter().map(|b| b.len()).sum();
+    bodies
+}
+
+/// Uploads `bodies` in parallel to a fresh node and waits until all are finalized. Returns the
+/// wall time, the stored chunk bytes, and the chunk and other object counts.
+async fn ingest_run(bodies: &[Arc<Vec<u8>>], piece: usize) -> (Duration, u64, u64, u64) {
+    let data = tempfile::tempdir().unwrap();
+    let node = Node::start(data.path(), &[], &[]).await;
     let start = Instant::now();
     let tasks: Vec<_> = bodies
         .iter()
         .map(|b| {
             let b = b.clone();
             let addr = node.ingest;
-            tokio::spawn(async move { upload(addr, &b, 32 << 10).await })
+            tokio::spawn(async move { upload(addr, &b, piece).await })
         })
         .collect();
     for t in tasks {
@@ -198,18 +162,57 @@ async fn throughput() {
     }
     wait_finalized(&node, bodies.len() as u64).await;
     let elapsed = start.elapsed();
-    let rate = total as f64 / (1 << 20) as f64 / elapsed.as_secs_f64();
     let store = data.path().join("store");
-    let (stored, chunk_objects) = dir_size(&store, &|n| n.starts_with("chunk-"));
-    let (_, all_objects) = dir_size(&store, &|_| true);
+    let (stored, chunks) = dir_size(&store, &|n| n.starts_with("chunk-"));
+    let (_, all) = dir_size(&store, &|_| true);
+    (elapsed, stored, chunks, all - chunks)
+}
+
+async fn throughput() {
+    let work = tempfile::tempdir().unwrap();
+    let pool = corpus::listing_pool().expect("ls -laR /usr for the listing pool");
+    let corpus_bytes = corpus::generate_with(42, 100 << 20, Some(&pool));
+    let corpus_path = work.path().join("corpus.cast");
+    std::fs::write(&corpus_path, &corpus_bytes).unwrap();
+    let mib = corpus_bytes.len() as f64 / (1 << 20) as f64;
     println!(
-        "{} parallel streams: {:.1} MiB in {:.2} s: {rate:.1} MiB/s = {:.2} x zstd -3 -T1; stored {stored} bytes; objects: {chunk_objects} chunks + {} others ({:.1} per recording)",
-        bodies.len(),
-        total as f64 / (1 << 20) as f64,
-        elapsed.as_secs_f64(),
-        rate / zstd_rate,
-        all_objects - chunk_objects,
-        (all_objects - chunk_objects) as f64 / bodies.len() as f64
+        "corpus: {mib:.1} MiB, {} lines",
+        corpus_bytes.iter().filter(|&&b| b == b'\n').count()
+    );
+    time_command("cat", &corpus_path);
+    let (gzip_time, gzip_size) = time_command("gzip -6 -c", &corpus_path);
+    println!(
+        "reference gzip -6: {:.1} MiB/s, {gzip_size} bytes",
+        mib / gzip_time.as_secs_f64()
+    );
+    let one = vec![Arc::new(corpus_bytes.clone())];
+    let hundred = split_corpus(&corpus_bytes, 100);
+    // Rounds alternate the reference and our runs so machine noise hits both alike.
+    let (mut reference, mut single, mut parallel) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 1..=3 {
+        let (zstd_time, zstd_size) = time_command("zstd -q -3 -T1 -c", &corpus_path);
+        let (one_time, one_stored, one_chunks, one_other) = ingest_run(&one, 64 << 10).await;
+        let (par_time, par_stored, par_chunks, par_other) = ingest_run(&hundred, 32 << 10).await;
+        let rates = [zstd_time, one_time, par_time].map(|t| mib / t.as_secs_f64());
+        println!(
+            "round {round}: zstd -3 -T1 {:.1} MiB/s ({zstd_size} B); one stream {:.1} MiB/s = {:.2}x, stored {one_stored} B = {:.3}x gzip -6, {one_chunks} chunks + {one_other} other objects; 100 streams {:.1} MiB/s = {:.2}x, stored {par_stored} B = {:.3}x gzip -6, {par_chunks} chunks + {par_other} other objects",
+            rates[0],
+            rates[1],
+            rates[1] / rates[0],
+            one_stored as f64 / gzip_size as f64,
+            rates[2],
+            rates[2] / rates[0],
+            par_stored as f64 / gzip_size as f64
+        );
+        reference.push(rates[0]);
+        single.push(rates[1]);
+        parallel.push(rates[2]);
+    }
+    let (reference, single, parallel) = (median(reference), median(single), median(parallel));
+    println!(
+        "median of 3: zstd -3 -T1 {reference:.1} MiB/s; one stream {single:.1} MiB/s = {:.2}x; 100 streams {parallel:.1} MiB/s = {:.2}x",
+        single / reference,
+        parallel / reference
     );
 }
 

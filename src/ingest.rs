@@ -247,6 +247,16 @@ fn error_frame(acked: u64, message: &str) -> Bytes {
     Bytes::from(format!("{frame}\n"))
 }
 
+/// Why the body loop ended.
+enum Ended {
+    /// The client ended the body (END_STREAM or the last chunk).
+    Complete,
+    /// The client went away (reset, broken connection).
+    ClientGone(String),
+    /// The recorder ended the stream (bad input, storage failure, shutdown).
+    Failed(String),
+}
+
 /// A recording being received.
 struct Active {
     file: Arc<SpoolFile>,
@@ -350,11 +360,11 @@ async fn receive_recording(
     let mut received: u64 = 0;
 
     // Phase 1: the body, until it ends, breaks or is refused.
-    let (outcome, reason): (StreamOutcome, Option<String>) = loop {
+    let ended: Ended = loop {
         tokio::select! {
             biased;
             () = ingest.close_streams.cancelled() => {
-                break (StreamOutcome::Interrupted, Some("recorder shut down before the stream ended".to_owned()));
+                break Ended::Failed("recorder shut down before the stream ended".to_owned());
             }
             next = body.next() => match next {
                 Some(Ok(data)) => {
@@ -363,7 +373,7 @@ async fn receive_recording(
                     let line_ok = lines.check(&data);
                     if let Some(active) = &active {
                         if let Err(e) = ingest.spool.append(&active.file, data).await {
-                            break (StreamOutcome::Interrupted, Some(format!("recorder cannot store the recording: {}", error_chain(&e))));
+                            break Ended::Failed(format!("recorder cannot store the recording: {}", error_chain(&e)));
                         }
                     } else {
                         header_line.extend_from_slice(&data);
@@ -372,7 +382,7 @@ async fn receive_recording(
                                 Ok(opened) => {
                                     if let Err(e) = ingest.spool.append(&opened.file, Bytes::from(std::mem::take(&mut header_line))).await {
                                         active = Some(opened);
-                                        break (StreamOutcome::Interrupted, Some(format!("recorder cannot store the recording: {}", error_chain(&e))));
+                                        break Ended::Failed(format!("recorder cannot store the recording: {}", error_chain(&e)));
                                     }
                                     active = Some(opened);
                                 }
@@ -386,23 +396,30 @@ async fn receive_recording(
                         }
                     }
                     if !line_ok {
-                        break (StreamOutcome::Interrupted, Some(format!("a line is longer than the limit of {} bytes", ingest.max_line_bytes)));
+                        break Ended::Failed(format!("a line is longer than the limit of {} bytes", ingest.max_line_bytes));
                     }
                 }
                 Some(Err(e)) => {
                     tracing::info!(error = %e, "upload stream broke");
-                    break (StreamOutcome::Interrupted, Some(format!("upload stream broke: {e}")));
+                    break Ended::ClientGone(format!("upload stream broke: {e}"));
                 }
-                None => break (StreamOutcome::Complete, None),
+                None => break Ended::Complete,
             },
             () = next_change(&mut active) => {
                 if let Some(a) = &active {
                     match a.ack(ingest.ack, ingest.outage) {
                         Ok(acked) => { acks.send_if_modified(|s| std::mem::replace(&mut s.acked, acked) != acked); }
-                        Err(message) => break (StreamOutcome::Interrupted, Some(message)),
+                        Err(message) => break Ended::Failed(message),
                     }
                 }
             }
+        }
+    };
+
+    let (outcome, reason) = match &ended {
+        Ended::Complete => (StreamOutcome::Complete, None),
+        Ended::ClientGone(reason) | Ended::Failed(reason) => {
+            (StreamOutcome::Interrupted, Some(reason.clone()))
         }
     };
 
@@ -453,14 +470,16 @@ async fn receive_recording(
             error_chain(&e)
         ));
     }
-    if let Some(reason) = reason {
-        tracing::info!(%reason, bytes = received, "stream ended early");
-        return if outcome == StreamOutcome::Interrupted && reason.starts_with("upload stream broke")
-        {
-            StreamResult::Broken
-        } else {
-            StreamResult::Failed(reason)
-        };
+    match ended {
+        Ended::Complete => {}
+        Ended::ClientGone(reason) => {
+            tracing::info!(%reason, bytes = received, "stream ended early");
+            return StreamResult::Broken;
+        }
+        Ended::Failed(reason) => {
+            tracing::info!(%reason, bytes = received, "stream ended early");
+            return StreamResult::Failed(reason);
+        }
     }
     let target = active.file.written();
     let reached = tokio::time::timeout(FINAL_ACK_WAIT, async {

@@ -38,9 +38,14 @@ use tracing::Instrument;
 use crate::metrics::Metrics;
 use crate::spool::{RecordingMeta, Recovered, SpoolError, SpoolFile, StreamEnd, StreamOutcome};
 
-/// Recordings uploaded at once: each holds one raw chunk and its compressed copy in memory
-/// (up to `chunk.max_bytes + max_line_bytes`), and a 2-core node saturates well before this.
-pub const UPLOAD_CONCURRENCY: usize = 8;
+/// Recordings uploaded at once. Puts to the store spend most of their time waiting (fsync,
+/// network), so this is above the core count; memory is bounded by [`UPLOAD_BUFFER_KIB`].
+pub const UPLOAD_CONCURRENCY: usize = 16;
+
+/// Raw chunk bytes held in memory by all uploads together (KiB): a chunk holds its share from
+/// its cut until it is committed. 96 MiB lets 16 uploads pipeline 4 MiB chunks, and keeps the
+/// uploader's worst case a quarter of a 10,000-stream node's 400 MiB budget.
+pub const UPLOAD_BUFFER_KIB: u32 = 96 << 10;
 
 /// How often the scheduler looks for due recordings when nobody wakes it; bounds how late a
 /// time-based cut can be.
@@ -146,6 +151,8 @@ struct Prepared {
     digest: [u8; 32],
     /// The body digest state after this chunk.
     body_after: Sha256,
+    /// This chunk's share of [`UPLOAD_BUFFER_KIB`], released when it is committed or dropped.
+    buffer: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Upload {
@@ -162,6 +169,7 @@ struct Inner {
     registry: Mutex<HashMap<RecordingId, Arc<Upload>>>,
     wake: Notify,
     permits: Arc<Semaphore>,
+    buffers: Arc<Semaphore>,
     encoders: Mutex<Vec<ChunkEncoder>>,
     metrics: Arc<Metrics>,
 }
@@ -186,6 +194,7 @@ impl Uploader {
             registry: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             permits: Arc::new(Semaphore::new(UPLOAD_CONCURRENCY)),
+            buffers: Arc::new(Semaphore::new(UPLOAD_BUFFER_KIB as usize)),
             encoders: Mutex::new(Vec::new()),
             metrics,
         });
@@ -471,10 +480,32 @@ impl Inner {
             if pending == 0 || !(ended || aged || pending >= self.config.max_chunk_bytes as u64) {
                 break;
             }
+            let want_kib = pending
+                .min(self.config.max_chunk_bytes as u64)
+                .div_ceil(1024);
+            let want_kib = u32::try_from(want_kib)
+                .unwrap_or(u32::MAX)
+                .clamp(1, UPLOAD_BUFFER_KIB);
+            // Never wait for budget while holding some: publish the chunk in flight first.
+            let buffer = match self.buffers.clone().try_acquire_many_owned(want_kib) {
+                Ok(buffer) => buffer,
+                Err(_) => {
+                    if let Some((previous, put)) = in_flight.take()
+                        && !self.publish(upload, previous, put).await?
+                    {
+                        return self.reconcile(upload).await;
+                    }
+                    let Ok(buffer) = self.buffers.clone().acquire_many_owned(want_kib).await else {
+                        break;
+                    };
+                    buffer
+                }
+            };
             let Some(raw) = self.cut(upload, offset, pending, ended).await? else {
                 break;
             };
-            let prepared = self.prepare(upload, seq, offset, raw, body, None).await?;
+            let mut prepared = self.prepare(upload, seq, offset, raw, body, None).await?;
+            prepared.buffer = Some(buffer);
             body = prepared.body_after.clone();
             offset += prepared.raw_len;
             seq += 1;
@@ -592,6 +623,7 @@ impl Inner {
             stats,
             digest,
             body_after,
+            buffer: None,
         })
     }
 
@@ -633,6 +665,7 @@ impl Inner {
             stats,
             digest,
             body_after,
+            buffer: _,
         } = prepared;
         let entry = {
             let mut s = upload.state();
