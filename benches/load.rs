@@ -10,6 +10,7 @@
 //! - streams10k: 10,000 concurrent v2 streams, each writing one event every 3 s for 30 s: the
 //!   node's peak RSS and the longest any write waited for its ack.
 //! - latency: 1,000 streams × 8 KiB/s for 20 s at `ack = spool`: ack latency percentiles.
+//! - latency-100: the same with 100 streams, to separate load from per-write cost.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
 #[path = "../tests/common/mod.rs"]
@@ -54,7 +55,10 @@ fn main() {
             streams_10k().await;
         }
         if wants("latency") {
-            latency().await;
+            latency(1_000).await;
+        }
+        if wants("latency-100") {
+            latency(100).await;
         }
     });
 }
@@ -339,7 +343,7 @@ async fn streams_10k() {
     sampler.abort();
 }
 
-async fn latency() {
+async fn latency(streams: usize) {
     let data = tempfile::tempdir().unwrap();
     let mut args = vec!["--ack".to_owned(), "spool".to_owned()];
     if let Ok(config) = std::env::var("CASTVAULT_BENCH_CONFIG") {
@@ -358,7 +362,7 @@ async fn latency() {
     .await;
     lat.sort();
     println!(
-        "1,000 streams x 8 KiB/s for 20 s at ack=spool ({} writes): ack latency p50 {:?} p90 {:?} p99 {:?} max {:?}",
+        "{streams} streams x 8 KiB/s for 20 s at ack=spool ({} writes): ack latency p50 {:?} p90 {:?} p99 {:?} max {:?}",
         lat.len(),
         percentile(&lat, 0.5),
         percentile(&lat, 0.9),

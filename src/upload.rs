@@ -402,7 +402,7 @@ fn take_if_due(upload: &Upload, now: Instant, config: &UploadConfig) -> bool {
         .pending_since
         .is_some_and(|since| now.duration_since(since) >= config.max_chunk_age);
     let due = !s.reconciled
-        || !s.live_row_written
+        || (!s.live_row_written && s.end.is_none())
         || s.end.is_some()
         || pending >= config.max_chunk_bytes as u64
         || (pending > 0 && aged);
@@ -444,7 +444,13 @@ impl Inner {
 
     async fn try_process(&self, upload: &Upload) -> Result<(), UploadError> {
         let id = &upload.file.id;
-        if !upload.state().live_row_written {
+        // A live row only for a recording still being received: one that ended before its first
+        // upload goes straight to its final row (one store write less per short recording).
+        let needs_live_row = {
+            let s = upload.state();
+            !s.live_row_written && s.end.is_none()
+        };
+        if needs_live_row {
             let header = castvault_storage::cast::CastHeader::parse(
                 upload.meta.header.to_string().as_bytes(),
             )
