@@ -354,7 +354,7 @@ async fn latency(streams: usize) {
     // 8 KiB/s per stream: a 1 KiB write every 125 ms.
     let mut lat = paced_streams(
         &node,
-        1_000,
+        streams,
         Duration::from_millis(125),
         1024,
         Duration::from_secs(20),
