@@ -680,18 +680,15 @@ impl Inner {
             s.next_seq = seq + 1;
             s.committed = offset + raw_len;
             s.pending_since = (upload.file.written() > s.committed).then(Instant::now);
-            ChunkEntry {
+            ChunkEntry::new(
                 seq,
                 offset,
                 raw_len,
-                compressed_len: compressed.len() as u64,
-                events: stats.events,
-                malformed_lines: stats.malformed_lines,
-                first_event_time: stats.first_event_time,
-                last_event_time: stats.last_event_time,
-                sha256: hex::encode(digest),
-                chain: hex::encode(link),
-            }
+                compressed.len() as u64,
+                &stats,
+                &digest,
+                &link,
+            )
         };
         if let Err(e) = upload.file.log_chunk(&entry).await {
             // The store holds the chunk; the log is only a cache of its manifest entry.
@@ -858,18 +855,16 @@ impl Inner {
             let stats = ChunkStats::scan(&raw, seq == 0);
             let digest = chunk::digest(&raw);
             let link = chain.push(&digest, seq, offset, raw.len() as u64);
-            table.push(ChunkEntry {
+            let (raw_len, compressed_len) = (raw.len() as u64, stored.len() as u64);
+            table.push(ChunkEntry::new(
                 seq,
                 offset,
-                raw_len: raw.len() as u64,
-                compressed_len: stored.len() as u64,
-                events: stats.events,
-                malformed_lines: stats.malformed_lines,
-                first_event_time: stats.first_event_time,
-                last_event_time: stats.last_event_time,
-                sha256: hex::encode(digest),
-                chain: hex::encode(link),
-            });
+                raw_len,
+                compressed_len,
+                &stats,
+                &digest,
+                &link,
+            ));
             offset += raw.len() as u64;
         }
         if chain.head() != upload.state().chain.head() {

@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
 use crate::cast::CastHeader;
+use crate::chunk::ChunkStats;
 use crate::keys::RecordingId;
 
 /// Value of [`Manifest::format`].
@@ -48,6 +49,32 @@ pub struct ChunkEntry {
     pub sha256: String,
     /// Hex hash-chain link after this chunk.
     pub chain: String,
+}
+
+impl ChunkEntry {
+    /// The entry of a chunk at `offset` whose raw bytes hash to `digest`, with its chain link.
+    pub fn new(
+        seq: u32,
+        offset: u64,
+        raw_len: u64,
+        compressed_len: u64,
+        stats: &ChunkStats,
+        digest: &[u8; 32],
+        link: &[u8; 32],
+    ) -> Self {
+        Self {
+            seq,
+            offset,
+            raw_len,
+            compressed_len,
+            events: stats.events,
+            malformed_lines: stats.malformed_lines,
+            first_event_time: stats.first_event_time,
+            last_event_time: stats.last_event_time,
+            sha256: hex::encode(digest),
+            chain: hex::encode(link),
+        }
+    }
 }
 
 /// The manifest of a finalized recording.

@@ -251,6 +251,18 @@ fn channel_body(
     (tx, StreamBody::new(stream))
 }
 
+/// A TCP dial as Go's client makes it: 5 s timeout, TCP_NODELAY (Go's default).
+async fn dial(addr: SocketAddr) -> Result<TcpStream, String> {
+    let stream = tokio::time::timeout(PER_DIAL_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| "dial timeout".to_owned())?
+        .map_err(|e| format!("dial: {e}"))?;
+    stream
+        .set_nodelay(true)
+        .map_err(|e| format!("nodelay: {e}"))?;
+    Ok(stream)
+}
+
 /// h2c connection, as Go's `http.Transport` with unencrypted HTTP/2 only.
 pub async fn h2_connect(
     addr: SocketAddr,
@@ -262,14 +274,7 @@ pub async fn h2_connect(
     >,
     String,
 > {
-    let stream = tokio::time::timeout(PER_DIAL_TIMEOUT, TcpStream::connect(addr))
-        .await
-        .map_err(|_| "dial timeout".to_owned())?
-        .map_err(|e| format!("dial: {e}"))?;
-    // Go's net package sets TCP_NODELAY on every TCP connection.
-    stream
-        .set_nodelay(true)
-        .map_err(|e| format!("nodelay: {e}"))?;
+    let stream = dial(addr).await?;
     let (send, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
             .await
@@ -412,13 +417,7 @@ impl V2Upload {
 /// `POST /record` over HTTP/1.1 exactly as Go sends it: chunked, `Expect: 100-continue`, waiting
 /// for the interim 100 before the first body byte. Returns the final status.
 pub async fn upload_v1(addr: SocketAddr, pieces: &[&[u8]]) -> Result<u16, String> {
-    let stream = tokio::time::timeout(PER_DIAL_TIMEOUT, TcpStream::connect(addr))
-        .await
-        .map_err(|_| "dial timeout".to_owned())?
-        .map_err(|e| format!("dial: {e}"))?;
-    stream
-        .set_nodelay(true)
-        .map_err(|e| format!("nodelay: {e}"))?;
+    let stream = dial(addr).await?;
     let (read, mut write) = stream.into_split();
     let mut read = tokio::io::BufReader::new(read);
     let head = format!(
