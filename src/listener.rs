@@ -28,6 +28,12 @@ const H2_STREAM_WINDOW: u32 = 256 << 10;
 const H2_CONNECTION_WINDOW: u32 = 4 << 20;
 /// Streams per h2 connection; real clients open one or two, load generators multiplex more.
 const H2_MAX_STREAMS: u32 = 1024;
+/// TCP keepalive: a v1 upload has no liveness signal and recordings have no idle timeout, so a
+/// peer that vanished without a FIN is found by the kernel after about 60 s + 6 × 10 s.
+const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const TCP_KEEPALIVE_PROBES: u32 = 6;
+
 /// HTTP/2 PING interval and timeout, to notice uploaders that vanished without a FIN.
 const H2_KEEPALIVE: Duration = Duration::from_secs(30);
 const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -67,6 +73,13 @@ pub async fn serve(listener: TcpListener, router: Router, shutdown: Cancellation
             () = shutdown.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(TCP_KEEPALIVE_IDLE)
+            .with_interval(TCP_KEEPALIVE_INTERVAL)
+            .with_retries(TCP_KEEPALIVE_PROBES);
+        if let Err(e) = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive) {
+            tracing::debug!(%peer, error = %e, "cannot set TCP keepalive");
+        }
         let service = TowerToHyperService::new(router.clone().layer(axum::Extension(Peer(peer))));
         let builder = builder.clone();
         let conn = builder

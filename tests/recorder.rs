@@ -335,6 +335,52 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_v2_stream_gets_heartbeat_acks_and_stays_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path(), &[], &[]).await;
+    let header = format!("{}\n", corpus::header(80, 24));
+    let mut upload = start_v2(node.ingest).await.unwrap();
+    upload.send(header.as_bytes()).await.unwrap();
+    assert!(
+        upload
+            .wait_ack(header.len() as u64, Duration::from_secs(5))
+            .await
+    );
+    // An idle session: no bytes for a while. Frames must keep coming, and the response must not
+    // end, while the body is open.
+    let idle_from = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let frames: Vec<_> = upload
+        .log
+        .lock()
+        .unwrap()
+        .acks
+        .iter()
+        .filter(|(t, _)| *t > idle_from)
+        .map(|(t, _)| *t)
+        .collect();
+    assert!(
+        frames.len() >= 2,
+        "only {} ack frames in 3.5 s of idle",
+        frames.len()
+    );
+    let gaps = frames.windows(2).map(|w| w[1] - w[0]);
+    assert!(
+        gaps.clone().all(|g| g < Duration::from_secs(5)),
+        "{:?}",
+        gaps.collect::<Vec<_>>()
+    );
+    let event = b"[4.0,\"o\",\"after idle\"]\n";
+    upload.send(event).await.unwrap();
+    let (result, log) = upload.finish().await;
+    assert!(result.is_ok(), "{result:?}");
+    assert_eq!(
+        log.acks.last().unwrap().1,
+        (header.len() + event.len()) as u64
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_and_exits_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let mut node = Node::start(dir.path(), &[], &[]).await;
