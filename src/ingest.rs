@@ -556,7 +556,7 @@ async fn open_recording(
         .create(id.clone(), meta.clone())
         .await
         .map_err(|e| {
-            let status = if e.is_disk_full() {
+            let status = if e.is_resource_exhausted() {
                 StatusCode::SERVICE_UNAVAILABLE
             } else {
                 StatusCode::INTERNAL_SERVER_ERROR

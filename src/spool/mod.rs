@@ -62,9 +62,12 @@ pub enum SpoolError {
 }
 
 impl SpoolError {
-    /// True when the disk is full.
-    pub fn is_disk_full(&self) -> bool {
-        matches!(self, Self::Io { source, .. } if source.raw_os_error() == Some(nix::libc::ENOSPC))
+    /// True when the node is out of a resource (disk space, quota, file descriptors): the
+    /// client should try its next recorder rather than treat this node as broken.
+    pub fn is_resource_exhausted(&self) -> bool {
+        use nix::libc::{EDQUOT, EMFILE, ENFILE, ENOSPC};
+        matches!(self, Self::Io { source, .. }
+            if matches!(source.raw_os_error(), Some(ENOSPC | EDQUOT | EMFILE | ENFILE)))
     }
 }
 
