@@ -298,6 +298,32 @@ async fn paced_streams(
     all
 }
 
+/// The node's own ack-latency histogram (frame arrival → ack issued), as bucket bounds at p50,
+/// p90 and p99, to tell node time from client and network time.
+async fn node_ack_latency(node: &Node) -> String {
+    let (_, body) = common::http_get(node.web, "/metrics").await.unwrap();
+    let text = String::from_utf8(body).unwrap();
+    let buckets: Vec<(String, u64)> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("castvault_ack_latency_seconds_bucket{le=\""))
+        .filter_map(|l| l.split_once("\"} "))
+        .map(|(le, n)| (le.to_owned(), n.trim().parse().unwrap()))
+        .collect();
+    let total = buckets.last().map_or(0, |b| b.1);
+    let at = |p: f64| {
+        buckets
+            .iter()
+            .find(|b| b.1 as f64 >= p * total as f64)
+            .map_or("?".to_owned(), |b| b.0.clone())
+    };
+    format!(
+        "  node-side ack latency ({total} frames): p50 <= {}s, p90 <= {}s, p99 <= {}s",
+        at(0.5),
+        at(0.9),
+        at(0.99)
+    )
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
@@ -361,6 +387,7 @@ async fn latency(streams: usize) {
     )
     .await;
     lat.sort();
+    println!("{}", node_ack_latency(&node).await);
     println!(
         "{streams} streams x 8 KiB/s for 20 s at ack=spool ({} writes): ack latency p50 {:?} p90 {:?} p99 {:?} max {:?}",
         lat.len(),

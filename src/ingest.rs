@@ -257,14 +257,38 @@ enum Ended {
     Failed(String),
 }
 
+/// Frames awaiting their ack whose arrival times are kept for the ack-latency histogram; older
+/// ones are dropped unmeasured, so a stream's memory stays fixed.
+const ACK_LATENCY_SAMPLES: usize = 32;
+
 /// A recording being received.
 struct Active {
     file: Arc<SpoolFile>,
     durable: watch::Receiver<u64>,
     progress: watch::Receiver<Progress>,
+    /// (end offset, arrival) of frames not yet acked.
+    unacked: std::collections::VecDeque<(u64, std::time::Instant)>,
 }
 
 impl Active {
+    fn arrived(&mut self, end: u64) {
+        if self.unacked.len() == ACK_LATENCY_SAMPLES {
+            self.unacked.pop_front();
+        }
+        self.unacked.push_back((end, std::time::Instant::now()));
+    }
+
+    /// Records the latency of every frame an ack sent now covers.
+    fn acked(&mut self, acked: u64, metrics: &Metrics) {
+        while let Some(&(end, arrived)) = self.unacked.front() {
+            if end > acked {
+                break;
+            }
+            metrics.ack_latency.observe(arrived.elapsed().as_secs_f64());
+            self.unacked.pop_front();
+        }
+    }
+
     /// The offset an ack may count now, or the error that ends the stream.
     fn ack(&self, level: AckLevel, outage: OutagePolicy) -> Result<u64, String> {
         if let Some(reason) = self.file.failure() {
@@ -371,7 +395,8 @@ async fn receive_recording(
                     received += data.len() as u64;
                     Metrics::add(&ingest.metrics.bytes_received, data.len() as u64);
                     let line_ok = lines.check(&data);
-                    if let Some(active) = &active {
+                    if let Some(active) = &mut active {
+                        active.arrived(active.file.written() + data.len() as u64);
                         if let Err(e) = ingest.spool.append(&active.file, data).await {
                             break Ended::Failed(format!("recorder cannot store the recording: {}", error_chain(&e)));
                         }
@@ -406,9 +431,13 @@ async fn receive_recording(
                 None => break Ended::Complete,
             },
             () = next_change(&mut active) => {
-                if let Some(a) = &active {
+                if let Some(a) = &mut active {
                     match a.ack(ingest.ack, ingest.outage) {
-                        Ok(acked) => { acks.send_if_modified(|s| std::mem::replace(&mut s.acked, acked) != acked); }
+                        Ok(acked) => {
+                            if acks.send_if_modified(|s| std::mem::replace(&mut s.acked, acked) != acked) {
+                                a.acked(acked, &ingest.metrics);
+                            }
+                        }
                         Err(message) => break Ended::Failed(message),
                     }
                 }
@@ -566,6 +595,7 @@ async fn open_recording(
         })?;
     let progress = ingest.uploader.register(file.clone(), meta);
     Ok(Active {
+        unacked: std::collections::VecDeque::with_capacity(ACK_LATENCY_SAMPLES),
         durable: file.durable(),
         file,
         progress,

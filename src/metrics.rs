@@ -15,6 +15,46 @@ pub const UPLOAD_FAILURES: &str = "castvault_upload_failures_total";
 pub const RECORDINGS_FINALIZED: &str = "castvault_recordings_finalized_total";
 pub const RECORDINGS_PENDING: &str = "castvault_recordings_pending_upload";
 pub const EVENTS_STORED: &str = "castvault_k8s_events_stored_total";
+pub const ACK_LATENCY: &str = "castvault_ack_latency_seconds";
+
+/// Upper bounds (seconds) of the ack-latency histogram buckets.
+pub const ACK_LATENCY_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+/// A Prometheus histogram of plain atomics.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// One count per bucket of [`ACK_LATENCY_BUCKETS`], plus `+Inf`.
+    buckets: [AtomicU64; 13],
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, seconds: f64) {
+        let bucket = ACK_LATENCY_BUCKETS
+            .iter()
+            .position(|&le| seconds <= le)
+            .unwrap_or(ACK_LATENCY_BUCKETS.len());
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+    }
+
+    fn render(&self, name: &str, out: &mut String) {
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (i, count) in self.buckets.iter().enumerate() {
+            cumulative += count.load(Ordering::Relaxed);
+            let le = ACK_LATENCY_BUCKETS
+                .get(i)
+                .map_or_else(|| "+Inf".to_owned(), f64::to_string);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+        }
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {cumulative}");
+    }
+}
 
 /// The node's counters and gauges.
 #[derive(Debug, Default)]
@@ -30,6 +70,8 @@ pub struct Metrics {
     pub recordings_finalized: AtomicU64,
     pub recordings_pending: AtomicU64,
     pub events_stored: AtomicU64,
+    /// From a frame's arrival until an ack covering it is issued (for v1: until it is durable).
+    pub ack_latency: Histogram,
 }
 
 impl Metrics {
@@ -64,6 +106,7 @@ impl Metrics {
                 value.load(Ordering::Relaxed)
             );
         }
+        self.ack_latency.render(ACK_LATENCY, &mut out);
         out
     }
 }
