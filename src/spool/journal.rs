@@ -22,8 +22,9 @@
 //!
 //! # Replay
 //! At start, before anything else, every segment is read in order; each record whose recording
-//! still has a spool directory is written into its data file where the file is shorter, the data
-//! files are fsynced, and the segments are deleted. A record whose length or CRC does not check
+//! still has a spool directory is written into its data file at its offset (always: a power cut
+//! can leave a file at full length with lost pages inside), the data files are fsynced, and the
+//! segments are deleted. A record whose length or CRC does not check
 //! is a torn tail: replay of that segment stops there (such bytes were never acked).
 
 use std::collections::HashMap;
@@ -360,13 +361,11 @@ pub fn replay(dir: &Path, spool_root: &Path) -> Result<u64, SpoolError> {
                     .ok()
             });
             let Some(file) = file else { continue };
-            let len = file.metadata().map_err(io_err("stat data", path))?.len();
-            let end = record.offset + record.payload.len() as u64;
-            if len < end {
-                file.write_all_at(record.payload, record.offset)
-                    .map_err(io_err("replay into data", path))?;
-                replayed += 1;
-            }
+            // Always rewritten, not only past the file's end: after a power cut a data file can
+            // have its length but lost pages inside it. Rewriting identical bytes is harmless.
+            file.write_all_at(record.payload, record.offset)
+                .map_err(io_err("replay into data", path))?;
+            replayed += 1;
         }
     }
     for file in files.values().flatten() {
