@@ -164,8 +164,15 @@ async fn ingest_run(bodies: &[Arc<Vec<u8>>], piece: usize) -> (Duration, u64, u6
     for t in tasks {
         t.await.unwrap();
     }
+    let acked = start.elapsed();
     wait_finalized(&node, bodies.len() as u64).await;
     let elapsed = start.elapsed();
+    println!(
+        "  {} recording(s): all acked at {:.2} s, all finalized at {:.2} s",
+        bodies.len(),
+        acked.as_secs_f64(),
+        elapsed.as_secs_f64()
+    );
     let store = data.path().join("store");
     let (stored, chunks) = dir_size(&store, &|n| n.starts_with("chunk-"));
     let (_, all) = dir_size(&store, &|_| true);
