@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use castvault_storage::cast::CastHeader;
 use castvault_storage::chunk::{self, ChunkEncoder, ChunkStats, MAX_DECODED_CHUNK_BYTES};
 use castvault_storage::keys::{ObjectKey, RecordingId};
 use castvault_storage::manifest::{
@@ -211,7 +212,7 @@ impl Uploader {
 
     /// Starts uploading a new recording; returns its progress.
     pub fn register(&self, file: Arc<SpoolFile>, meta: RecordingMeta) -> watch::Receiver<Progress> {
-        let state = UploadState::new(&file.id, 0, true, false);
+        let state = UploadState::new(&file.id, false);
         self.insert(file, meta, state)
     }
 
@@ -227,7 +228,7 @@ impl Uploader {
             chunks,
         } = recovered;
         let committed = chunks.last().map_or(0, |c| c.offset + c.raw_len);
-        let mut state = UploadState::new(&file.id, 0, false, true);
+        let mut state = UploadState::new(&file.id, true);
         for entry in &chunks {
             let digest: [u8; 32] = hex::decode(&entry.sha256)
                 .ok()
@@ -239,7 +240,6 @@ impl Uploader {
         }
         state.next_seq = u32::try_from(chunks.len()).unwrap_or(u32::MAX);
         state.committed = committed;
-        state.live_row_written = true;
         // Rehash what is already committed, from the spool, in bounded pieces.
         let mut offset = 0;
         while offset < committed {
@@ -319,24 +319,24 @@ impl Uploader {
         all.sort_by(|a, b| a.recording_id.cmp(&b.recording_id));
         all
     }
-
-    /// True while any recording's last upload attempt failed.
-    pub fn has_failures(&self) -> bool {
-        self.registry()
-            .values()
-            .any(|u| u.state().last_error.is_some())
-    }
 }
 
 impl UploadState {
-    fn new(id: &RecordingId, committed: u64, reconciled: bool, recovered: bool) -> Self {
+    /// A live catalog row is written only for a recording still being received: one that ended
+    /// before its first upload goes straight to its final row.
+    fn needs_live_row(&self) -> bool {
+        !self.live_row_written && self.end.is_none()
+    }
+
+    /// A fresh state; a recovered recording must first be reconciled with the store.
+    fn new(id: &RecordingId, recovered: bool) -> Self {
         Self {
             next_seq: 0,
-            committed,
+            committed: 0,
             chain: HashChain::new(id),
             body: Sha256::new(),
-            reconciled,
-            live_row_written: false,
+            reconciled: !recovered,
+            live_row_written: recovered,
             chunk_log_incomplete: false,
             recovered,
             pending_since: None,
@@ -402,7 +402,7 @@ fn take_if_due(upload: &Upload, now: Instant, config: &UploadConfig) -> bool {
         .pending_since
         .is_some_and(|since| now.duration_since(since) >= config.max_chunk_age);
     let due = !s.reconciled
-        || (!s.live_row_written && s.end.is_none())
+        || s.needs_live_row()
         || s.end.is_some()
         || pending >= config.max_chunk_bytes as u64
         || (pending > 0 && aged);
@@ -444,17 +444,9 @@ impl Inner {
 
     async fn try_process(&self, upload: &Upload) -> Result<(), UploadError> {
         let id = &upload.file.id;
-        // A live row only for a recording still being received: one that ended before its first
-        // upload goes straight to its final row (one store write less per short recording).
-        let needs_live_row = {
-            let s = upload.state();
-            !s.live_row_written && s.end.is_none()
-        };
+        let needs_live_row = upload.state().needs_live_row();
         if needs_live_row {
-            let header = castvault_storage::cast::CastHeader::parse(
-                upload.meta.header.to_string().as_bytes(),
-            )
-            .ok();
+            let header = CastHeader::from_value(upload.meta.header.clone()).ok();
             let row = CatalogRow::live(id, &upload.meta.node_id, header.as_ref());
             let path = ObjectKey::catalog(id);
             put_overwrite(self.store.as_ref(), &path, json_bytes(&row))

@@ -156,10 +156,6 @@ impl Spool {
         self.journal.append(file, offset, bytes).await
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     /// Free bytes on the spool's filesystem.
     pub fn free_bytes(&self) -> Option<u64> {
         let stat = nix::sys::statvfs::statvfs(&self.root).ok()?;

@@ -35,6 +35,14 @@ impl CastHeader {
             serde_json::from_slice(line.trim_ascii()).map_err(|e| HeaderError::NotJson {
                 reason: e.to_string(),
             })?;
+        Self::from_value(value)
+    }
+
+    /// Checks an already parsed header object (as kept in a manifest).
+    ///
+    /// # Errors
+    /// [`HeaderError`] when it is not an object with `"version": 2`.
+    pub fn from_value(value: Value) -> Result<Self, HeaderError> {
         let Value::Object(fields) = value else {
             return Err(HeaderError::NotObject);
         };

@@ -216,7 +216,7 @@ impl CatalogRow {
     /// The row of a finalized recording.
     pub fn from_manifest(m: &Manifest) -> Option<Self> {
         let id = RecordingId::parse(&m.recording_id).ok()?;
-        let header = CastHeader::parse(m.header.to_string().as_bytes()).ok();
+        let header = CastHeader::from_value(m.header.clone()).ok();
         let mut row = Self::live(&id, &m.node_id, header.as_ref());
         row.status = m.status;
         row.bytes = m.bytes;
