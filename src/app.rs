@@ -39,6 +39,7 @@ pub struct Listeners {
 /// Start-up failures: invalid config, store or spool that cannot be opened.
 pub async fn run(
     config: Config,
+    background: &tokio::runtime::Handle,
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -56,6 +57,7 @@ pub async fn run(
     let spool = Spool::open(config.spool_dir()).context("opening the spool")?;
     let upload_stop = CancellationToken::new();
     let uploader = Uploader::start(
+        background,
         store.clone(),
         UploadConfig {
             max_chunk_bytes: config.chunk.max_bytes,

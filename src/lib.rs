@@ -16,6 +16,7 @@
 //! The on-storage format (keys, chunks, manifest, stores) is the `castvault-storage` crate.
 
 pub mod app;
+pub mod background;
 pub mod cli;
 pub mod config;
 pub mod ingest;

@@ -124,18 +124,41 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.command)) {
+    // Only a serving node uploads; it gets the background runtime (see `castvault::background`).
+    let background = match cli.command {
+        Command::Serve(_) => match castvault::background::runtime() {
+            Ok(rt) => Some(rt),
+            Err(e) => {
+                eprintln!("castvault: cannot start the background runtime: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => None,
+    };
+    let handle = background.as_ref().map(|rt| rt.handle().clone());
+    let code = match runtime.block_on(run(cli.command, handle)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("castvault: {e:#}");
             ExitCode::FAILURE
         }
+    };
+    if let Some(rt) = background {
+        // The drain already waited for uploads; what is left resumes from the spool.
+        rt.shutdown_timeout(BACKGROUND_SHUTDOWN);
     }
+    code
 }
 
-async fn run(command: Command) -> anyhow::Result<ExitCode> {
+async fn run(
+    command: Command,
+    background: Option<tokio::runtime::Handle>,
+) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Serve(args) => serve(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Serve(args) => {
+            let background = background.context("no background runtime")?;
+            serve(args, &background).await.map(|()| ExitCode::SUCCESS)
+        }
         Command::Recordings {
             command: RecordingsCommand::List { store, json },
         } => {
@@ -170,7 +193,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+async fn serve(args: ServeArgs, background: &tokio::runtime::Handle) -> anyhow::Result<()> {
     let mut config = Config::load(args.config.as_deref())?;
     if let Some(dir) = args.data_dir {
         config.data_dir = dir;
@@ -205,7 +228,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         wait_for_signal().await;
         on_signal.cancel();
     });
-    app::run(config, Listeners { ingest, web }, shutdown).await
+    app::run(config, background, Listeners { ingest, web }, shutdown).await
 }
 
 async fn wait_for_signal() {
@@ -223,6 +246,9 @@ async fn wait_for_signal() {
         _ => std::future::pending().await,
     }
 }
+
+/// How long the background runtime gets to stop after the node has drained.
+const BACKGROUND_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// File descriptors wanted: each open recording holds a spool file and a socket, and a node is
 /// sized for 10,000 recordings plus store connections and journal segments.

@@ -134,7 +134,8 @@ struct UploadState {
     chunk_log_incomplete: bool,
     /// Set when the recording was found in the spool at start.
     recovered: bool,
-    pending_since: Option<Instant>,
+    /// When the pending bytes are due for a time-based cut (see [`age_cut_due`]).
+    cut_due: Option<Instant>,
     end: Option<StreamEnd>,
     busy: bool,
     retry_at: Option<Instant>,
@@ -182,8 +183,11 @@ pub struct Uploader {
 }
 
 impl Uploader {
-    /// Starts the scheduler; it stops when `stop` is cancelled.
+    /// Starts the scheduler on `background`; it stops when `stop` is cancelled. Every upload
+    /// task, compression and store call runs on that runtime, so a node can keep it off the
+    /// threads that read bodies and send acks (see `crate::background`).
     pub fn start(
+        background: &tokio::runtime::Handle,
         store: DynStore,
         config: UploadConfig,
         metrics: Arc<Metrics>,
@@ -199,7 +203,7 @@ impl Uploader {
             encoders: Mutex::new(Vec::new()),
             metrics,
         });
-        tokio::spawn(run_scheduler(inner.clone(), stop));
+        background.spawn(run_scheduler(inner.clone(), stop));
         Self { inner }
     }
 
@@ -339,7 +343,7 @@ impl UploadState {
             live_row_written: recovered,
             chunk_log_incomplete: false,
             recovered,
-            pending_since: None,
+            cut_due: None,
             end: None,
             busy: false,
             retry_at: None,
@@ -388,6 +392,14 @@ async fn run_scheduler(inner: Arc<Inner>, stop: CancellationToken) {
     }
 }
 
+/// When bytes pending since `now` are due for a time-based cut: somewhere in the last half of
+/// `max_age`, never later. Streams that started together (a fleet reconnecting after a node
+/// restart) would otherwise cut, compress and put in the same instant, every `max_age`, and
+/// that burst is what a loaded node's ack tail is made of.
+fn age_cut_due(now: Instant, max_age: Duration) -> Instant {
+    now + max_age.mul_f64(rand::rng().random_range(0.5..=1.0))
+}
+
 /// Marks the upload busy and returns true when it has work to do now.
 fn take_if_due(upload: &Upload, now: Instant, config: &UploadConfig) -> bool {
     let mut s = upload.state();
@@ -395,12 +407,10 @@ fn take_if_due(upload: &Upload, now: Instant, config: &UploadConfig) -> bool {
         return false;
     }
     let pending = upload.file.written().saturating_sub(s.committed);
-    if pending > 0 && s.pending_since.is_none() {
-        s.pending_since = Some(now);
+    if pending > 0 && s.cut_due.is_none() {
+        s.cut_due = Some(age_cut_due(now, config.max_chunk_age));
     }
-    let aged = s
-        .pending_since
-        .is_some_and(|since| now.duration_since(since) >= config.max_chunk_age);
+    let aged = s.cut_due.is_some_and(|due| now >= due);
     let due = !s.reconciled
         || s.needs_live_row()
         || s.end.is_some()
@@ -469,9 +479,7 @@ impl Inner {
         loop {
             let (ended, aged) = {
                 let s = upload.state();
-                let aged = s
-                    .pending_since
-                    .is_some_and(|t| t.elapsed() >= self.config.max_chunk_age);
+                let aged = s.cut_due.is_some_and(|due| Instant::now() >= due);
                 (s.end.is_some(), aged)
             };
             let pending = upload.file.written().saturating_sub(offset);
@@ -671,7 +679,8 @@ impl Inner {
             s.body = body_after;
             s.next_seq = seq + 1;
             s.committed = offset + raw_len;
-            s.pending_since = (upload.file.written() > s.committed).then(Instant::now);
+            s.cut_due = (upload.file.written() > s.committed)
+                .then(|| age_cut_due(Instant::now(), self.config.max_chunk_age));
             ChunkEntry::new(
                 seq,
                 offset,

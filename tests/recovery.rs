@@ -81,6 +81,7 @@ async fn restart(setup: &Setup) -> Uploader {
         region: "local".into(),
     };
     let uploader = Uploader::start(
+        &tokio::runtime::Handle::current(),
         setup.store.clone(),
         config,
         Arc::new(Metrics::default()),

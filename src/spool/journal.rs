@@ -197,7 +197,11 @@ fn run_writer(dir: PathBuf, mut segment: Segment, mut rx: mpsc::Receiver<Message
                     let dir = dir.clone();
                     let _ = std::thread::Builder::new()
                         .name("spool-checkpoint".to_owned())
-                        .spawn(move || checkpoint(&dir, &old.path, files.into_values()));
+                        .spawn(move || {
+                            // Its fsyncs are background work: acks never wait on a checkpoint.
+                            crate::background::lower_priority();
+                            checkpoint(&dir, &old.path, files.into_values());
+                        });
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "cannot rotate the spool journal; the segment keeps growing")
