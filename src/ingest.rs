@@ -396,7 +396,7 @@ async fn receive_recording(
                     Metrics::add(&ingest.metrics.bytes_received, data.len() as u64);
                     let line_ok = lines.check(&data);
                     if let Some(active) = &mut active {
-                        active.arrived(active.file.written() + data.len() as u64);
+                        active.arrived(active.file.received() + data.len() as u64);
                         if let Err(e) = ingest.spool.append(&active.file, data).await {
                             break Ended::Failed(format!("recorder cannot store the recording: {}", error_chain(&e)));
                         }
@@ -487,7 +487,7 @@ async fn receive_recording(
     let end = StreamEnd {
         outcome,
         reason: reason.clone(),
-        bytes: active.file.written(),
+        bytes: active.file.received(),
         ended_at: OffsetDateTime::now_utc(),
     };
     let finish_error = active.file.finish(&end).await.err();
@@ -510,7 +510,7 @@ async fn receive_recording(
             return StreamResult::Failed(reason);
         }
     }
-    let target = active.file.written();
+    let target = active.file.received();
     let reached = tokio::time::timeout(FINAL_ACK_WAIT, async {
         loop {
             match active.ack(ingest.ack, ingest.outage) {

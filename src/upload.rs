@@ -254,7 +254,7 @@ impl Uploader {
         state.end = Some(end.unwrap_or_else(|| StreamEnd {
             outcome: StreamOutcome::Interrupted,
             reason: Some("the recorder stopped before the stream ended".to_owned()),
-            bytes: file.written(),
+            bytes: file.received(),
             ended_at: OffsetDateTime::now_utc(),
         }));
         self.insert(file, meta, state);
@@ -311,7 +311,7 @@ impl Uploader {
                 let s = u.state();
                 UploadStatus {
                     recording_id: u.file.id.to_string(),
-                    received: u.file.written(),
+                    received: u.file.received(),
                     committed: s.committed,
                     chunks: s.next_seq,
                     stream_ended: s.end.is_some(),
@@ -480,7 +480,9 @@ impl Inner {
             let (ended, aged) = {
                 let s = upload.state();
                 let aged = s.cut_due.is_some_and(|due| Instant::now() >= due);
-                (s.end.is_some(), aged)
+                // The end of the data file is the recording's end only once the data writer
+                // is done with everything the stream handed over.
+                (s.end.is_some() && upload.file.settled(), aged)
             };
             let pending = upload.file.written().saturating_sub(offset);
             if pending == 0 || !(ended || aged || pending >= self.config.max_chunk_bytes as u64) {
@@ -538,7 +540,9 @@ impl Inner {
             let s = upload.state();
             (s.end.is_some(), s.committed)
         };
-        if ended && committed == upload.file.written() {
+        // Every byte the stream handed over must be in the data file and committed: the data
+        // writer can lag the stream's end, or be retrying a write the disk refused.
+        if ended && upload.file.settled() && committed == upload.file.written() {
             self.finalize(upload).await?;
         }
         Ok(())

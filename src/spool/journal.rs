@@ -12,13 +12,23 @@
 //! One writer thread takes every append queued while its previous round ran (no artificial
 //! window), writes them with one `write`, calls `fdatasync` once, then moves each recording's
 //! durable offset. The queue is bounded in bytes ([`QUEUE_BYTES`]); a full queue makes writers
-//! wait, which is back-pressure, never a drop.
+//! wait, which is back-pressure, never a drop. A round is refused like a full disk when the disk
+//! could not also take its bytes in the data files ([`DATA_RESERVE_BYTES`]); a refused round's
+//! streams are failed and its records dropped (never acked), and records of a failed recording
+//! are not journaled any more, so a data file is always a gapless prefix of its recording.
+//!
+//! # Data writer
+//! After a round (committed or not) the batch goes to the data-writer thread, which writes each
+//! record into its recording's data file at its offset and moves the file's `written` offset.
+//! Its queue is bounded ([`DATA_QUEUE_BATCHES`]) and each record keeps its share of
+//! [`QUEUE_BYTES`] until it is in its data file, so a slow disk pushes back on the streams.
+//! A data-file write that fails (disk full) fails the recording's stream and is retried every
+//! second, in order, until it succeeds; its bytes stay in the journal meanwhile.
 //!
 //! # Checkpoint
-//! When a segment is rotated out, a checkpoint thread fsyncs the data file of every recording
-//! that has records in it (their bytes were written to the data files before they were
-//! journaled), then deletes the segment. So a segment is deleted only when its bytes are durable
-//! in the data files.
+//! When a segment is rotated out, the data writer, once every record of that segment is in its
+//! data file, starts a checkpoint thread that fsyncs those data files and then deletes the
+//! segment. So a segment is deleted only when its bytes are durable in the data files.
 //!
 //! # Replay
 //! At start, before anything else, every segment is read in order; each record whose recording
@@ -27,18 +37,19 @@
 //! segments are deleted. A record whose length or CRC does not check
 //! is a torn tail: replay of that segment stops there (such bytes were never acked).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
-use super::{SpoolError, SpoolFile, fsync_dir, io_err};
+use super::{SpoolError, SpoolFile, free_bytes, fsync_dir, io_err};
 
 /// Segment size at which the journal rotates; bounds how much a replay reads and how much disk
 /// the journal holds besides the data files.
@@ -60,17 +71,58 @@ const QUEUE_APPENDS: usize = 65_536;
 /// Appends written in one commit round at most; bounds a round's latency for early writers.
 const ROUND_APPENDS: usize = 8_192;
 
+/// Committed batches queued for the data writer at most; past it the journal writer waits.
+/// Bytes are bounded by [`QUEUE_BYTES`] in any case.
+pub const DATA_QUEUE_BATCHES: usize = 1024;
+
+/// How often data-file writes that failed are tried again.
+const DATA_RETRY: Duration = Duration::from_secs(1);
+
 enum Message {
     Append(Append),
     /// Sent every second so an idle writer can rotate an old segment.
     Tick,
 }
 
+/// What the journal writer hands the data writer, in order.
+enum DataMessage {
+    Batch(Vec<Append>),
+    /// Segment `seq` at `path` was rotated out: checkpoint it once its records are written.
+    Rotated {
+        seq: u64,
+        path: PathBuf,
+    },
+    Tick,
+}
+
+/// One record on its way through the journal to the data file. It counts in its file's
+/// `in_flight` from creation until it is dropped: written, or refused by the journal.
 struct Append {
     file: Arc<SpoolFile>,
     offset: u64,
     bytes: Bytes,
+    /// The segment the record was committed to (set by the writer).
+    segment: u64,
     _budget: OwnedSemaphorePermit,
+}
+
+impl Append {
+    fn new(file: &Arc<SpoolFile>, offset: u64, bytes: Bytes, budget: OwnedSemaphorePermit) -> Self {
+        file.in_flight.fetch_add(1, Ordering::AcqRel);
+        Self {
+            file: file.clone(),
+            offset,
+            bytes,
+            segment: 0,
+            _budget: budget,
+        }
+    }
+}
+
+impl Drop for Append {
+    fn drop(&mut self) {
+        self.file.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Handle to the journal writer.
@@ -87,9 +139,17 @@ impl Journal {
     pub fn start(dir: PathBuf, last_seq: u64) -> Result<Self, SpoolError> {
         let segment = Segment::create(&dir, last_seq + 1)?;
         let (queue, rx) = mpsc::channel(QUEUE_APPENDS);
+        let (data_queue, data_rx) = std::sync::mpsc::sync_channel(DATA_QUEUE_BATCHES);
+        let data_dir = dir.clone();
+        let unwritten = Arc::new(AtomicU64::new(0));
+        let writer_unwritten = unwritten.clone();
+        std::thread::Builder::new()
+            .name("spool-data".to_owned())
+            .spawn(move || DataWriter::new(data_dir, writer_unwritten).run(&data_rx))
+            .map_err(io_err("start spool data thread", Path::new("journal")))?;
         std::thread::Builder::new()
             .name("spool-journal".to_owned())
-            .spawn(move || run_writer(dir, segment, rx))
+            .spawn(move || run_writer(dir, segment, rx, &data_queue, &unwritten))
             .map_err(io_err("start journal thread", Path::new("journal")))?;
         // The ticker holds only a weak sender: the writer stops when the last `Journal` goes.
         let ticker = queue.downgrade();
@@ -130,12 +190,7 @@ impl Journal {
             .acquire_many_owned(cost)
             .await
             .map_err(|_| gone())?;
-        let append = Append {
-            file: file.clone(),
-            offset,
-            bytes,
-            _budget: budget,
-        };
+        let append = Append::new(file, offset, bytes, budget);
         self.queue
             .send(Message::Append(append))
             .await
@@ -168,40 +223,60 @@ impl Segment {
     }
 }
 
-fn run_writer(dir: PathBuf, mut segment: Segment, mut rx: mpsc::Receiver<Message>) {
+fn run_writer(
+    dir: PathBuf,
+    mut segment: Segment,
+    mut rx: mpsc::Receiver<Message>,
+    data: &std::sync::mpsc::SyncSender<DataMessage>,
+    unwritten: &AtomicU64,
+) {
     let mut seq = segment_seq(&segment.path).unwrap_or(0);
     let mut messages = Vec::with_capacity(ROUND_APPENDS);
-    let mut batch = Vec::with_capacity(ROUND_APPENDS);
     let mut buf = Vec::new();
-    let mut touched: HashMap<String, Arc<SpoolFile>> = HashMap::new();
     while rx.blocking_recv_many(&mut messages, ROUND_APPENDS) > 0 {
-        batch.extend(messages.drain(..).filter_map(|m| match m {
-            Message::Append(append) => Some(append),
-            Message::Tick => None,
-        }));
+        let mut ticked = false;
+        let mut batch: Vec<Append> = messages
+            .drain(..)
+            .filter_map(|m| match m {
+                Message::Append(append) => Some(append),
+                Message::Tick => {
+                    ticked = true;
+                    None
+                }
+            })
+            .collect();
+        // A failed recording takes no more records: its data file must stay a gapless prefix.
+        batch.retain(|a| a.file.failure().is_none());
         if !batch.is_empty() {
             let started = Instant::now();
-            commit(&mut segment, &batch, &mut buf, &mut touched);
+            let committed = commit(&mut segment, &batch, &mut buf, &dir, unwritten);
             if started.elapsed() > SLOW_COMMIT {
                 tracing::warn!(appends = batch.len(), bytes = buf.len(), took = ?started.elapsed(), "slow journal commit");
             }
-            batch.clear();
+            if committed {
+                for append in &mut batch {
+                    append.segment = seq;
+                }
+                if data.send(DataMessage::Batch(batch)).is_err() {
+                    tracing::error!("spool data writer stopped; data files no longer grow");
+                }
+            }
+            // Not committed: the records were never acked and are dropped here; their streams
+            // have been failed.
+        }
+        if ticked {
+            let _ = data.try_send(DataMessage::Tick);
         }
         let aged = segment.len > 0 && segment.opened.elapsed() >= SEGMENT_MAX_AGE;
         if segment.len >= SEGMENT_BYTES || aged {
             match Segment::create(&dir, seq + 1) {
                 Ok(next) => {
-                    seq += 1;
                     let old = std::mem::replace(&mut segment, next);
-                    let files = std::mem::take(&mut touched);
-                    let dir = dir.clone();
-                    let _ = std::thread::Builder::new()
-                        .name("spool-checkpoint".to_owned())
-                        .spawn(move || {
-                            // Its fsyncs are background work: acks never wait on a checkpoint.
-                            crate::background::lower_priority();
-                            checkpoint(&dir, &old.path, files.into_values());
-                        });
+                    let _ = data.send(DataMessage::Rotated {
+                        seq,
+                        path: old.path,
+                    });
+                    seq += 1;
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "cannot rotate the spool journal; the segment keeps growing")
@@ -211,34 +286,179 @@ fn run_writer(dir: PathBuf, mut segment: Segment, mut rx: mpsc::Receiver<Message
     }
 }
 
-/// Writes one batch with one write and one fdatasync, then moves the durable offsets.
+/// The data-writer thread's state (see the module doc).
+struct DataWriter {
+    dir: PathBuf,
+    /// Data files written per segment, to fsync at its checkpoint.
+    touched: BTreeMap<u64, HashMap<String, Arc<SpoolFile>>>,
+    /// Rotated segments waiting for their checkpoint, oldest first.
+    rotated: VecDeque<(u64, PathBuf)>,
+    /// Per recording, records whose data-file write failed, in offset order: retried every
+    /// [`DATA_RETRY`]; later records of that recording queue behind them.
+    stalled: HashMap<String, VecDeque<Append>>,
+    last_retry: Instant,
+    /// Committed payload bytes not yet in data files (shared with the journal writer).
+    unwritten: Arc<AtomicU64>,
+}
+
+impl DataWriter {
+    fn new(dir: PathBuf, unwritten: Arc<AtomicU64>) -> Self {
+        Self {
+            dir,
+            unwritten,
+            touched: BTreeMap::new(),
+            rotated: VecDeque::new(),
+            stalled: HashMap::new(),
+            last_retry: Instant::now(),
+        }
+    }
+
+    fn run(mut self, rx: &std::sync::mpsc::Receiver<DataMessage>) {
+        while let Ok(message) = rx.recv() {
+            match message {
+                DataMessage::Batch(batch) => {
+                    for append in batch {
+                        self.write(append);
+                    }
+                }
+                DataMessage::Rotated { seq, path } => self.rotated.push_back((seq, path)),
+                DataMessage::Tick => {}
+            }
+            if !self.stalled.is_empty() && self.last_retry.elapsed() >= DATA_RETRY {
+                self.last_retry = Instant::now();
+                self.retry();
+            }
+            self.checkpoint_ready();
+        }
+    }
+
+    fn write(&mut self, append: Append) {
+        let id = append.file.id.as_str();
+        if let Some(queue) = self.stalled.get_mut(id) {
+            queue.push_back(append);
+            return;
+        }
+        if let Err(e) = append.file.write_data(append.offset, &append.bytes) {
+            tracing::error!(recording_id = %append.file.id, error = %e, "cannot write the spool data file; retrying every second, the journal keeps the bytes");
+            append.file.fail(&format!("spool data write failed: {e}"));
+            self.stalled
+                .entry(id.to_owned())
+                .or_default()
+                .push_back(append);
+            return;
+        }
+        self.touch(&append);
+    }
+
+    /// Books a record that is now in its data file.
+    fn touch(&mut self, append: &Append) {
+        self.unwritten
+            .fetch_sub(append.bytes.len() as u64, Ordering::AcqRel);
+        self.touched
+            .entry(append.segment)
+            .or_default()
+            .entry(append.file.id.to_string())
+            .or_insert_with(|| append.file.clone());
+    }
+
+    fn retry(&mut self) {
+        let mut stalled = std::mem::take(&mut self.stalled);
+        for (id, queue) in &mut stalled {
+            while let Some(append) = queue.front() {
+                if append
+                    .file
+                    .write_data(append.offset, &append.bytes)
+                    .is_err()
+                {
+                    break;
+                }
+                if let Some(append) = queue.pop_front() {
+                    self.touch(&append);
+                }
+            }
+            if queue.is_empty() {
+                tracing::info!(recording_id = %id, "spool data file caught up with the journal");
+            }
+        }
+        stalled.retain(|_, queue| !queue.is_empty());
+        self.stalled = stalled;
+    }
+
+    /// Starts the checkpoint of every rotated segment whose records are all in data files.
+    fn checkpoint_ready(&mut self) {
+        let oldest_stalled = self
+            .stalled
+            .values()
+            .filter_map(|q| q.front().map(|a| a.segment))
+            .min();
+        while let Some((seq, _)) = self.rotated.front() {
+            if oldest_stalled.is_some_and(|stalled| stalled <= *seq) {
+                return;
+            }
+            let seq = *seq;
+            let Some((_, path)) = self.rotated.pop_front() else {
+                return;
+            };
+            let files = self.touched.remove(&seq).unwrap_or_default();
+            let dir = self.dir.clone();
+            let started = std::thread::Builder::new()
+                .name("spool-checkpoint".to_owned())
+                .spawn(move || {
+                    // Its fsyncs are background work: acks never wait on a checkpoint.
+                    crate::background::lower_priority();
+                    checkpoint(&dir, &path, files.into_values());
+                });
+            if let Err(e) = started {
+                tracing::warn!(error = %e, "cannot start a journal checkpoint; the segment stays until the next start");
+            }
+        }
+    }
+}
+
+/// Free space the journal leaves on the spool disk beyond what its committed records still
+/// need in their data files: room for file-system metadata, so that every committed record can
+/// be written to its data file. A commit that would cut into it fails like a full disk.
+pub const DATA_RESERVE_BYTES: u64 = 1 << 20;
+
+/// Writes one batch with one write and one fdatasync, then moves the durable offsets. Returns
+/// false, with the batch's recordings failed, when the batch could not be committed.
 fn commit(
     segment: &mut Segment,
     batch: &[Append],
     buf: &mut Vec<u8>,
-    touched: &mut HashMap<String, Arc<SpoolFile>>,
-) {
+    dir: &Path,
+    unwritten: &AtomicU64,
+) -> bool {
     buf.clear();
+    let mut payload = 0;
     for append in batch {
         encode(buf, append.file.id.as_str(), append.offset, &append.bytes);
+        payload += append.bytes.len() as u64;
     }
-    // Written at an explicit offset and trimmed back on failure, so a segment never holds a torn
-    // record with good records after it (replay stops at the first bad record).
-    let written = segment
-        .file
-        .write_all_at(buf, segment.len)
-        .and_then(|()| segment.file.sync_data());
+    // Each committed byte is written twice, here and in its data file: commit only what the
+    // disk can still take both times, or a record acked now could never reach its data file.
+    let needed =
+        buf.len() as u64 + payload + unwritten.load(Ordering::Acquire) + DATA_RESERVE_BYTES;
+    let written = if free_bytes(dir).is_some_and(|free| free < needed) {
+        Err(std::io::Error::from_raw_os_error(nix::libc::ENOSPC))
+    } else {
+        // Written at an explicit offset and trimmed back on failure, so a segment never holds
+        // a torn record with good records after it (replay stops at the first bad record).
+        segment
+            .file
+            .write_all_at(buf, segment.len)
+            .and_then(|()| segment.file.sync_data())
+    };
     match written {
         Ok(()) => {
             segment.len += buf.len() as u64;
+            unwritten.fetch_add(payload, Ordering::AcqRel);
             for append in batch {
                 append
                     .file
                     .mark_durable(append.offset + append.bytes.len() as u64);
-                touched
-                    .entry(append.file.id.to_string())
-                    .or_insert_with(|| append.file.clone());
             }
+            true
         }
         Err(e) => {
             let _ = segment.file.set_len(segment.len);
@@ -246,6 +466,7 @@ fn commit(
             for append in batch {
                 append.file.fail(&format!("journal write failed: {e}"));
             }
+            false
         }
     }
 }

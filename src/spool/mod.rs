@@ -11,11 +11,17 @@
 //! `meta.json` and `end.json` are written temp → fsync → rename → fsync dir.
 //!
 //! # Durability and group commit
-//! A stream's bytes are written to its `data` file (page cache) and then to the shared journal
-//! ([`journal`]), whose one writer thread commits everything queued with a single fdatasync per
-//! round, however many streams are writing. After a round the recordings' `durable` offsets move;
-//! acks at `spool` level read them. Data files are fsynced when their journal segment is
-//! checkpointed, off the ack path.
+//! A stream's bytes go to the shared journal ([`journal`]) only: its one writer thread commits
+//! everything queued with a single fdatasync per round, however many streams are writing. After a
+//! round the recordings' `durable` offsets move; acks at `spool` level read them. A second thread
+//! then writes each committed batch into the recordings' `data` files (page cache), which is what
+//! the uploader reads; data files are fsynced when their journal segment is checkpointed. Nothing
+//! on the ack path touches a data file: a write to one can sleep for the length of a disk write
+//! whenever its inode's table block is being written back (an fsync of any of the 15 other files
+//! sharing that block), and on the stream's own task that stalled whole runtime threads.
+//!
+//! Offsets: `received` counts bytes handed to the journal, `durable` bytes committed, `written`
+//! bytes in the data file; `written <= received` and `durable <= received`.
 //!
 //! # Deletion
 //! A recording's directory is removed only after its manifest is committed in the store, which
@@ -105,10 +111,6 @@ pub struct StreamEnd {
     pub ended_at: OffsetDateTime,
 }
 
-/// Largest write done on the stream's own task (see [`SpoolFile::append`]); h2 DATA frames are
-/// 16 KiB and Go writes at most 32 KiB per event.
-const INLINE_WRITE_BYTES: usize = 256 << 10;
-
 /// Name of the journal directory inside the spool root.
 const JOURNAL_DIR: &str = "journal";
 
@@ -123,7 +125,10 @@ pub struct Spool {
 pub struct SpoolFile {
     pub id: RecordingId,
     dir: PathBuf,
+    received: AtomicU64,
     written: AtomicU64,
+    /// Appends handed to the journal and not yet written to the data file or dropped.
+    in_flight: AtomicU64,
     durable: watch::Sender<u64>,
     failed: OnceLock<String>,
 }
@@ -146,20 +151,23 @@ impl Spool {
         Ok(Self { root, journal })
     }
 
-    /// Appends bytes to a recording: its data file, then the journal. The bytes become durable
-    /// (and ackable) at the journal's next commit.
+    /// Appends bytes to a recording through the journal. They become durable (and ackable) at
+    /// its next commit, and readable from the data file ([`SpoolFile::written`]) soon after.
     ///
     /// # Errors
     /// [`SpoolError`] on a write error (the file is then failed for good).
     pub async fn append(&self, file: &Arc<SpoolFile>, bytes: Bytes) -> Result<(), SpoolError> {
-        let offset = file.append(bytes.clone()).await?;
+        file.check_failed()?;
+        // One stream appends to its file, one call at a time: offsets follow each other.
+        let offset = file
+            .received
+            .fetch_add(bytes.len() as u64, Ordering::AcqRel);
         self.journal.append(file, offset, bytes).await
     }
 
     /// Free bytes on the spool's filesystem.
     pub fn free_bytes(&self) -> Option<u64> {
-        let stat = nix::sys::statvfs::statvfs(&self.root).ok()?;
-        Some(stat.blocks_available().saturating_mul(stat.fragment_size()))
+        free_bytes(&self.root)
     }
 
     /// Creates a recording's spool directory with its `meta.json`, durable before returning.
@@ -254,15 +262,30 @@ impl SpoolFile {
         Self {
             id,
             dir,
+            received: AtomicU64::new(len),
             written: AtomicU64::new(len),
+            in_flight: AtomicU64::new(0),
             durable: watch::Sender::new(len),
             failed: OnceLock::new(),
         }
     }
 
-    /// Bytes appended so far (maybe not yet durable).
+    /// Bytes handed to the journal so far (maybe not yet durable); after the stream has ended,
+    /// the recording's length.
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Acquire)
+    }
+
+    /// Bytes in the data file, readable with [`SpoolFile::read_at`].
     pub fn written(&self) -> u64 {
         self.written.load(Ordering::Acquire)
+    }
+
+    /// True when no append is on its way to the data file: after the stream has ended, the
+    /// data file then holds the whole recording ([`SpoolFile::written`] is final). Appends the
+    /// journal could not commit are dropped, never written, so a failed stream settles too.
+    pub fn settled(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) == 0
     }
 
     /// Bytes fsynced so far.
@@ -274,50 +297,12 @@ impl SpoolFile {
         self.failed.get().map(String::as_str)
     }
 
-    /// Writes bytes at the end of the data file and returns their offset. Only the recording's
-    /// stream calls this, one call at a time; durability comes from [`Spool::append`].
-    ///
-    /// A frame up to [`INLINE_WRITE_BYTES`] is written on the calling task: it is a page-cache
-    /// copy of microseconds, and a hop to the blocking pool per frame cost more than the write
-    /// (it dominated ack latency at 1,000 streams). The kernel can make such a write wait only
-    /// when it throttles dirty pages, i.e. when the disk cannot absorb the ingest rate at all.
-    /// Larger writes go to the blocking pool.
-    ///
-    /// # Errors
-    /// [`SpoolError`] on a write error; the file is then failed for good.
-    async fn append(self: &Arc<Self>, bytes: Bytes) -> Result<u64, SpoolError> {
-        self.check_failed()?;
-        if bytes.len() <= INLINE_WRITE_BYTES {
-            return self.write_at_end(&bytes);
-        }
-        let this = self.clone();
-        blocking(move || this.write_at_end(&bytes)).await
-    }
-
-    fn write_at_end(&self, bytes: &[u8]) -> Result<u64, SpoolError> {
-        let offset = self.written.load(Ordering::Acquire);
-        let written = self.open_data(true).and_then(|data| {
-            data.write_all_at(bytes, offset).inspect_err(|_| {
-                // A short write may have left bytes past `written`; trim them so the file stays
-                // exactly the bytes counted.
-                let _ = data.set_len(offset);
-            })
-        });
-        match written {
-            Ok(()) => {
-                self.written
-                    .store(offset + bytes.len() as u64, Ordering::Release);
-                Ok(offset)
-            }
-            Err(source) => {
-                let _ = self.failed.set(source.to_string());
-                Err(SpoolError::Io {
-                    op: "append",
-                    path: self.dir.join("data"),
-                    source,
-                })
-            }
-        }
+    /// Writes bytes into the data file at `offset` (the journal's data writer, in offset order).
+    fn write_data(&self, offset: u64, bytes: &[u8]) -> io::Result<()> {
+        self.open_data(true)?.write_all_at(bytes, offset)?;
+        self.written
+            .store(offset + bytes.len() as u64, Ordering::Release);
+        Ok(())
     }
 
     /// Reads `len` bytes at `offset` of the data file.
@@ -462,6 +447,12 @@ fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), SpoolErr
     fsync_dir(dir)
 }
 
+/// Free bytes on the filesystem holding `path`.
+pub(crate) fn free_bytes(path: &Path) -> Option<u64> {
+    let stat = nix::sys::statvfs::statvfs(path).ok()?;
+    Some(stat.blocks_available().saturating_mul(stat.fragment_size()))
+}
+
 pub(crate) fn fsync_dir(dir: &Path) -> Result<(), SpoolError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
@@ -506,6 +497,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_failed_recording_takes_no_more_appends_and_settles() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path().to_owned()).unwrap();
+        let id = RecordingId::new(&Region::new("local").unwrap(), 1, 2);
+        let file = spool.create(id.clone(), meta(&id)).await.unwrap();
+        spool
+            .append(&file, Bytes::from_static(b"{\"version\":2}\n"))
+            .await
+            .unwrap();
+        file.durable().wait_for(|&d| d == 14).await.unwrap();
+        file.fail("test");
+        assert!(matches!(
+            spool.append(&file, Bytes::from_static(b"x")).await,
+            Err(SpoolError::Failed { .. })
+        ));
+        for _ in 0..500 {
+            if file.settled() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(file.settled());
+        assert_eq!(file.written(), 14);
+    }
+
+    #[tokio::test]
     async fn appends_become_durable_and_survive_recovery() {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path().to_owned()).unwrap();
@@ -521,6 +538,15 @@ mod tests {
             .await
             .unwrap();
         durable.wait_for(|&d| d == 28).await.unwrap();
+        // The data writer follows the commit; the file settles with every byte in it.
+        for _ in 0..500 {
+            if file.settled() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(file.settled());
+        assert_eq!((file.written(), file.received()), (28, 28));
         drop(file);
 
         let recovered = spool.recover().unwrap();
