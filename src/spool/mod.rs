@@ -496,6 +496,17 @@ mod tests {
         }
     }
 
+    /// Waits (up to 5 s) for the data writer to be done with `file`.
+    async fn wait_settled(file: &SpoolFile) {
+        for _ in 0..500 {
+            if file.settled() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("spool file never settled");
+    }
+
     #[tokio::test]
     async fn a_failed_recording_takes_no_more_appends_and_settles() {
         let dir = tempfile::tempdir().unwrap();
@@ -512,13 +523,7 @@ mod tests {
             spool.append(&file, Bytes::from_static(b"x")).await,
             Err(SpoolError::Failed { .. })
         ));
-        for _ in 0..500 {
-            if file.settled() {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-        assert!(file.settled());
+        wait_settled(&file).await;
         assert_eq!(file.written(), 14);
     }
 
@@ -539,13 +544,7 @@ mod tests {
             .unwrap();
         durable.wait_for(|&d| d == 28).await.unwrap();
         // The data writer follows the commit; the file settles with every byte in it.
-        for _ in 0..500 {
-            if file.settled() {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-        assert!(file.settled());
+        wait_settled(&file).await;
         assert_eq!((file.written(), file.received()), (28, 28));
         drop(file);
 
