@@ -305,14 +305,15 @@ async fn paced_streams(
     all
 }
 
-/// The node's own ack-latency histogram (frame arrival → ack issued), as bucket bounds at p50,
-/// p90 and p99, to tell node time from client and network time.
-async fn node_ack_latency(node: &Node) -> String {
+/// A node histogram from `/metrics` as bucket bounds at p50, p90 and p99 (and the largest
+/// bucket used), to tell node time from client and network time.
+async fn node_histogram(node: &Node, name: &str, what: &str) -> String {
     let (_, body) = common::http_get(node.web, "/metrics").await.unwrap();
     let text = String::from_utf8(body).unwrap();
+    let prefix = format!("{name}_bucket{{le=\"");
     let buckets: Vec<(String, u64)> = text
         .lines()
-        .filter_map(|l| l.strip_prefix("castvault_ack_latency_seconds_bucket{le=\""))
+        .filter_map(|l| l.strip_prefix(prefix.as_str()))
         .filter_map(|l| l.split_once("\"} "))
         .map(|(le, n)| (le.to_owned(), n.trim().parse().unwrap()))
         .collect();
@@ -324,10 +325,11 @@ async fn node_ack_latency(node: &Node) -> String {
             .map_or("?".to_owned(), |b| b.0.clone())
     };
     format!(
-        "  node-side ack latency ({total} frames): p50 <= {}s, p90 <= {}s, p99 <= {}s",
+        "  node-side {what} ({total}): p50 <= {}s, p90 <= {}s, p99 <= {}s, max <= {}s",
         at(0.5),
         at(0.9),
-        at(0.99)
+        at(0.99),
+        at(1.0)
     )
 }
 
@@ -394,7 +396,24 @@ async fn latency(streams: usize) {
     )
     .await;
     lat.sort();
-    println!("{}", node_ack_latency(&node).await);
+    println!(
+        "{}",
+        node_histogram(
+            &node,
+            "castvault_ack_latency_seconds",
+            "ack latency, frames"
+        )
+        .await
+    );
+    println!(
+        "{}",
+        node_histogram(
+            &node,
+            "castvault_spool_journal_commit_seconds",
+            "journal commit rounds"
+        )
+        .await
+    );
     println!(
         "{streams} streams x 8 KiB/s for 20 s at ack=spool ({} writes): ack latency p50 {:?} p90 {:?} p99 {:?} max {:?}",
         lat.len(),

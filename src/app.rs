@@ -53,8 +53,11 @@ pub async fn run(
     let store_url = config.store_url();
     let store = castvault_storage::store::open(&store_url, &config.store_options())
         .context("opening the store")?;
-    let metrics = Arc::new(Metrics::default());
     let spool = Spool::open(config.spool_dir()).context("opening the spool")?;
+    let metrics = Arc::new(Metrics {
+        journal_commit: spool.commit_seconds(),
+        ..Metrics::default()
+    });
     let upload_stop = CancellationToken::new();
     let uploader = Uploader::start(
         background,

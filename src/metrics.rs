@@ -16,8 +16,9 @@ pub const RECORDINGS_FINALIZED: &str = "castvault_recordings_finalized_total";
 pub const RECORDINGS_PENDING: &str = "castvault_recordings_pending_upload";
 pub const EVENTS_STORED: &str = "castvault_k8s_events_stored_total";
 pub const ACK_LATENCY: &str = "castvault_ack_latency_seconds";
+pub const JOURNAL_COMMIT: &str = "castvault_spool_journal_commit_seconds";
 
-/// Upper bounds (seconds) of the ack-latency histogram buckets.
+/// Upper bounds (seconds) of the latency histograms' buckets.
 pub const ACK_LATENCY_BUCKETS: [f64; 12] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
@@ -72,6 +73,9 @@ pub struct Metrics {
     pub events_stored: AtomicU64,
     /// From a frame's arrival until an ack covering it is issued (for v1: until it is durable).
     pub ack_latency: Histogram,
+    /// One spool journal commit round (write and fdatasync), which every spool-level ack waits
+    /// for; shared with the journal writer.
+    pub journal_commit: std::sync::Arc<Histogram>,
 }
 
 impl Metrics {
@@ -107,6 +111,7 @@ impl Metrics {
             );
         }
         self.ack_latency.render(ACK_LATENCY, &mut out);
+        self.journal_commit.render(JOURNAL_COMMIT, &mut out);
         out
     }
 }

@@ -49,6 +49,8 @@ use std::time::{Duration, Instant};
 use bytes::{BufMut, Bytes};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
+use crate::metrics::Histogram;
+
 use super::{SpoolError, SpoolFile, free_bytes, fsync_dir, io_err};
 
 /// Segment size at which the journal rotates; bounds how much a replay reads and how much disk
@@ -129,6 +131,8 @@ impl Drop for Append {
 pub struct Journal {
     queue: mpsc::Sender<Message>,
     budget: Arc<Semaphore>,
+    /// Duration of each commit round.
+    pub commit_seconds: Arc<Histogram>,
 }
 
 impl Journal {
@@ -142,6 +146,8 @@ impl Journal {
         let (data_queue, data_rx) = std::sync::mpsc::sync_channel(DATA_QUEUE_BATCHES);
         let data_dir = dir.clone();
         let unwritten = Arc::new(AtomicU64::new(0));
+        let commit_seconds = Arc::new(Histogram::default());
+        let writer_commit_seconds = commit_seconds.clone();
         let writer_unwritten = unwritten.clone();
         std::thread::Builder::new()
             .name("spool-data".to_owned())
@@ -149,7 +155,16 @@ impl Journal {
             .map_err(io_err("start spool data thread", Path::new("journal")))?;
         std::thread::Builder::new()
             .name("spool-journal".to_owned())
-            .spawn(move || run_writer(dir, segment, rx, &data_queue, &unwritten))
+            .spawn(move || {
+                run_writer(
+                    dir,
+                    segment,
+                    rx,
+                    &data_queue,
+                    &unwritten,
+                    &writer_commit_seconds,
+                );
+            })
             .map_err(io_err("start journal thread", Path::new("journal")))?;
         // The ticker holds only a weak sender: the writer stops when the last `Journal` goes.
         let ticker = queue.downgrade();
@@ -166,6 +181,7 @@ impl Journal {
         Ok(Self {
             queue,
             budget: Arc::new(Semaphore::new(QUEUE_BYTES)),
+            commit_seconds,
         })
     }
 
@@ -229,6 +245,7 @@ fn run_writer(
     mut rx: mpsc::Receiver<Message>,
     data: &std::sync::mpsc::SyncSender<DataMessage>,
     unwritten: &AtomicU64,
+    commit_seconds: &Histogram,
 ) {
     let mut seq = segment_seq(&segment.path).unwrap_or(0);
     let mut messages = Vec::with_capacity(ROUND_APPENDS);
@@ -250,6 +267,7 @@ fn run_writer(
         if !batch.is_empty() {
             let started = Instant::now();
             let committed = commit(&mut segment, &batch, &mut buf, &dir, unwritten);
+            commit_seconds.observe(started.elapsed().as_secs_f64());
             if started.elapsed() > SLOW_COMMIT {
                 tracing::warn!(appends = batch.len(), bytes = buf.len(), took = ?started.elapsed(), "slow journal commit");
             }

@@ -165,6 +165,11 @@ impl Spool {
         self.journal.append(file, offset, bytes).await
     }
 
+    /// The journal's commit-round durations.
+    pub fn commit_seconds(&self) -> Arc<crate::metrics::Histogram> {
+        self.journal.commit_seconds.clone()
+    }
+
     /// Free bytes on the spool's filesystem.
     pub fn free_bytes(&self) -> Option<u64> {
         free_bytes(&self.root)
