@@ -9,7 +9,9 @@
 //!   `zstd -3 -T1` on the same corpus; stored size against `gzip -6`; object writes per recording.
 //! - streams10k: 10,000 concurrent v2 streams, each writing one event every 3 s for 30 s: the
 //!   node's peak RSS and the longest any write waited for its ack.
-//! - latency: 1,000 streams × 8 KiB/s for 20 s at `ack = spool`: ack latency percentiles.
+//! - latency: 1,000 streams × 8 KiB/s at `ack = spool`: ack latency percentiles, client-side
+//!   and node-side, for a 20 s steady state after a 5 s warm-up (while 1,000 streams open at
+//!   once, each creating its spool files), and apart for the writes around start and end.
 //! - latency-100: the same with 100 streams, to separate load from per-write cost.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
@@ -28,7 +30,7 @@ fn main() {
         .skip(1)
         .filter(|a| !a.starts_with("--"))
         .collect();
-    let wants = |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()));
+    let wants = |name: &str| filter.is_empty() || filter.iter().any(|f| name == f);
     if let Ok(path) = std::env::var("CASTVAULT_CORPUS_OUT") {
         std::fs::write(
             path,
@@ -253,14 +255,14 @@ fn latencies(sends: &[(Instant, u64)], acks: &[(Instant, u64)]) -> Vec<Duration>
 }
 
 /// Runs `streams` concurrent v2 uploads, each sending `event_bytes` every `every` for `duration`.
-/// Returns every write's ack latency.
+/// Returns every write's send time and ack latency.
 async fn paced_streams(
     node: &Node,
     streams: usize,
     every: Duration,
     event_bytes: usize,
     duration: Duration,
-) -> Vec<Duration> {
+) -> Vec<(Instant, Duration)> {
     let header = format!("{}\n", corpus::header(80, 24));
     let tasks: Vec<_> = (0..streams)
         .map(|i| {
@@ -294,7 +296,8 @@ async fn paced_streams(
                 let (result, _) = up.finish().await;
                 result.unwrap();
                 let acks = log.lock().unwrap().acks.clone();
-                latencies(&sends, &acks)
+                let lat = latencies(&sends, &acks);
+                sends.iter().map(|s| s.0).zip(lat).collect::<Vec<_>>()
             })
         })
         .collect();
@@ -305,17 +308,27 @@ async fn paced_streams(
     all
 }
 
-/// A node histogram from `/metrics` as bucket bounds at p50, p90 and p99 (and the largest
-/// bucket used), to tell node time from client and network time.
-async fn node_histogram(node: &Node, name: &str, what: &str) -> String {
-    let (_, body) = common::http_get(node.web, "/metrics").await.unwrap();
+/// A node histogram's cumulative buckets from `/metrics`: (upper bound, count).
+async fn node_buckets(web: std::net::SocketAddr, name: &str) -> Vec<(String, u64)> {
+    let (_, body) = common::http_get(web, "/metrics").await.unwrap();
     let text = String::from_utf8(body).unwrap();
     let prefix = format!("{name}_bucket{{le=\"");
-    let buckets: Vec<(String, u64)> = text
-        .lines()
+    text.lines()
         .filter_map(|l| l.strip_prefix(prefix.as_str()))
         .filter_map(|l| l.split_once("\"} "))
         .map(|(le, n)| (le.to_owned(), n.trim().parse().unwrap()))
+        .collect()
+}
+
+/// The observations between two snapshots of a node histogram as bucket bounds at p50, p90,
+/// p99 and the largest bucket used, to tell node time from client and network time.
+fn bucket_percentiles(what: &str, before: &[(String, u64)], after: &[(String, u64)]) -> String {
+    let buckets: Vec<(String, u64)> = after
+        .iter()
+        .map(|(le, n)| {
+            let earlier = before.iter().find(|b| &b.0 == le).map_or(0, |b| b.1);
+            (le.clone(), n - earlier)
+        })
         .collect();
     let total = buckets.last().map_or(0, |b| b.1);
     let at = |p: f64| {
@@ -353,14 +366,17 @@ async fn streams_10k() {
         }
     });
     let start = Instant::now();
-    let mut lat = paced_streams(
+    let mut lat: Vec<Duration> = paced_streams(
         &node,
         10_000,
         Duration::from_secs(3),
         120,
         Duration::from_secs(30),
     )
-    .await;
+    .await
+    .into_iter()
+    .map(|(_, lat)| lat)
+    .collect();
     let elapsed = start.elapsed();
     let hwm = rss_kib(pid, "VmHWM:");
     lat.sort();
@@ -378,6 +394,13 @@ async fn streams_10k() {
     sampler.abort();
 }
 
+/// Writes sent in the first seconds of a latency run, while the streams are still being opened,
+/// are reported apart from the steady state.
+const LATENCY_WARMUP: Duration = Duration::from_secs(5);
+
+/// The steady-state window: from the warm-up's end until this long before the streams close.
+const LATENCY_STEADY: Duration = Duration::from_secs(20);
+
 async fn latency(streams: usize) {
     let data = tempfile::tempdir().unwrap();
     let mut args = vec!["--ack".to_owned(), "spool".to_owned()];
@@ -386,40 +409,64 @@ async fn latency(streams: usize) {
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let node = Node::start(data.path(), &args, &[]).await;
+    let started = Instant::now();
+    let names = [
+        ("castvault_ack_latency_seconds", "ack latency, frames"),
+        (
+            "castvault_spool_journal_commit_seconds",
+            "journal commit rounds",
+        ),
+    ];
+    // Snapshots of the node's histograms at the steady window's start and end.
+    let snapshots = {
+        let node_web = node.web;
+        tokio::spawn(async move {
+            let mut out = Vec::new();
+            for at in [LATENCY_WARMUP, LATENCY_WARMUP + LATENCY_STEADY] {
+                tokio::time::sleep_until((started + at).into()).await;
+                let mut snap = Vec::new();
+                for (name, _) in names {
+                    snap.push(node_buckets(node_web, name).await);
+                }
+                out.push(snap);
+            }
+            out
+        })
+    };
     // 8 KiB/s per stream: a 1 KiB write every 125 ms.
-    let mut lat = paced_streams(
+    let sent = paced_streams(
         &node,
         streams,
         Duration::from_millis(125),
         1024,
-        Duration::from_secs(20),
+        LATENCY_WARMUP + LATENCY_STEADY + Duration::from_secs(1),
     )
     .await;
-    lat.sort();
+    let snapshots = snapshots.await.unwrap();
+    let window = started + LATENCY_WARMUP..started + LATENCY_WARMUP + LATENCY_STEADY;
+    let (mut steady, mut rest): (Vec<_>, Vec<_>) =
+        sent.into_iter().partition(|(at, _)| window.contains(at));
     println!(
-        "{}",
-        node_histogram(
-            &node,
-            "castvault_ack_latency_seconds",
-            "ack latency, frames"
-        )
-        .await
+        "{streams} streams x 8 KiB/s at ack=spool, {} s warm-up, {} s steady:",
+        LATENCY_WARMUP.as_secs(),
+        LATENCY_STEADY.as_secs()
     );
-    println!(
-        "{}",
-        node_histogram(
-            &node,
-            "castvault_spool_journal_commit_seconds",
-            "journal commit rounds"
-        )
-        .await
-    );
-    println!(
-        "{streams} streams x 8 KiB/s for 20 s at ack=spool ({} writes): ack latency p50 {:?} p90 {:?} p99 {:?} max {:?}",
-        lat.len(),
-        percentile(&lat, 0.5),
-        percentile(&lat, 0.9),
-        percentile(&lat, 0.99),
-        lat.last().unwrap()
-    );
+    for (i, (_, what)) in names.iter().enumerate() {
+        println!(
+            "{}",
+            bucket_percentiles(what, &snapshots[0][i], &snapshots[1][i])
+        );
+    }
+    for (what, lat) in [("steady state", &mut steady), ("start and end", &mut rest)] {
+        let mut lat: Vec<Duration> = lat.iter().map(|(_, l)| *l).collect();
+        lat.sort();
+        println!(
+            "  client-side, {what} ({} writes): ack latency p50 {:?} p90 {:?} p99 {:?} max {:?}",
+            lat.len(),
+            percentile(&lat, 0.5),
+            percentile(&lat, 0.9),
+            percentile(&lat, 0.99),
+            lat.last().unwrap()
+        );
+    }
 }
