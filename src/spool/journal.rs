@@ -248,6 +248,7 @@ fn run_writer(
     commit_seconds: &Histogram,
 ) {
     let mut seq = segment_seq(&segment.path).unwrap_or(0);
+    let mut spare = Spare::prepare(&dir, seq + 1);
     let mut messages = Vec::with_capacity(ROUND_APPENDS);
     let mut buf = Vec::new();
     while rx.blocking_recv_many(&mut messages, ROUND_APPENDS) > 0 {
@@ -287,20 +288,65 @@ fn run_writer(
         }
         let aged = segment.len > 0 && segment.opened.elapsed() >= SEGMENT_MAX_AGE;
         if segment.len >= SEGMENT_BYTES || aged {
-            match Segment::create(&dir, seq + 1) {
-                Ok(next) => {
+            // The next segment is created ahead on its own thread: creating a file and fsyncing
+            // the directory can take many milliseconds, and every ack would wait for it here.
+            // Only a segment far past its size waits for the spare.
+            let must = segment.len >= 2 * SEGMENT_BYTES;
+            match spare.take(must) {
+                Some(Ok(mut next)) => {
+                    next.opened = Instant::now();
                     let old = std::mem::replace(&mut segment, next);
                     let _ = data.send(DataMessage::Rotated {
                         seq,
                         path: old.path,
                     });
                     seq += 1;
+                    spare = Spare::prepare(&dir, seq + 1);
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot rotate the spool journal; the segment keeps growing")
+                Some(Err(e)) => {
+                    tracing::error!(error = %e, "cannot create the next journal segment; the current one keeps growing");
+                    spare = Spare::prepare(&dir, seq + 1);
                 }
+                None => {}
             }
         }
+    }
+}
+
+/// The next journal segment, being created on a helper thread.
+struct Spare(Option<std::thread::JoinHandle<Result<Segment, SpoolError>>>);
+
+impl Spare {
+    fn prepare(dir: &Path, seq: u64) -> Self {
+        let dir = dir.to_owned();
+        let handle = std::thread::Builder::new()
+            .name("spool-segment".to_owned())
+            .spawn(move || Segment::create(&dir, seq));
+        match handle {
+            Ok(handle) => Self(Some(handle)),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the journal segment helper");
+                Self(None)
+            }
+        }
+    }
+
+    /// The spare segment once it is ready (or, with `wait`, after waiting for it); `None` while
+    /// it is still being created.
+    fn take(&mut self, wait: bool) -> Option<Result<Segment, SpoolError>> {
+        if !wait && !self.0.as_ref().is_some_and(|h| h.is_finished()) {
+            return self.0.is_none().then(|| Err(helper_gone()));
+        }
+        let handle = self.0.take()?;
+        Some(handle.join().unwrap_or_else(|_| Err(helper_gone())))
+    }
+}
+
+fn helper_gone() -> SpoolError {
+    SpoolError::Io {
+        op: "create journal segment",
+        path: PathBuf::from("journal"),
+        source: std::io::Error::other("segment helper thread failed"),
     }
 }
 
