@@ -326,8 +326,10 @@ impl Uploader {
 }
 
 impl UploadState {
-    /// A live catalog row is written only for a recording still being received: one that ended
-    /// before its first upload goes straight to its final row.
+    /// A live catalog row is written with a recording's first upload (its first cut, at most
+    /// `chunk.max_age` after its first byte), and only while it is still being received: one
+    /// that ends sooner goes straight to its final row. That spares short recordings a put (and
+    /// the overwrite that replaces it) on the way in.
     fn needs_live_row(&self) -> bool {
         !self.live_row_written && self.end.is_none()
     }
@@ -412,7 +414,6 @@ fn take_if_due(upload: &Upload, now: Instant, config: &UploadConfig) -> bool {
     }
     let aged = s.cut_due.is_some_and(|due| now >= due);
     let due = !s.reconciled
-        || s.needs_live_row()
         || s.end.is_some()
         || pending >= config.max_chunk_bytes as u64
         || (pending > 0 && aged);

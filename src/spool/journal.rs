@@ -127,12 +127,23 @@ impl Drop for Append {
     }
 }
 
-/// Handle to the journal writer.
+/// Handle to the journal writer. Dropping it stops the writer after its last round and waits
+/// until the data writer has written every committed record into its data file.
 pub struct Journal {
-    queue: mpsc::Sender<Message>,
+    queue: Option<mpsc::Sender<Message>>,
     budget: Arc<Semaphore>,
     /// Duration of each commit round.
     pub commit_seconds: Arc<Histogram>,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        drop(self.queue.take());
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
 }
 
 impl Journal {
@@ -149,11 +160,11 @@ impl Journal {
         let commit_seconds = Arc::new(Histogram::default());
         let writer_commit_seconds = commit_seconds.clone();
         let writer_unwritten = unwritten.clone();
-        std::thread::Builder::new()
+        let data_writer = std::thread::Builder::new()
             .name("spool-data".to_owned())
             .spawn(move || DataWriter::new(data_dir, writer_unwritten).run(&data_rx))
             .map_err(io_err("start spool data thread", Path::new("journal")))?;
-        std::thread::Builder::new()
+        let writer = std::thread::Builder::new()
             .name("spool-journal".to_owned())
             .spawn(move || {
                 run_writer(
@@ -164,6 +175,8 @@ impl Journal {
                     &unwritten,
                     &writer_commit_seconds,
                 );
+                drop(data_queue);
+                let _ = data_writer.join();
             })
             .map_err(io_err("start journal thread", Path::new("journal")))?;
         // The ticker holds only a weak sender: the writer stops when the last `Journal` goes.
@@ -179,9 +192,10 @@ impl Journal {
             })
             .map_err(io_err("start journal ticker", Path::new("journal")))?;
         Ok(Self {
-            queue,
+            queue: Some(queue),
             budget: Arc::new(Semaphore::new(QUEUE_BYTES)),
             commit_seconds,
+            writer: Some(writer),
         })
     }
 
@@ -207,7 +221,8 @@ impl Journal {
             .await
             .map_err(|_| gone())?;
         let append = Append::new(file, offset, bytes, budget);
-        self.queue
+        let queue = self.queue.as_ref().ok_or_else(gone)?;
+        queue
             .send(Message::Append(append))
             .await
             .map_err(|_| gone())
@@ -311,6 +326,8 @@ fn run_writer(
             }
         }
     }
+    // A spare still being created would otherwise race the next start's replay.
+    let _ = spare.take(true);
 }
 
 /// The next journal segment, being created on a helper thread.
