@@ -169,7 +169,7 @@ struct Inner {
     store: DynStore,
     config: UploadConfig,
     registry: Mutex<HashMap<RecordingId, Arc<Upload>>>,
-    wake: Notify,
+    wake: Arc<Notify>,
     permits: Arc<Semaphore>,
     buffers: Arc<Semaphore>,
     encoders: Mutex<Vec<ChunkEncoder>>,
@@ -197,7 +197,7 @@ impl Uploader {
             store,
             config,
             registry: Mutex::new(HashMap::new()),
-            wake: Notify::new(),
+            wake: Arc::new(Notify::new()),
             permits: Arc::new(Semaphore::new(UPLOAD_CONCURRENCY)),
             buffers: Arc::new(Semaphore::new(UPLOAD_BUFFER_KIB as usize)),
             encoders: Mutex::new(Vec::new()),
@@ -288,6 +288,9 @@ impl Uploader {
     pub fn end_stream(&self, id: &RecordingId, end: StreamEnd) {
         if let Some(upload) = self.registry().get(id) {
             upload.state().end = Some(end);
+            // Its last bytes may still be on their way to the data file: look again as soon as
+            // they are there, not at the next tick.
+            upload.file.notify_when_settled(self.inner.wake.clone());
         }
         self.inner.wake.notify_one();
     }

@@ -123,7 +123,7 @@ impl Append {
 
 impl Drop for Append {
     fn drop(&mut self) {
-        self.file.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.file.append_done();
     }
 }
 

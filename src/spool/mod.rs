@@ -129,6 +129,8 @@ pub struct SpoolFile {
     written: AtomicU64,
     /// Appends handed to the journal and not yet written to the data file or dropped.
     in_flight: AtomicU64,
+    /// Notified when `in_flight` drops to zero, once armed by [`SpoolFile::notify_when_settled`].
+    on_settled: OnceLock<Arc<tokio::sync::Notify>>,
     durable: watch::Sender<u64>,
     failed: OnceLock<String>,
 }
@@ -270,6 +272,7 @@ impl SpoolFile {
             received: AtomicU64::new(len),
             written: AtomicU64::new(len),
             in_flight: AtomicU64::new(0),
+            on_settled: OnceLock::new(),
             durable: watch::Sender::new(len),
             failed: OnceLock::new(),
         }
@@ -291,6 +294,27 @@ impl SpoolFile {
     /// journal could not commit are dropped, never written, so a failed stream settles too.
     pub fn settled(&self) -> bool {
         self.in_flight.load(Ordering::Acquire) == 0
+    }
+
+    /// Notifies `notify` once the file has settled (now, if it has). For after the stream
+    /// ended: before that, settling happens after every commit and nobody needs to hear of it.
+    pub fn notify_when_settled(&self, notify: Arc<tokio::sync::Notify>) {
+        let notify = self.on_settled.get_or_init(|| notify);
+        // Pairs with the fence in `append_done`: either it sees the hook or this sees zero.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.settled() {
+            notify.notify_one();
+        }
+    }
+
+    /// One append is done with (written or dropped).
+    fn append_done(&self) {
+        if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            std::sync::atomic::fence(Ordering::SeqCst);
+            if let Some(notify) = self.on_settled.get() {
+                notify.notify_one();
+            }
+        }
     }
 
     /// Bytes fsynced so far.
