@@ -12,9 +12,11 @@
 //!   every byte is durable at the ack level.
 //! - `HEAD /v2/event` → 200; `POST /v2/event` stores one Kubernetes API request event.
 //!
-//! The body is read as fast as it arrives: each frame is appended to the spool (a page-cache
-//! write) and reading goes on; fsync and upload happen elsewhere, and acks follow them. Nothing
-//! per stream holds more than the frame in hand and, until the header line ends, the header.
+//! The body is read as fast as it arrives: each frame is queued for the spool's journal (no file
+//! I/O on this task) and reading goes on; the commit, the data-file copy and the upload happen on
+//! other threads, and acks follow the commit. Nothing per stream holds more than the frame in
+//! hand and, until the header line ends, the header; queued frames count against the journal's
+//! byte budget, which pushes back on every stream when the disk falls behind.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
