@@ -492,7 +492,7 @@ async fn receive_recording(
         bytes: active.file.received(),
         ended_at: OffsetDateTime::now_utc(),
     };
-    let finish_error = active.file.finish(&end).await.err();
+    let finish_error = ingest.spool.finish(&active.file, &end).await.err();
     ingest.uploader.end_stream(&id, end);
     Metrics::sub(&ingest.metrics.streams_open, 1);
     if let Some(e) = finish_error {

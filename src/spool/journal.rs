@@ -6,7 +6,11 @@
 //! u32 LE body length | u32 LE CRC-32 of body | body
 //! body = u8 id length | recording id | u64 LE offset in the recording | payload
 //! ```
-//! Segments are `{spool}/journal/{seq:016}.wal`, rotated at [`SEGMENT_BYTES`].
+//! Segments are `{spool}/journal/{seq:016}.wal`, rotated at [`SEGMENT_BYTES`]. Two offsets
+//! mark metadata records: [`META_OFFSET`] carries the recording's `meta.json`, written when it
+//! opens, and [`END_OFFSET`] its `end.json`. So opening and ending a recording cost no fsync of
+//! their own: the files and directory entries are written without one, and the journal makes
+//! them durable with the next commit round.
 //!
 //! # Commit
 //! One writer thread takes every append queued while its previous round ran (no artificial
@@ -73,6 +77,17 @@ const QUEUE_APPENDS: usize = 65_536;
 /// Appends written in one commit round at most; bounds a round's latency for early writers.
 const ROUND_APPENDS: usize = 8_192;
 
+/// Offset of a record that carries the recording's `meta.json` (replay recreates the
+/// recording's directory, `meta.json` and empty `data` from it).
+pub const META_OFFSET: u64 = u64::MAX;
+
+/// Offset of a record that carries the recording's `end.json`.
+pub const END_OFFSET: u64 = u64::MAX - 1;
+
+/// Checkpoints queued for the checkpoint thread at most; one is queued per rotated segment,
+/// at most one every few seconds.
+const CHECKPOINT_QUEUE: usize = 64;
+
 /// Committed batches queued for the data writer at most; past it the journal writer waits.
 /// Bytes are bounded by [`QUEUE_BYTES`] in any case.
 pub const DATA_QUEUE_BATCHES: usize = 1024;
@@ -105,6 +120,8 @@ struct Append {
     bytes: Bytes,
     /// The segment the record was committed to (set by the writer).
     segment: u64,
+    /// Told whether the record was committed (metadata records, whose writer waits).
+    done: Option<tokio::sync::oneshot::Sender<bool>>,
     _budget: OwnedSemaphorePermit,
 }
 
@@ -116,8 +133,13 @@ impl Append {
             offset,
             bytes,
             segment: 0,
+            done: None,
             _budget: budget,
         }
+    }
+
+    fn is_metadata(&self) -> bool {
+        self.offset >= END_OFFSET
     }
 }
 
@@ -199,7 +221,7 @@ impl Journal {
         })
     }
 
-    /// Queues `bytes` (already written to `file` at `offset`) for the next commit.
+    /// Queues `bytes` (recording bytes at `offset`) for the next commit.
     ///
     /// # Errors
     /// [`SpoolError::Failed`] when the journal writer is gone.
@@ -208,6 +230,40 @@ impl Journal {
         file: &Arc<SpoolFile>,
         offset: u64,
         bytes: Bytes,
+    ) -> Result<(), SpoolError> {
+        self.enqueue(file, offset, bytes, None).await
+    }
+
+    /// Journals a metadata record ([`META_OFFSET`] or [`END_OFFSET`]) and waits for its commit.
+    ///
+    /// # Errors
+    /// [`SpoolError::Failed`] when the record could not be committed.
+    pub async fn commit_metadata(
+        &self,
+        file: &Arc<SpoolFile>,
+        offset: u64,
+        bytes: Bytes,
+    ) -> Result<(), SpoolError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.enqueue(file, offset, bytes, Some(tx)).await?;
+        match rx.await {
+            Ok(true) => Ok(()),
+            _ => Err(SpoolError::Failed {
+                recording_id: file.id.to_string(),
+                reason: file
+                    .failure()
+                    .unwrap_or("spool journal commit failed")
+                    .to_owned(),
+            }),
+        }
+    }
+
+    async fn enqueue(
+        &self,
+        file: &Arc<SpoolFile>,
+        offset: u64,
+        bytes: Bytes,
+        done: Option<tokio::sync::oneshot::Sender<bool>>,
     ) -> Result<(), SpoolError> {
         let cost = u32::try_from(bytes.len().clamp(1, QUEUE_BYTES)).unwrap_or(u32::MAX);
         let gone = || SpoolError::Failed {
@@ -220,7 +276,8 @@ impl Journal {
             .acquire_many_owned(cost)
             .await
             .map_err(|_| gone())?;
-        let append = Append::new(file, offset, bytes, budget);
+        let mut append = Append::new(file, offset, bytes, budget);
+        append.done = done;
         let queue = self.queue.as_ref().ok_or_else(gone)?;
         queue
             .send(Message::Append(append))
@@ -278,11 +335,12 @@ fn run_writer(
                 }
             })
             .collect();
-        // A failed recording takes no more records: its data file must stay a gapless prefix.
-        batch.retain(|a| a.file.failure().is_none());
+        // A failed recording takes no more data records: its data file must stay a gapless
+        // prefix. Its end record still goes in.
+        batch.retain(|a| a.is_metadata() || a.file.failure().is_none());
         if !batch.is_empty() {
             let started = Instant::now();
-            let committed = commit(&mut segment, &batch, &mut buf, &dir, unwritten);
+            let committed = commit(&mut segment, &mut batch, &mut buf, &dir, unwritten);
             commit_seconds.observe(started.elapsed().as_secs_f64());
             if started.elapsed() > SLOW_COMMIT {
                 tracing::warn!(appends = batch.len(), bytes = buf.len(), took = ?started.elapsed(), "slow journal commit");
@@ -369,9 +427,14 @@ fn helper_gone() -> SpoolError {
 
 /// The data-writer thread's state (see the module doc).
 struct DataWriter {
-    dir: PathBuf,
     /// Data files written per segment, to fsync at its checkpoint.
     touched: BTreeMap<u64, HashMap<String, Arc<SpoolFile>>>,
+    /// Recordings with metadata records per segment (true: it was opened there), whose files
+    /// and directory entries the checkpoint makes durable.
+    metadata: BTreeMap<u64, HashMap<String, (Arc<SpoolFile>, bool)>>,
+    /// The checkpoint thread: segments are checkpointed and deleted one at a time, in order,
+    /// so a segment never outlives a later one (replay relies on it).
+    checkpoints: std::sync::mpsc::SyncSender<Checkpoint>,
     /// Rotated segments waiting for their checkpoint, oldest first.
     rotated: VecDeque<(u64, PathBuf)>,
     /// Per recording, records whose data-file write failed, in offset order: retried every
@@ -384,9 +447,24 @@ struct DataWriter {
 
 impl DataWriter {
     fn new(dir: PathBuf, unwritten: Arc<AtomicU64>) -> Self {
+        let (checkpoints, jobs) = std::sync::mpsc::sync_channel::<Checkpoint>(CHECKPOINT_QUEUE);
+        let journal_dir = dir.clone();
+        let started = std::thread::Builder::new()
+            .name("spool-checkpoint".to_owned())
+            .spawn(move || {
+                // Its fsyncs are background work: acks never wait on a checkpoint.
+                crate::background::lower_priority();
+                while let Ok(job) = jobs.recv() {
+                    job.run(&journal_dir);
+                }
+            });
+        if let Err(e) = started {
+            tracing::error!(error = %e, "cannot start the journal checkpoint thread; segments stay until the next start");
+        }
         Self {
-            dir,
             unwritten,
+            metadata: BTreeMap::new(),
+            checkpoints,
             touched: BTreeMap::new(),
             rotated: VecDeque::new(),
             stalled: HashMap::new(),
@@ -415,6 +493,17 @@ impl DataWriter {
 
     fn write(&mut self, append: Append) {
         let id = append.file.id.as_str();
+        if append.is_metadata() {
+            let opened = append.offset == META_OFFSET;
+            let entry = self
+                .metadata
+                .entry(append.segment)
+                .or_default()
+                .entry(id.to_owned())
+                .or_insert_with(|| (append.file.clone(), false));
+            entry.1 |= opened;
+            return;
+        }
         if let Some(queue) = self.stalled.get_mut(id) {
             queue.push_back(append);
             return;
@@ -480,18 +569,67 @@ impl DataWriter {
             let Some((_, path)) = self.rotated.pop_front() else {
                 return;
             };
-            let files = self.touched.remove(&seq).unwrap_or_default();
-            let dir = self.dir.clone();
-            let started = std::thread::Builder::new()
-                .name("spool-checkpoint".to_owned())
-                .spawn(move || {
-                    // Its fsyncs are background work: acks never wait on a checkpoint.
-                    crate::background::lower_priority();
-                    checkpoint(&dir, &path, files.into_values());
-                });
-            if let Err(e) = started {
-                tracing::warn!(error = %e, "cannot start a journal checkpoint; the segment stays until the next start");
+            let job = Checkpoint {
+                segment: path,
+                files: self
+                    .touched
+                    .remove(&seq)
+                    .unwrap_or_default()
+                    .into_values()
+                    .collect(),
+                metadata: self
+                    .metadata
+                    .remove(&seq)
+                    .unwrap_or_default()
+                    .into_values()
+                    .collect(),
+            };
+            if self.checkpoints.send(job).is_err() {
+                tracing::warn!(
+                    "journal checkpoint thread stopped; segments stay until the next start"
+                );
             }
+        }
+    }
+}
+
+/// One rotated segment to make redundant and delete.
+struct Checkpoint {
+    segment: PathBuf,
+    files: Vec<Arc<SpoolFile>>,
+    metadata: Vec<(Arc<SpoolFile>, bool)>,
+}
+
+impl Checkpoint {
+    /// Makes the segment's bytes durable in the data files, and its metadata records durable as
+    /// files and directory entries, then deletes the segment. On any error the segment stays
+    /// (replay at the next start redoes it).
+    fn run(self, journal_dir: &Path) {
+        for file in &self.files {
+            if let Err(e) = file.sync_data_file() {
+                tracing::error!(recording_id = %file.id, error = %e, "checkpoint fsync failed; keeping the journal segment");
+                return;
+            }
+        }
+        for (file, _) in &self.metadata {
+            if let Err(e) = file.sync_metadata() {
+                tracing::error!(recording_id = %file.id, error = %e, "checkpoint fsync failed; keeping the journal segment");
+                return;
+            }
+        }
+        // New recording directories are entries of the spool root.
+        if self.metadata.iter().any(|(_, opened)| *opened)
+            && let Some(root) = journal_dir.parent()
+            && let Err(e) = fsync_dir(root)
+        {
+            tracing::error!(error = %e, "checkpoint fsync failed; keeping the journal segment");
+            return;
+        }
+        if let Err(e) = fs::remove_file(&self.segment)
+            .map_err(io_err("remove segment", &self.segment))
+            .and_then(|()| fsync_dir(journal_dir))
+        {
+            tracing::warn!(error = %e, "cannot remove a checkpointed journal segment");
         }
     }
 }
@@ -501,20 +639,23 @@ impl DataWriter {
 /// be written to its data file. A commit that would cut into it fails like a full disk.
 pub const DATA_RESERVE_BYTES: u64 = 1 << 20;
 
-/// Writes one batch with one write and one fdatasync, then moves the durable offsets. Returns
-/// false, with the batch's recordings failed, when the batch could not be committed.
+/// Writes one batch with one write and one fdatasync, then moves the durable offsets and tells
+/// metadata writers. Returns false, with the batch's recordings failed, when the batch could
+/// not be committed.
 fn commit(
     segment: &mut Segment,
-    batch: &[Append],
+    batch: &mut [Append],
     buf: &mut Vec<u8>,
     dir: &Path,
     unwritten: &AtomicU64,
 ) -> bool {
     buf.clear();
     let mut payload = 0;
-    for append in batch {
+    for append in batch.iter() {
         encode(buf, append.file.id.as_str(), append.offset, &append.bytes);
-        payload += append.bytes.len() as u64;
+        if !append.is_metadata() {
+            payload += append.bytes.len() as u64;
+        }
     }
     // Each committed byte is written twice, here and in its data file: commit only what the
     // disk can still take both times, or a record acked now could never reach its data file.
@@ -530,11 +671,11 @@ fn commit(
             .write_all_at(buf, segment.len)
             .and_then(|()| segment.file.sync_data())
     };
-    match written {
+    let committed = match written {
         Ok(()) => {
             segment.len += buf.len() as u64;
             unwritten.fetch_add(payload, Ordering::AcqRel);
-            for append in batch {
+            for append in batch.iter().filter(|a| !a.is_metadata()) {
                 append
                     .file
                     .mark_durable(append.offset + append.bytes.len() as u64);
@@ -544,28 +685,18 @@ fn commit(
         Err(e) => {
             let _ = segment.file.set_len(segment.len);
             tracing::error!(path = %segment.path.display(), error = %e, "spool journal write failed; affected streams end with an error");
-            for append in batch {
+            for append in batch.iter() {
                 append.file.fail(&format!("journal write failed: {e}"));
             }
             false
         }
-    }
-}
-
-/// Makes a rotated segment's bytes durable in the data files, then deletes the segment.
-fn checkpoint(dir: &Path, segment: &Path, files: impl Iterator<Item = Arc<SpoolFile>>) {
-    for file in files {
-        if let Err(e) = file.sync_data_file() {
-            tracing::error!(recording_id = %file.id, error = %e, "checkpoint fsync failed; keeping the journal segment");
-            return;
+    };
+    for append in batch.iter_mut() {
+        if let Some(done) = append.done.take() {
+            let _ = done.send(committed);
         }
     }
-    if let Err(e) = fs::remove_file(segment)
-        .map_err(io_err("remove segment", segment))
-        .and_then(|()| fsync_dir(dir))
-    {
-        tracing::warn!(error = %e, "cannot remove a checkpointed journal segment");
-    }
+    committed
 }
 
 fn encode(buf: &mut Vec<u8>, id: &str, offset: u64, payload: &[u8]) {
@@ -643,6 +774,7 @@ pub fn replay(dir: &Path, spool_root: &Path) -> Result<u64, SpoolError> {
         .collect();
     segments.sort();
     let mut files: HashMap<String, Option<File>> = HashMap::new();
+    let mut restored: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
     let mut replayed = 0u64;
     for (_, path) in &segments {
         let mut data = Vec::new();
@@ -658,15 +790,42 @@ pub fn replay(dir: &Path, spool_root: &Path) -> Result<u64, SpoolError> {
             tracing::warn!(path = %path.display(), torn_bytes = data.len() - consumed, "journal segment ends in a torn record; ignoring it");
         }
         for record in records {
+            let recording = spool_root.join(record.id);
+            if record.offset == META_OFFSET {
+                // The recording opened here: its directory, meta.json and data file may never
+                // have reached the disk. (If it was finalized since, it comes back and the
+                // uploader finds its manifest in the store.)
+                fs::create_dir_all(&recording)
+                    .map_err(io_err("replay recording dir", &recording))?;
+                let meta = recording.join("meta.json");
+                fs::write(&meta, record.payload).map_err(io_err("replay meta", &meta))?;
+                let data = recording.join("data");
+                let file = OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .read(true)
+                    .write(true)
+                    .open(&data)
+                    .map_err(io_err("replay data", &data))?;
+                files.insert(record.id.to_owned(), Some(file));
+                restored.insert(record.id.to_owned());
+                continue;
+            }
             let file = files.entry(record.id.to_owned()).or_insert_with(|| {
-                // No spool directory: the recording was finalized; its bytes are in the store.
+                // No spool directory and no meta record: finalized; its bytes are in the store.
                 OpenOptions::new()
                     .read(true)
                     .write(true)
-                    .open(spool_root.join(record.id).join("data"))
+                    .open(recording.join("data"))
                     .ok()
             });
             let Some(file) = file else { continue };
+            if record.offset == END_OFFSET {
+                let end = recording.join("end.json");
+                fs::write(&end, record.payload).map_err(io_err("replay end", &end))?;
+                restored.insert(record.id.to_owned());
+                continue;
+            }
             // Always rewritten, not only past the file's end: after a power cut a data file can
             // have its length but lost pages inside it. Rewriting identical bytes is harmless.
             file.write_all_at(record.payload, record.offset)
@@ -677,6 +836,20 @@ pub fn replay(dir: &Path, spool_root: &Path) -> Result<u64, SpoolError> {
     for file in files.values().flatten() {
         file.sync_data()
             .map_err(io_err("fsync replayed data", dir))?;
+    }
+    for id in &restored {
+        let recording = spool_root.join(id);
+        for name in ["meta.json", "end.json"] {
+            let path = recording.join(name);
+            if let Ok(f) = File::open(&path) {
+                f.sync_all()
+                    .map_err(io_err("fsync replayed metadata", &path))?;
+            }
+        }
+        fsync_dir(&recording)?;
+    }
+    if !restored.is_empty() {
+        fsync_dir(spool_root)?;
     }
     for (_, path) in &segments {
         fs::remove_file(path).map_err(io_err("remove replayed segment", path))?;

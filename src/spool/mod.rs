@@ -8,7 +8,10 @@
 //! {data_dir}/spool/{recording_id}/chunks.jsonl  one manifest chunk entry per committed chunk
 //! {data_dir}/spool/{recording_id}/end.json      how the stream ended, written when it ends
 //! ```
-//! `meta.json` and `end.json` are written temp → fsync → rename → fsync dir.
+//! None of these is fsynced when written. `meta.json` and `end.json` also go into the journal as
+//! metadata records and are durable once committed (before the first ack, and before the final
+//! ack); replay rebuilds the directory, `meta.json`, `data` and `end.json` from the journal, and a
+//! journal checkpoint fsyncs them and their directory entries before it deletes a segment.
 //!
 //! # Durability and group commit
 //! A stream's bytes go to the shared journal ([`journal`]) only: its one writer thread commits
@@ -187,15 +190,14 @@ impl Spool {
         meta: RecordingMeta,
     ) -> Result<Arc<SpoolFile>, SpoolError> {
         let dir = self.root.join(id.as_str());
-        let root = self.root.clone();
+        let meta = Bytes::from(serde_json::to_vec(&meta).unwrap_or_default());
+        let meta_file = meta.clone();
+        // No fsync here: the journal's meta record makes all of this durable with the next
+        // commit round, and replay recreates it from that record.
         let file = blocking(move || {
             fs::create_dir(&dir).map_err(io_err("create recording dir", &dir))?;
-            write_atomically(
-                &dir,
-                "meta.json",
-                &serde_json::to_vec(&meta).unwrap_or_default(),
-            )?;
-            fsync_dir(&root)?;
+            let path = dir.join("meta.json");
+            fs::write(&path, &meta_file).map_err(io_err("write meta", &path))?;
             let path = dir.join("data");
             OpenOptions::new()
                 .create_new(true)
@@ -205,7 +207,31 @@ impl Spool {
             Ok(SpoolFile::new(id, dir, 0))
         })
         .await?;
-        Ok(Arc::new(file))
+        let file = Arc::new(file);
+        if let Err(e) = self
+            .journal
+            .commit_metadata(&file, journal::META_OFFSET, meta)
+            .await
+        {
+            // Never acked: leave nothing for the next start to resume.
+            let _ = file.remove().await;
+            return Err(e);
+        }
+        Ok(file)
+    }
+
+    /// Records how the stream ended (`end.json`), durable before returning.
+    ///
+    /// # Errors
+    /// [`SpoolError`] on a file error or when the journal cannot commit it.
+    pub async fn finish(&self, file: &Arc<SpoolFile>, end: &StreamEnd) -> Result<(), SpoolError> {
+        let bytes = Bytes::from(serde_json::to_vec(end).unwrap_or_default());
+        let path = file.dir.join("end.json");
+        let contents = bytes.clone();
+        blocking(move || fs::write(&path, &contents).map_err(io_err("write end", &path))).await?;
+        self.journal
+            .commit_metadata(file, journal::END_OFFSET, bytes)
+            .await
     }
 
     /// Recordings left in the spool by an earlier run, oldest first.
@@ -350,16 +376,6 @@ impl SpoolFile {
         .await
     }
 
-    /// Records how the stream ended (`end.json`, durable before returning).
-    ///
-    /// # Errors
-    /// [`SpoolError::Io`] on a file error.
-    pub async fn finish(self: &Arc<Self>, end: &StreamEnd) -> Result<(), SpoolError> {
-        let dir = self.dir.clone();
-        let bytes = serde_json::to_vec(end).unwrap_or_default();
-        blocking(move || write_atomically(&dir, "end.json", &bytes)).await
-    }
-
     /// Appends a committed chunk's manifest entry to `chunks.jsonl` (not fsynced; see module doc).
     ///
     /// # Errors
@@ -435,6 +451,25 @@ impl SpoolFile {
         }
     }
 
+    /// fsyncs `meta.json` and `end.json` where present and the recording's directory (journal
+    /// checkpoint of its metadata records). A recording removed meanwhile is in the store.
+    fn sync_metadata(&self) -> Result<(), SpoolError> {
+        for name in ["meta.json", "end.json"] {
+            let path = self.dir.join(name);
+            match File::open(&path) {
+                Ok(f) => f.sync_all().map_err(io_err("fsync metadata", &path))?,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err("open metadata", &path)(e)),
+            }
+        }
+        match fsync_dir(&self.dir) {
+            Err(SpoolError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
     /// Opens the data file for one operation. Holding no descriptor per recording keeps a node
     /// at one descriptor per stream (its socket), whatever the process limit.
     fn open_data(&self, write: bool) -> io::Result<File> {
@@ -464,16 +499,6 @@ fn read_chunk_log(path: &Path) -> Vec<ChunkEntry> {
         entries.push(entry);
     }
     entries
-}
-
-fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), SpoolError> {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let path = dir.join(name);
-    let mut f = File::create(&tmp).map_err(io_err("create temp", &tmp))?;
-    f.write_all(bytes).map_err(io_err("write temp", &tmp))?;
-    f.sync_all().map_err(io_err("fsync temp", &tmp))?;
-    fs::rename(&tmp, &path).map_err(io_err("rename temp", &path))?;
-    fsync_dir(dir)
 }
 
 /// Free bytes on the filesystem holding `path`.
@@ -534,6 +559,44 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         panic!("spool file never settled");
+    }
+
+    #[tokio::test]
+    async fn a_recording_whose_files_never_reached_the_disk_comes_back_from_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = RecordingId::new(&Region::new("local").unwrap(), 4, 4);
+        let body = b"{\"version\":2}\n[0.1,\"o\",\"x\"]\n";
+        {
+            let spool = Spool::open(dir.path().to_owned()).unwrap();
+            let file = spool.create(id.clone(), meta(&id)).await.unwrap();
+            spool.append(&file, Bytes::from_static(body)).await.unwrap();
+            let end = StreamEnd {
+                outcome: StreamOutcome::Complete,
+                reason: None,
+                bytes: body.len() as u64,
+                ended_at: OffsetDateTime::now_utc(),
+            };
+            spool.finish(&file, &end).await.unwrap();
+            file.durable()
+                .wait_for(|&d| d == body.len() as u64)
+                .await
+                .unwrap();
+        }
+        // A power cut took everything that was written without an fsync: the directory entry.
+        fs::remove_dir_all(dir.path().join(id.as_str())).unwrap();
+
+        let spool = Spool::open(dir.path().to_owned()).unwrap();
+        let recovered = spool.recover().unwrap();
+        assert_eq!(recovered.len(), 1);
+        let r = &recovered[0];
+        assert_eq!(r.file.id, id);
+        assert_eq!(r.meta.recording_id, id.to_string());
+        assert_eq!(
+            r.end.as_ref().map(|e| e.outcome),
+            Some(StreamOutcome::Complete)
+        );
+        assert_eq!(r.file.written(), body.len() as u64);
+        assert_eq!(r.file.read_at(0, body.len()).await.unwrap(), body);
     }
 
     #[tokio::test]
