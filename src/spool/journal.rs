@@ -84,6 +84,10 @@ pub const META_OFFSET: u64 = u64::MAX;
 /// Offset of a record that carries the recording's `end.json`.
 pub const END_OFFSET: u64 = u64::MAX - 1;
 
+/// Offset of a record (empty) saying the recording was finalized and its spool directory
+/// removed: replay skips every record of it, rather than rebuild it from its meta record.
+pub const REMOVED_OFFSET: u64 = u64::MAX - 2;
+
 /// Checkpoints queued for the checkpoint thread at most; one is queued per rotated segment,
 /// at most one every few seconds.
 const CHECKPOINT_QUEUE: usize = 64;
@@ -139,7 +143,7 @@ impl Append {
     }
 
     fn is_metadata(&self) -> bool {
-        self.offset >= END_OFFSET
+        self.offset >= REMOVED_OFFSET
     }
 }
 
@@ -493,6 +497,9 @@ impl DataWriter {
 
     fn write(&mut self, append: Append) {
         let id = append.file.id.as_str();
+        if append.offset == REMOVED_OFFSET {
+            return;
+        }
         if append.is_metadata() {
             let opened = append.offset == META_OFFSET;
             let entry = self
@@ -776,12 +783,23 @@ pub fn replay(dir: &Path, spool_root: &Path) -> Result<u64, SpoolError> {
     let mut files: HashMap<String, Option<File>> = HashMap::new();
     let mut restored: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
     let mut replayed = 0u64;
+    let mut contents = Vec::with_capacity(segments.len());
     for (_, path) in &segments {
         let mut data = Vec::new();
         File::open(path)
             .and_then(|mut f| f.read_to_end(&mut data))
             .map_err(io_err("read journal segment", path))?;
-        let records = decode(&data);
+        contents.push(data);
+    }
+    // Recordings finalized and removed: none of their records is replayed.
+    let removed: std::collections::HashSet<&str> = contents
+        .iter()
+        .flat_map(|data| decode(data))
+        .filter(|r| r.offset == REMOVED_OFFSET)
+        .map(|r| r.id)
+        .collect();
+    for ((_, path), data) in segments.iter().zip(&contents) {
+        let records = decode(data);
         let consumed: usize = records
             .iter()
             .map(|r| 17 + r.id.len() + r.payload.len())
@@ -790,6 +808,9 @@ pub fn replay(dir: &Path, spool_root: &Path) -> Result<u64, SpoolError> {
             tracing::warn!(path = %path.display(), torn_bytes = data.len() - consumed, "journal segment ends in a torn record; ignoring it");
         }
         for record in records {
+            if removed.contains(record.id) {
+                continue;
+            }
             let recording = spool_root.join(record.id);
             if record.offset == META_OFFSET {
                 // The recording opened here: its directory, meta.json and data file may never

@@ -132,6 +132,8 @@ pub struct SpoolFile {
     written: AtomicU64,
     /// Appends handed to the journal and not yet written to the data file or dropped.
     in_flight: AtomicU64,
+    /// The journal, for the removal record.
+    journal: std::sync::Weak<journal::Journal>,
     /// Notified when `in_flight` drops to zero, once armed by [`SpoolFile::notify_when_settled`].
     on_settled: OnceLock<Arc<tokio::sync::Notify>>,
     durable: watch::Sender<u64>,
@@ -192,6 +194,7 @@ impl Spool {
         let dir = self.root.join(id.as_str());
         let meta = Bytes::from(serde_json::to_vec(&meta).unwrap_or_default());
         let meta_file = meta.clone();
+        let journal = Arc::downgrade(&self.journal);
         // No fsync here: the journal's meta record makes all of this durable with the next
         // commit round, and replay recreates it from that record.
         let file = blocking(move || {
@@ -204,7 +207,7 @@ impl Spool {
                 .write(true)
                 .open(&path)
                 .map_err(io_err("create data", &path))?;
-            Ok(SpoolFile::new(id, dir, 0))
+            Ok(SpoolFile::new(id, dir, 0, journal))
         })
         .await?;
         let file = Arc::new(file);
@@ -271,7 +274,7 @@ impl Spool {
                 .len();
             let chunks = read_chunk_log(&dir.join("chunks.jsonl"));
             found.push(Recovered {
-                file: Arc::new(SpoolFile::new(id, dir, len)),
+                file: Arc::new(SpoolFile::new(id, dir, len, Arc::downgrade(&self.journal))),
                 meta,
                 end,
                 chunks,
@@ -291,10 +294,16 @@ pub struct Recovered {
 }
 
 impl SpoolFile {
-    fn new(id: RecordingId, dir: PathBuf, len: u64) -> Self {
+    fn new(
+        id: RecordingId,
+        dir: PathBuf,
+        len: u64,
+        journal: std::sync::Weak<journal::Journal>,
+    ) -> Self {
         Self {
             id,
             dir,
+            journal,
             received: AtomicU64::new(len),
             written: AtomicU64::new(len),
             in_flight: AtomicU64::new(0),
@@ -409,6 +418,13 @@ impl SpoolFile {
     /// # Errors
     /// [`SpoolError::Io`] on a file error.
     pub async fn remove(self: &Arc<Self>) -> Result<(), SpoolError> {
+        // Tells replay not to rebuild it from its meta record. Not waited for: if it is lost
+        // in a crash, the rebuilt recording finds its manifest in the store and goes again.
+        if let Some(journal) = self.journal.upgrade() {
+            let _ = journal
+                .append(self, journal::REMOVED_OFFSET, Bytes::new())
+                .await;
+        }
         let dir = self.dir.clone();
         blocking(move || fs::remove_dir_all(&dir).map_err(io_err("remove recording dir", &dir)))
             .await
@@ -550,6 +566,17 @@ mod tests {
         }
     }
 
+    /// Opens a recording and makes its 14-byte header durable.
+    async fn open_with_header(spool: &Spool, id: &RecordingId) -> Arc<SpoolFile> {
+        let file = spool.create(id.clone(), meta(id)).await.unwrap();
+        spool
+            .append(&file, Bytes::from_static(b"{\"version\":2}\n"))
+            .await
+            .unwrap();
+        file.durable().wait_for(|&d| d == 14).await.unwrap();
+        file
+    }
+
     /// Waits (up to 5 s) for the data writer to be done with `file`.
     async fn wait_settled(file: &SpoolFile) {
         for _ in 0..500 {
@@ -600,16 +627,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_removed_recording_is_not_rebuilt_from_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = RecordingId::new(&Region::new("local").unwrap(), 5, 5);
+        {
+            let spool = Spool::open(dir.path().to_owned()).unwrap();
+            let file = open_with_header(&spool, &id).await;
+            wait_settled(&file).await;
+            file.remove().await.unwrap();
+        }
+        let spool = Spool::open(dir.path().to_owned()).unwrap();
+        assert!(spool.recover().unwrap().is_empty());
+        assert!(!dir.path().join(id.as_str()).exists());
+    }
+
+    #[tokio::test]
     async fn a_failed_recording_takes_no_more_appends_and_settles() {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path().to_owned()).unwrap();
         let id = RecordingId::new(&Region::new("local").unwrap(), 1, 2);
-        let file = spool.create(id.clone(), meta(&id)).await.unwrap();
-        spool
-            .append(&file, Bytes::from_static(b"{\"version\":2}\n"))
-            .await
-            .unwrap();
-        file.durable().wait_for(|&d| d == 14).await.unwrap();
+        let file = open_with_header(&spool, &id).await;
         file.fail("test");
         assert!(matches!(
             spool.append(&file, Bytes::from_static(b"x")).await,
