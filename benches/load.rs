@@ -10,8 +10,9 @@
 //! - streams10k: 10,000 concurrent v2 streams, each writing one event every 3 s for 30 s: the
 //!   node's peak RSS and the longest any write waited for its ack.
 //! - latency: 1,000 streams × 8 KiB/s at `ack = spool`: ack latency percentiles, client-side
-//!   and node-side, for a 20 s steady state after a 5 s warm-up (while 1,000 streams open at
-//!   once, each creating its spool files), and apart for the writes around start and end.
+//!   and node-side, for a 20 s steady state after a 5 s warm-up; client-side apart for the
+//!   warm-up (1,000 streams open at once, and their first chunks are cut and put together) and
+//!   for the last second (they all close).
 //! - latency-100: the same with 100 streams, to separate load from per-write cost.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
@@ -489,8 +490,10 @@ async fn latency(streams: usize) {
     .await;
     let snapshots = snapshots.await.unwrap();
     let window = started + LATENCY_WARMUP..started + LATENCY_WARMUP + LATENCY_STEADY;
-    let (mut steady, mut rest): (Vec<_>, Vec<_>) =
+    let (mut steady, rest): (Vec<_>, Vec<_>) =
         sent.into_iter().partition(|(at, _)| window.contains(at));
+    let (mut start, mut end): (Vec<_>, Vec<_>) =
+        rest.into_iter().partition(|(at, _)| *at < window.start);
     println!(
         "{streams} streams x 8 KiB/s at ack=spool, {} s warm-up, {} s steady:",
         LATENCY_WARMUP.as_secs(),
@@ -502,8 +505,15 @@ async fn latency(streams: usize) {
             bucket_percentiles(what, &snapshots[0][i], &snapshots[1][i])
         );
     }
-    for (what, lat) in [("steady state", &mut steady), ("start and end", &mut rest)] {
+    for (what, lat) in [
+        ("steady state", &mut steady),
+        ("warm-up, streams opening", &mut start),
+        ("last second, streams closing", &mut end),
+    ] {
         let mut lat: Vec<Duration> = lat.iter().map(|(_, l)| *l).collect();
+        if lat.is_empty() {
+            continue;
+        }
         lat.sort();
         println!(
             "  client-side, {what} ({} writes): ack latency p50 {:?} p90 {:?} p99 {:?} max {:?}",
