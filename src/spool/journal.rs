@@ -439,6 +439,7 @@ struct DataWriter {
     /// The checkpoint thread: segments are checkpointed and deleted one at a time, in order,
     /// so a segment never outlives a later one (replay relies on it).
     checkpoints: std::sync::mpsc::SyncSender<Checkpoint>,
+    checkpoint_thread: Option<std::thread::JoinHandle<()>>,
     /// Rotated segments waiting for their checkpoint, oldest first.
     rotated: VecDeque<(u64, PathBuf)>,
     /// Per recording, records whose data-file write failed, in offset order: retried every
@@ -462,13 +463,14 @@ impl DataWriter {
                     job.run(&journal_dir);
                 }
             });
-        if let Err(e) = started {
-            tracing::error!(error = %e, "cannot start the journal checkpoint thread; segments stay until the next start");
-        }
+        let checkpoint_thread = started
+            .inspect_err(|e| tracing::error!(error = %e, "cannot start the journal checkpoint thread; segments stay until the next start"))
+            .ok();
         Self {
             unwritten,
             metadata: BTreeMap::new(),
             checkpoints,
+            checkpoint_thread,
             touched: BTreeMap::new(),
             rotated: VecDeque::new(),
             stalled: HashMap::new(),
@@ -492,6 +494,16 @@ impl DataWriter {
                 self.retry();
             }
             self.checkpoint_ready();
+        }
+        // Stopping: let queued checkpoints finish, so the next start never races one.
+        let Self {
+            checkpoints,
+            checkpoint_thread,
+            ..
+        } = self;
+        drop(checkpoints);
+        if let Some(thread) = checkpoint_thread {
+            let _ = thread.join();
         }
     }
 
