@@ -6,23 +6,25 @@
 //! u32 LE body length | u32 LE CRC-32 of body | body
 //! body = u8 id length | recording id | u64 LE offset in the recording | payload
 //! ```
-//! Segments are `{spool}/journal/{seq:016}.wal`, rotated at [`SEGMENT_BYTES`]. Two offsets
-//! mark metadata records: [`META_OFFSET`] carries the recording's `meta.json`, written when it
-//! opens, and [`END_OFFSET`] its `end.json`. So opening and ending a recording cost no fsync of
-//! their own: the files and directory entries are written without one, and the journal makes
-//! them durable with the next commit round.
+//! Segments are `{spool}/journal/{seq:016}.wal`, rotated at [`SEGMENT_BYTES`] or
+//! [`SEGMENT_MAX_AGE`]. Three offsets mark metadata records: [`META_OFFSET`] carries the
+//! recording's `meta.json` (it opened), [`END_OFFSET`] its `end.json` (its stream ended) and
+//! [`REMOVED_OFFSET`] nothing (it was finalized and its directory removed). So opening and ending
+//! a recording cost no fsync of their own: the files and directory entries are written without
+//! one, and the journal makes them durable with the next commit round.
 //!
 //! # Commit
 //! One writer thread takes every append queued while its previous round ran (no artificial
 //! window), writes them with one `write`, calls `fdatasync` once, then moves each recording's
-//! durable offset. The queue is bounded in bytes ([`QUEUE_BYTES`]); a full queue makes writers
-//! wait, which is back-pressure, never a drop. A round is refused like a full disk when the disk
-//! could not also take its bytes in the data files ([`DATA_RESERVE_BYTES`]); a refused round's
-//! streams are failed and its records dropped (never acked), and records of a failed recording
-//! are not journaled any more, so a data file is always a gapless prefix of its recording.
+//! durable offset and tells metadata writers. The queue is bounded in bytes ([`QUEUE_BYTES`]); a
+//! full queue makes writers wait, which is back-pressure, never a drop. A round is refused like a
+//! full disk when the disk could not also take its bytes in the data files
+//! ([`DATA_RESERVE_BYTES`]); a refused round's streams are failed and its records dropped (never
+//! acked), and data records of a failed recording are not journaled any more, so a data file is
+//! always a gapless prefix of its recording.
 //!
 //! # Data writer
-//! After a round (committed or not) the batch goes to the data-writer thread, which writes each
+//! After a committed round the batch goes to the data-writer thread, which writes each data
 //! record into its recording's data file at its offset and moves the file's `written` offset.
 //! Its queue is bounded ([`DATA_QUEUE_BATCHES`]) and each record keeps its share of
 //! [`QUEUE_BYTES`] until it is in its data file, so a slow disk pushes back on the streams.
@@ -30,16 +32,20 @@
 //! second, in order, until it succeeds; its bytes stay in the journal meanwhile.
 //!
 //! # Checkpoint
-//! When a segment is rotated out, the data writer, once every record of that segment is in its
-//! data file, starts a checkpoint thread that fsyncs those data files and then deletes the
-//! segment. So a segment is deleted only when its bytes are durable in the data files.
+//! When a segment is rotated out and every record of it is in its data file, the data writer
+//! queues it for the one checkpoint thread, which fsyncs those data files, the metadata files and
+//! directory entries of recordings with metadata records in it, and then deletes the segment.
+//! Segments are deleted one at a time, in order, and only once their bytes are durable elsewhere.
 //!
 //! # Replay
-//! At start, before anything else, every segment is read in order; each record whose recording
-//! still has a spool directory is written into its data file at its offset (always: a power cut
-//! can leave a file at full length with lost pages inside), the data files are fsynced, and the
-//! segments are deleted. A record whose length or CRC does not check
-//! is a torn tail: replay of that segment stops there (such bytes were never acked).
+//! At start, before anything else, every segment is read in order. Records of a removed
+//! recording are skipped. A meta record rebuilds its recording's directory, `meta.json` and
+//! `data`; an end record rewrites `end.json`; a data record is written into its data file at its
+//! offset (always: a power cut can leave a file at full length with lost pages inside). A data
+//! record with no directory and no meta record before it belongs to a finalized recording and is
+//! skipped. Then everything replayed is fsynced and the segments are deleted. A record whose
+//! length or CRC does not check is a torn tail: replay of that segment stops there (such bytes
+//! were never acked).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
