@@ -431,22 +431,21 @@ pub async fn upload_v1(addr: SocketAddr, pieces: &[&[u8]]) -> Result<u16, String
     if status != 100 {
         return Err(format!("recording: unexpected status: {status}"));
     }
-    for piece in pieces {
-        if piece.is_empty() {
-            continue;
-        }
-        write
-            .write_all(format!("{:x}\r\n", piece.len()).as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        write.write_all(piece).await.map_err(|e| e.to_string())?;
-        write.write_all(b"\r\n").await.map_err(|e| e.to_string())?;
+    let mut body = Vec::new();
+    for piece in pieces.iter().filter(|p| !p.is_empty()) {
+        body.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+        body.extend_from_slice(piece);
+        body.extend_from_slice(b"\r\n");
     }
-    write
-        .write_all(b"0\r\n\r\n")
-        .await
-        .map_err(|e| e.to_string())?;
-    read_status(&mut read).await
+    body.extend_from_slice(b"0\r\n\r\n");
+    // A server that refuses the body answers and closes before reading the rest, so the write
+    // can fail with a broken pipe; like Go's transport, read the answer before giving up.
+    let written = write.write_all(&body).await;
+    match (read_status(&mut read).await, written) {
+        (Ok(status), _) => Ok(status),
+        (Err(_), Err(e)) => Err(e.to_string()),
+        (Err(e), Ok(())) => Err(e),
+    }
 }
 
 async fn read_status<R: tokio::io::AsyncBufRead + Unpin>(read: &mut R) -> Result<u16, String> {
