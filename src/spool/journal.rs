@@ -61,7 +61,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::metrics::Histogram;
 
-use super::{SpoolError, SpoolFile, free_bytes, fsync_dir, io_err};
+use super::{SpoolError, SpoolFile, free_bytes, fsync_dir, io_err, sync_metadata_files};
 
 /// Segment size at which the journal rotates; bounds how much a replay reads and how much disk
 /// the journal holds besides the data files.
@@ -637,7 +637,7 @@ impl Checkpoint {
             }
         }
         for (file, _) in &self.metadata {
-            if let Err(e) = file.sync_metadata() {
+            if let Err(e) = sync_metadata_files(&file.dir) {
                 tracing::error!(recording_id = %file.id, error = %e, "checkpoint fsync failed; keeping the journal segment");
                 return;
             }
@@ -877,15 +877,7 @@ pub fn replay(dir: &Path, spool_root: &Path) -> Result<u64, SpoolError> {
             .map_err(io_err("fsync replayed data", dir))?;
     }
     for id in &restored {
-        let recording = spool_root.join(id);
-        for name in ["meta.json", "end.json"] {
-            let path = recording.join(name);
-            if let Ok(f) = File::open(&path) {
-                f.sync_all()
-                    .map_err(io_err("fsync replayed metadata", &path))?;
-            }
-        }
-        fsync_dir(&recording)?;
+        sync_metadata_files(&spool_root.join(id))?;
     }
     if !restored.is_empty() {
         fsync_dir(spool_root)?;

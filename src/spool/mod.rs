@@ -467,25 +467,6 @@ impl SpoolFile {
         }
     }
 
-    /// fsyncs `meta.json` and `end.json` where present and the recording's directory (journal
-    /// checkpoint of its metadata records). A recording removed meanwhile is in the store.
-    fn sync_metadata(&self) -> Result<(), SpoolError> {
-        for name in ["meta.json", "end.json"] {
-            let path = self.dir.join(name);
-            match File::open(&path) {
-                Ok(f) => f.sync_all().map_err(io_err("fsync metadata", &path))?,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io_err("open metadata", &path)(e)),
-            }
-        }
-        match fsync_dir(&self.dir) {
-            Err(SpoolError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
-                Ok(())
-            }
-            other => other,
-        }
-    }
-
     /// Opens the data file for one operation. Holding no descriptor per recording keeps a node
     /// at one descriptor per stream (its socket), whatever the process limit.
     fn open_data(&self, write: bool) -> io::Result<File> {
@@ -515,6 +496,23 @@ fn read_chunk_log(path: &Path) -> Vec<ChunkEntry> {
         entries.push(entry);
     }
     entries
+}
+
+/// fsyncs a recording directory's `meta.json` and `end.json` where present, then the directory
+/// itself (its entries). A directory gone meanwhile was finalized: nothing to do.
+pub(crate) fn sync_metadata_files(dir: &Path) -> Result<(), SpoolError> {
+    for name in ["meta.json", "end.json"] {
+        let path = dir.join(name);
+        match File::open(&path) {
+            Ok(f) => f.sync_all().map_err(io_err("fsync metadata", &path))?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("open metadata", &path)(e)),
+        }
+    }
+    match fsync_dir(dir) {
+        Err(SpoolError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
 }
 
 /// Free bytes on the filesystem holding `path`.
