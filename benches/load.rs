@@ -187,6 +187,8 @@ async fn ingest_run(bodies: &[Arc<Vec<u8>>], piece: usize) -> Run {
     let data = tempfile::tempdir().unwrap();
     let node = Node::start(data.path(), &[], &[]).await;
     let total: u64 = bodies.iter().map(|b| b.len() as u64).sum();
+    let node_pid = node.pid().to_string();
+    let cpu_before = (cpu_seconds(&node_pid), cpu_seconds("self"));
     let start = Instant::now();
     let tasks: Vec<_> = bodies
         .iter()
@@ -205,11 +207,13 @@ async fn ingest_run(bodies: &[Arc<Vec<u8>>], piece: usize) -> Run {
     wait_finalized(&node, bodies.len() as u64).await;
     let finalized = start.elapsed();
     println!(
-        "  {} recording(s): all acked at {:.2} s, all chunks committed at {:.2} s, all finalized at {:.2} s",
+        "  {} recording(s): all acked at {:.2} s, all chunks committed at {:.2} s, all finalized at {:.2} s; CPU used: node {:.2} s, load generator {:.2} s",
         bodies.len(),
         acked.as_secs_f64(),
         committed.as_secs_f64(),
-        finalized.as_secs_f64()
+        finalized.as_secs_f64(),
+        cpu_seconds(&node_pid) - cpu_before.0,
+        cpu_seconds("self") - cpu_before.1,
     );
     let store = data.path().join("store");
     let (stored, chunks) = dir_size(&store, &|n| n.starts_with("chunk-"));
@@ -273,6 +277,22 @@ async fn throughput() {
         med(3) / reference,
         med(4) / reference
     );
+}
+
+/// User plus system CPU seconds a process has used, from /proc/PID/stat.
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which ends at the last ')': utime and stime are 12 and 13.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i).and_then(|v| v.parse::<f64>().ok()))
+        .sum();
+    ticks / 100.0 // USER_HZ is 100 on Linux
 }
 
 fn rss_kib(pid: u32, field: &str) -> u64 {
