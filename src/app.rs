@@ -16,7 +16,9 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::catalog::{self, Catalog};
 use crate::config::Config;
+use crate::indexer;
 use crate::ingest::{self, Ingest};
 use crate::listener;
 use crate::metrics::Metrics;
@@ -58,6 +60,7 @@ pub async fn run(
         journal_commit: spool.commit_seconds(),
         ..Metrics::default()
     });
+    let catalog = Catalog::open(&config.catalog_path()).context("opening the catalog")?;
     let upload_stop = CancellationToken::new();
     let uploader = Uploader::start(
         background,
@@ -70,13 +73,25 @@ pub async fn run(
             region: region.to_string(),
         },
         metrics.clone(),
+        Some(catalog.clone()),
         upload_stop.clone(),
     );
+    background.spawn(catalog::keep_current(
+        catalog.clone(),
+        store.clone(),
+        upload_stop.clone(),
+    ));
+    background.spawn(indexer::run(
+        store.clone(),
+        catalog.clone(),
+        upload_stop.clone(),
+    ));
     let ready = CancellationToken::new();
     let draining = CancellationToken::new();
     let web_stop = CancellationToken::new();
     let web = Arc::new(Web {
         store: store.clone(),
+        catalog: catalog.clone(),
         uploader: uploader.clone(),
         metrics: metrics.clone(),
         ready: ready.clone(),

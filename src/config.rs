@@ -209,6 +209,11 @@ impl Config {
         self.data_dir.join("spool")
     }
 
+    /// The catalog database, a cache of the store's catalog rows and transcripts.
+    pub fn catalog_path(&self) -> PathBuf {
+        self.data_dir.join("catalog.sqlite")
+    }
+
     /// The ack level in force: the configured one, else by store kind.
     pub fn ack_level(&self) -> AckLevel {
         self.ack

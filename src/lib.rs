@@ -17,11 +17,14 @@
 
 pub mod app;
 pub mod background;
+pub mod catalog;
 pub mod cli;
 pub mod config;
+pub mod indexer;
 pub mod ingest;
 pub mod listener;
 pub mod metrics;
 pub mod playback;
 pub mod spool;
+pub mod ui;
 pub mod upload;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -17,6 +18,7 @@ use castvault_storage::store::DynStore;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
+use crate::catalog::{Catalog, CatalogError, Query, Scope};
 use crate::metrics::Metrics;
 use crate::upload::Uploader;
 
@@ -26,6 +28,7 @@ const EXPORT_CHUNKS_IN_FLIGHT: usize = 2;
 
 pub struct Web {
     pub store: DynStore,
+    pub catalog: Arc<Catalog>,
     pub uploader: Uploader,
     pub metrics: Arc<Metrics>,
     /// Cancelled once start-up (spool recovery) is done.
@@ -40,20 +43,29 @@ pub enum ApiError {
     BadRequest(String),
     #[error(transparent)]
     Read(#[from] ReadError),
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest(_) | Self::Catalog(CatalogError::BadQuery(_)) => {
+                StatusCode::BAD_REQUEST
+            }
+            Self::Read(ReadError::NotFound { .. }) => StatusCode::NOT_FOUND,
+            Self::Read(ReadError::Corrupt { .. } | ReadError::Decode { .. }) | Self::Catalog(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+            Self::Read(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = match &self {
-            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
-            Self::Read(ReadError::NotFound { .. }) => StatusCode::NOT_FOUND,
-            Self::Read(ReadError::Corrupt { .. } | ReadError::Decode { .. }) => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
-            Self::Read(_) => StatusCode::SERVICE_UNAVAILABLE,
-        };
         let body = serde_json::json!({ "error": crate::upload::error_chain(&self) });
-        (status, axum::Json(body)).into_response()
+        (self.status(), axum::Json(body)).into_response()
     }
 }
 
@@ -65,7 +77,9 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/api/v1/recordings", get(list))
         .route("/api/v1/recordings/{id}", get(manifest))
         .route("/api/v1/recordings/{id}/cast", get(cast))
+        .route("/api/v1/recordings/{id}/window", get(window))
         .route("/api/v1/uploads", get(uploads))
+        .merge(crate::ui::routes())
         .with_state(web)
 }
 
@@ -88,8 +102,13 @@ async fn metrics(State(web): State<Arc<Web>>) -> Response {
     response
 }
 
-async fn list(State(web): State<Arc<Web>>) -> Result<Response, ApiError> {
-    Ok(axum::Json(reader::list_catalog(web.store.as_ref()).await?).into_response())
+/// Recordings matching the query string's filters, one page at a time (see [`Query`]).
+async fn list(
+    State(web): State<Arc<Web>>,
+    axum::extract::RawQuery(raw): axum::extract::RawQuery,
+) -> Result<Response, ApiError> {
+    let query = Query::parse(raw.as_deref().unwrap_or(""))?;
+    Ok(axum::Json(web.catalog.list(query, Scope::default()).await?).into_response())
 }
 
 fn parse_id(id: &str) -> Result<RecordingId, ApiError> {
@@ -131,6 +150,115 @@ async fn cast(State(web): State<Arc<Web>>, Path(id): Path<String>) -> Result<Res
         HeaderValue::from_static("application/x-asciicast"),
     );
     Ok(response)
+}
+
+/// Chunks one window holds: the chunk with the requested time and the next, so a seek reads
+/// the manifest, the index and at most these.
+pub const WINDOW_CHUNKS: usize = 2;
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WindowQuery {
+    /// Seconds into the recording.
+    #[serde(default)]
+    from: f64,
+}
+
+/// A playable window of a recording from a time: an asciicast v2 document whose first event
+/// paints the screen as it was at the start of the chunk holding `from` (from the index), then
+/// that chunk's and the next chunk's events, with times relative to the window start.
+/// Headers tell the player where the window sits: `x-castvault-window-start` (seconds into the
+/// recording) and, when there is more, `x-castvault-next` (where the next window starts).
+async fn window(
+    State(web): State<Arc<Web>>,
+    Path(id): Path<String>,
+    query: Result<axum::extract::Query<WindowQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let axum::extract::Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let id = parse_id(&id)?;
+    let manifest = reader::read_manifest(web.store.as_ref(), &id).await?;
+    let index = crate::indexer::read_index(&web.store, &id)
+        .await
+        .ok()
+        .flatten()
+        .filter(|i| i.chunks.len() == manifest.chunks.len());
+    let doc = build_window(&web.store, &id, &manifest, index.as_ref(), query.from).await?;
+    let mut response = Response::new(Body::from(doc.body));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-asciicast"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&doc.start.to_string()) {
+        headers.insert("x-castvault-window-start", v);
+    }
+    if let Some(next) = doc
+        .next
+        .and_then(|n| HeaderValue::from_str(&n.to_string()).ok())
+    {
+        headers.insert("x-castvault-next", next);
+    }
+    Ok(response)
+}
+
+pub struct Window {
+    pub body: Vec<u8>,
+    /// Seconds into the recording where the window's time 0 is.
+    pub start: f64,
+    /// Where the next window starts, if the recording goes on.
+    pub next: Option<f64>,
+}
+
+/// Builds the window holding `from` (see [`window`]).
+///
+/// # Errors
+/// Read errors of the two chunks.
+pub async fn build_window(
+    store: &DynStore,
+    id: &RecordingId,
+    manifest: &castvault_storage::manifest::Manifest,
+    index: Option<&crate::indexer::Index>,
+    from: f64,
+) -> Result<Window, ApiError> {
+    // Chunk start times: the index's (exact, with the screen to paint), else the manifest's
+    // first event times (not indexed yet: the window starts on a blank screen).
+    let starts: Vec<f64> = match index {
+        Some(index) => index.chunks.iter().map(|c| c.time).collect(),
+        None => manifest
+            .chunks
+            .iter()
+            .map(|c| c.first_event_time.unwrap_or(0.0))
+            .collect(),
+    };
+    let first = starts.iter().rposition(|&t| t <= from).unwrap_or(0);
+    let start_state = index.and_then(|i| i.chunks.get(first));
+    let start = starts.get(first).copied().unwrap_or(0.0);
+    let mut header = manifest.header.clone();
+    if let (Some(state), Some(obj)) = (start_state, header.as_object_mut()) {
+        obj.insert("width".into(), state.cols.into());
+        obj.insert("height".into(), state.rows.into());
+    }
+    let mut body = serde_json::to_vec(&header).unwrap_or_default();
+    body.push(b'\n');
+    if let Some(state) = start_state.filter(|s| !s.init.is_empty()) {
+        let _ = serde_json::to_writer(&mut body, &(0.0, "o", &state.init));
+        body.push(b'\n');
+    }
+    let last = (first + WINDOW_CHUNKS).min(manifest.chunks.len());
+    for entry in &manifest.chunks[first..last] {
+        let (raw, _) = reader::read_chunk(store.as_ref(), id, entry).await?;
+        for line in raw.split(|&b| b == b'\n').skip(usize::from(entry.seq == 0)) {
+            let Ok((t, code, data)) =
+                serde_json::from_slice::<(f64, String, serde_json::Value)>(line.trim_ascii())
+            else {
+                continue;
+            };
+            let _ = serde_json::to_writer(&mut body, &((t - start).max(0.0), code, data));
+            body.push(b'\n');
+        }
+    }
+    let next = starts.get(last).copied();
+    Ok(Window { body, start, next })
 }
 
 fn tokio_stream_from<T: Send + 'static>(

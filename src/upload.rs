@@ -36,6 +36,7 @@ use tokio::sync::{Notify, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::catalog::Catalog;
 use crate::metrics::Metrics;
 use crate::spool::{RecordingMeta, Recovered, SpoolError, SpoolFile, StreamEnd, StreamOutcome};
 
@@ -174,6 +175,8 @@ struct Inner {
     buffers: Arc<Semaphore>,
     encoders: Mutex<Vec<ChunkEncoder>>,
     metrics: Arc<Metrics>,
+    /// Told about every catalog row written, so listing sees it at once.
+    catalog: Option<Arc<Catalog>>,
 }
 
 /// Handle to the uploader; cheap to clone.
@@ -191,9 +194,11 @@ impl Uploader {
         store: DynStore,
         config: UploadConfig,
         metrics: Arc<Metrics>,
+        catalog: Option<Arc<Catalog>>,
         stop: CancellationToken,
     ) -> Self {
         let inner = Arc::new(Inner {
+            catalog,
             store,
             config,
             registry: Mutex::new(HashMap::new()),
@@ -456,6 +461,16 @@ impl Inner {
         }
     }
 
+    /// Hands a catalog row just written to the store to the local catalog. The catalog is a
+    /// cache that rescans the store, so a failure here is logged, not fatal.
+    async fn note_row(&self, row: CatalogRow) {
+        if let Some(catalog) = &self.catalog
+            && let Err(e) = catalog.upsert(vec![row]).await
+        {
+            tracing::warn!(error = %error_chain(&e), "catalog update failed; the next scan repairs it");
+        }
+    }
+
     async fn try_process(&self, upload: &Upload) -> Result<(), UploadError> {
         let id = &upload.file.id;
         let needs_live_row = upload.state().needs_live_row();
@@ -466,6 +481,7 @@ impl Inner {
             put_overwrite(self.store.as_ref(), &path, json_bytes(&row))
                 .await
                 .map_err(UploadError::store("put", &path))?;
+            self.note_row(row).await;
             upload.state().live_row_written = true;
         }
         if !upload.state().reconciled {
@@ -826,6 +842,7 @@ impl Inner {
             put_overwrite(self.store.as_ref(), &path, json_bytes(&row))
                 .await
                 .map_err(UploadError::store("put", &path))?;
+            self.note_row(row).await;
         }
         upload.file.remove().await?;
         self.registry

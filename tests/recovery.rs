@@ -85,6 +85,7 @@ async fn restart(setup: &Setup) -> Uploader {
         setup.store.clone(),
         config,
         Arc::new(Metrics::default()),
+        None,
         CancellationToken::new(),
     );
     for recovered in spool.recover().unwrap() {

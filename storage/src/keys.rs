@@ -121,8 +121,7 @@ impl RecordingId {
     }
 
     fn date_path(&self) -> String {
-        let t = self.started_at();
-        format!("{:04}/{:02}/{:02}", t.year(), u8::from(t.month()), t.day())
+        date_path(self.started_at())
     }
 }
 
@@ -130,6 +129,12 @@ impl fmt::Display for RecordingId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }
+}
+
+/// `yyyy/mm/dd` of a time, in UTC.
+fn date_path(t: OffsetDateTime) -> String {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    format!("{:04}/{:02}/{:02}", t.year(), u8::from(t.month()), t.day())
 }
 
 /// Names every object castvault writes.
@@ -163,6 +168,17 @@ impl ObjectKey {
 
     pub fn catalog_prefix() -> Path {
         Path::from("v1/catalog")
+    }
+
+    /// The catalog rows of recordings that started on `day` (UTC).
+    pub fn catalog_day(day: OffsetDateTime) -> Path {
+        Path::from(format!("v1/catalog/{}", date_path(day)))
+    }
+
+    /// A recording's transcript: what the screen showed, one JSON line `{"t":..,"text":..}` per
+    /// screen line, written by the indexer.
+    pub fn transcript(id: &RecordingId) -> Path {
+        Path::from(format!("v1/rec/{}/{id}/transcript.jsonl", id.date_path()))
     }
 
     pub fn event(id: &EventId) -> Path {

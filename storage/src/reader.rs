@@ -119,36 +119,55 @@ pub fn body_chunks<'a>(
                 walk.next
             )));
         }
-        let compressed = get(store, &ObjectKey::chunk(&id, entry.seq)).await?;
-        if compressed.len() as u64 != entry.compressed_len {
-            return Err(corrupt(format!(
-                "chunk {} has {} bytes, manifest says {}",
-                entry.seq,
-                compressed.len(),
-                entry.compressed_len
-            )));
-        }
-        let capacity = usize::try_from(entry.raw_len).unwrap_or(usize::MAX);
-        let raw = chunk::decode(&compressed, capacity).map_err(|source| ReadError::Decode {
-            id: id.to_string(),
-            seq: entry.seq,
-            source,
-        })?;
-        let digest = chunk::digest(&raw);
-        if raw.len() as u64 != entry.raw_len || hex::encode(digest) != entry.sha256 {
-            return Err(corrupt(format!(
-                "chunk {} does not match its digest",
-                entry.seq
-            )));
-        }
+        let (raw, digest) = read_chunk(store, &id, entry).await?;
         if hex::encode(chain.push(&digest, entry.seq, entry.offset, entry.raw_len)) != entry.chain {
             return Err(corrupt(format!("hash chain breaks at chunk {}", entry.seq)));
         }
         walk.body.update(&raw);
         walk.offset += entry.raw_len;
         walk.next += 1;
-        Ok(Some((Bytes::from(raw), walk)))
+        Ok(Some((raw, walk)))
     })
+}
+
+/// Reads one chunk and checks its compressed length and SHA-256 against its manifest entry
+/// (random access for seeking; [`body_chunks`] also checks the chain and the whole body).
+/// Returns the raw bytes and their digest.
+///
+/// # Errors
+/// [`ReadError::Corrupt`] or [`ReadError::Decode`] on a failed check; store errors.
+pub async fn read_chunk(
+    store: &dyn ObjectStore,
+    id: &RecordingId,
+    entry: &crate::manifest::ChunkEntry,
+) -> Result<(Bytes, [u8; 32]), ReadError> {
+    let corrupt = |what: String| ReadError::Corrupt {
+        id: id.to_string(),
+        what,
+    };
+    let compressed = get(store, &ObjectKey::chunk(id, entry.seq)).await?;
+    if compressed.len() as u64 != entry.compressed_len {
+        return Err(corrupt(format!(
+            "chunk {} has {} bytes, manifest says {}",
+            entry.seq,
+            compressed.len(),
+            entry.compressed_len
+        )));
+    }
+    let capacity = usize::try_from(entry.raw_len).unwrap_or(usize::MAX);
+    let raw = chunk::decode(&compressed, capacity).map_err(|source| ReadError::Decode {
+        id: id.to_string(),
+        seq: entry.seq,
+        source,
+    })?;
+    let digest = chunk::digest(&raw);
+    if raw.len() as u64 != entry.raw_len || hex::encode(digest) != entry.sha256 {
+        return Err(corrupt(format!(
+            "chunk {} does not match its digest",
+            entry.seq
+        )));
+    }
+    Ok((Bytes::from(raw), digest))
 }
 
 /// Writes a recording's verified body to `out` (see [`body_chunks`]).
