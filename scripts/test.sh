@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
-# Runs every test. Installs what the tests need (Azurite from tests/tools' npm lockfile, curl
-# from apt if missing); each test starts and stops its own components (castvault nodes, Azurite)
-# on 127.0.0.1 and stops only the processes it started.
+# Runs every test. Installs what the tests need: from apt if missing, curl, Node.js/npm and
+# Chromium; from tests/tools' npm lockfile, Azurite and playwright-core; from ui's lockfile,
+# asciinema-player (to check the vendored copy the binary embeds). Each test starts and stops
+# its own components (castvault nodes, Azurite, Chromium) on 127.0.0.1 and stops only the
+# processes it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=()
 command -v curl >/dev/null || missing+=(curl)
 command -v npm >/dev/null || missing+=(nodejs npm)
+[[ -x /usr/bin/chromium ]] || missing+=(chromium)
 if ((${#missing[@]})); then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi
 (cd tests/tools && npm ci --no-audit --no-fund --loglevel=error)
+(cd ui && npm ci --no-audit --no-fund --loglevel=error)
 
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings

@@ -410,7 +410,7 @@ async fn play_page(
          <label>Idle limit <select id=\"idle\"><option value=\"\">off</option><option>1</option><option selected>2</option><option>5</option></select></label> \
          <input id=\"seek\" type=\"range\" min=\"0\" max=\"{dur:.3}\" step=\"0.1\" value=\"{t:.3}\" aria-label=\"Seek\"> \
          <span id=\"pos\">{}</span> / {}</div>\
-         <div id=\"player\" data-id=\"{}\" data-duration=\"{dur:.3}\" data-start=\"{t:.3}\"></div>\
+         <div id=\"player\" data-id=\"{}\" data-duration=\"{dur:.3}\" data-start=\"{t:.3}\" data-paused=\"{paused}\"></div>\
          <p class=\"keys\">Keys: space play/pause · ←/→ step · &lt; &gt; speed · 0–9 jump · f full screen</p>\
          <p><a href=\"/api/v1/recordings/{}/cast\" download>Download .cast</a></p>",
         [0.25, 0.5, 1.0, 1.5, 2.0, 4.0, 8.0, 16.0]
@@ -430,6 +430,7 @@ async fn play_page(
         esc(&id),
         dur = row.duration_seconds,
         t = query.t.unwrap_or(0.0).max(0.0),
+        paused = query.t.is_some(),
     );
     if let Some(q) = query.q.as_deref().filter(|q| !q.trim().is_empty()) {
         match web.catalog.hits(id.clone(), q, PLAYER_PAGE_HITS).await {

@@ -15,6 +15,7 @@
   let windowStart = 0;
   let next = null;
   let loading = 0;
+  let playing = false;
 
   function clock(s) {
     s = Math.max(0, Math.floor(s));
@@ -49,31 +50,37 @@
       fit: "width",
     };
     if (idle.value) opts.idleTimeLimit = parseFloat(idle.value);
+    // Paused: show the frame at the start time until play is pressed.
+    if (!autoPlay) opts.poster = "npt:" + opts.startAt;
     player = AsciinemaPlayer.create({ data: text }, el, opts);
+    playing = autoPlay;
+    player.addEventListener("play", function () { playing = true; });
+    player.addEventListener("playing", function () { playing = true; });
+    player.addEventListener("pause", function () { playing = false; });
     player.addEventListener("ended", function () {
+      playing = false;
       if (next !== null) load(next, true);
     });
     el.dataset.windowStart = String(windowStart);
     el.dataset.loaded = String(t);
   }
 
-  function reload(autoPlay) {
-    load(now(), autoPlay);
-  }
-
-  speed.addEventListener("change", function () { reload(true); });
-  idle.addEventListener("change", function () { reload(true); });
-  seek.addEventListener("change", function () { load(parseFloat(seek.value), true); });
+  // Settings and seeks keep playing or paused as they were.
+  speed.addEventListener("change", function () { load(now(), playing); });
+  idle.addEventListener("change", function () { load(now(), playing); });
+  seek.addEventListener("change", function () { load(parseFloat(seek.value), playing); });
   document.addEventListener("keydown", function (e) {
     if (e.target instanceof HTMLInputElement || e.target instanceof HTMLSelectElement) return;
     const i = speed.selectedIndex;
-    if (e.key === ">" && i < speed.options.length - 1) { speed.selectedIndex = i + 1; reload(true); }
-    if (e.key === "<" && i > 0) { speed.selectedIndex = i - 1; reload(true); }
+    if (e.key === ">" && i < speed.options.length - 1) { speed.selectedIndex = i + 1; load(now(), playing); }
+    if (e.key === "<" && i > 0) { speed.selectedIndex = i - 1; load(now(), playing); }
   });
   setInterval(function () {
     const t = Math.min(now(), duration);
     if (document.activeElement !== seek) seek.value = String(t);
     pos.textContent = clock(t);
   }, 250);
-  load(parseFloat(el.dataset.start) || 0, true);
+  // Opened at a moment (a search hit): show that moment, paused. Otherwise play from the start.
+  const start = parseFloat(el.dataset.start) || 0;
+  load(start, el.dataset.paused !== "true");
 })();

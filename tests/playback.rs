@@ -1,0 +1,369 @@
+//! Black-box tests of playback: the real binary on 127.0.0.1:0 receives recordings from a
+//! Tailscale-like client; the catalog API, full-text search, seek windows and the UI pages are
+//! checked over HTTP; the catalog is deleted and rebuilt; and real headless Chromium, driven by
+//! playwright-core, filters, searches, jumps to a hit and seeks in the player.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{Node, connect_and_upload, http_get, sha256};
+use serde_json::{Value, json};
+
+/// A line printed once, at [`NEEDLE_AT`] seconds into the long recording.
+const NEEDLE: &str = "NEEDLE-pg-restart-4711";
+const NEEDLE_AT: f64 = 30.0;
+
+/// A recording of `events` output lines, 0.1 s apart, the needle printed at `NEEDLE_AT` when
+/// `needle` is set.
+fn recording(header: &Value, events: usize, needle: bool) -> Vec<u8> {
+    let mut out = serde_json::to_vec(header).unwrap();
+    out.push(b'\n');
+    let user = header["sshUser"].as_str().unwrap_or("someone");
+    for i in 0..events {
+        let t = (i as f64) * 0.1;
+        let text = if needle && (t - NEEDLE_AT).abs() < 0.05 {
+            format!("\u{1b}[1;31m$ sudo systemctl restart postgres # {NEEDLE}\u{1b}[0m\r\n")
+        } else {
+            format!(
+                "\u{1b}[32m{user}@host\u{1b}[0m:~$ echo step {i} of a long session with padding to fill chunks quickly\r\nstep {i}\r\n"
+            )
+        };
+        out.extend_from_slice(&serde_json::to_vec(&json!([t, "o", text])).unwrap());
+        out.push(b'\n');
+    }
+    out
+}
+
+fn header(user: &str, node: &str, tags: &[&str]) -> Value {
+    json!({
+        "version": 2, "width": 100, "height": 30, "timestamp": 1_764_072_000,
+        "srcNode": node, "srcNodeID": "n-1", "srcNodeTags": tags,
+        "srcNodeUser": format!("{user}@example.com"), "srcNodeUserID": 42,
+        "sshUser": user, "localUser": "root", "connectionID": format!("conn-{user}"),
+    })
+}
+
+async fn get_json(node: &Node, path: &str) -> (u16, Value) {
+    let (status, body) = http_get(node.web, path).await.unwrap();
+    let value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    (status, value)
+}
+
+async fn list_ids(node: &Node, query: &str) -> Vec<String> {
+    let (status, page) = get_json(node, &format!("/api/v1/recordings?{query}")).await;
+    assert_eq!(status, 200, "{query}: {page}");
+    page["recordings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Waits until a search for the needle finds it (the indexer has run); returns the hits.
+async fn wait_for_needle(node: &Node) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, page) = get_json(node, &format!("/api/v1/recordings?q={NEEDLE}")).await;
+        assert_eq!(status, 200);
+        if let Some(found) = page["recordings"].as_array().and_then(|r| r.first()) {
+            return found.clone();
+        }
+        assert!(Instant::now() < deadline, "the needle was never indexed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn write_config(dir: &Path) -> String {
+    let path = dir.join("castvault.toml");
+    // Small chunks, so the long recording has many and seeking has something to skip.
+    std::fs::write(&path, "[chunk]\nmax_bytes = 16384\n").unwrap();
+    path.display().to_string()
+}
+
+struct Recorded {
+    long_id: String,
+    long_digest: String,
+}
+
+/// Three recordings: a long one by alice on db-prod (tag:prod) with the needle, and short ones
+/// by bob (tag:dev) and carol (no tags).
+async fn record_three(node: &Node) -> Recorded {
+    let long = recording(
+        &header("alice", "db-prod.tail-net.ts.net", &["tag:prod", "tag:db"]),
+        1200,
+        true,
+    );
+    let long_digest = sha256(&long);
+    for body in [
+        long.clone(),
+        recording(
+            &header("bob", "web-1.tail-net.ts.net", &["tag:dev"]),
+            50,
+            false,
+        ),
+        recording(&header("carol", "build.tail-net.ts.net", &[]), 20, false),
+    ] {
+        connect_and_upload(&[node.ingest], &body, 4096)
+            .await
+            .unwrap();
+    }
+    let rows = node.wait_finalized(3).await;
+    let long_id = rows
+        .iter()
+        .find(|r| r["sshUser"] == "alice")
+        .map(|r| r["id"].as_str().unwrap().to_owned())
+        .unwrap();
+    Recorded {
+        long_id,
+        long_digest,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catalog_search_seek_and_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path());
+    let mut node = Node::start(&dir.path().join("data"), &["--config", &config], &[]).await;
+    let rec = record_three(&node).await;
+
+    // Filters and pagination.
+    assert_eq!(list_ids(&node, "").await.len(), 3);
+    assert_eq!(list_ids(&node, "sshUser=bob").await.len(), 1);
+    assert_eq!(
+        list_ids(&node, "srcNodeTags=tag:prod").await,
+        vec![rec.long_id.clone()]
+    );
+    assert_eq!(
+        list_ids(&node, "srcNode=build.tail-net.ts.net").await.len(),
+        1
+    );
+    assert_eq!(
+        list_ids(&node, "srcNodeUser=carol%40example.com")
+            .await
+            .len(),
+        1
+    );
+    assert_eq!(list_ids(&node, "connectionID=conn-bob").await.len(), 1);
+    assert_eq!(
+        list_ids(&node, "localUser=root&status=complete&region=local")
+            .await
+            .len(),
+        3
+    );
+    assert_eq!(
+        list_ids(&node, "minDuration=10").await,
+        vec![rec.long_id.clone()]
+    );
+    assert_eq!(list_ids(&node, "maxBytes=5000").await.len(), 1);
+    assert_eq!(
+        list_ids(&node, "from=2020-01-01T00:00:00Z&to=2020-01-02T00:00:00Z")
+            .await
+            .len(),
+        0
+    );
+    let mut pages = Vec::new();
+    let mut path = "/api/v1/recordings?limit=1&sort=bytes&order=asc".to_owned();
+    loop {
+        let (_, page) = get_json(&node, &path).await;
+        pages.push(
+            page["recordings"][0]["sshUser"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+        match page["next"].as_str() {
+            Some(next) => {
+                path = format!("/api/v1/recordings?limit=1&sort=bytes&order=asc&cursor={next}")
+            }
+            None => break,
+        }
+    }
+    assert_eq!(pages, ["carol", "bob", "alice"]);
+    for bad in [
+        "limit=0",
+        "limit=100000",
+        "nope=1",
+        "minBytes=x",
+        "cursor=zz",
+        "status=gone",
+    ] {
+        let (status, body) = get_json(&node, &format!("/api/v1/recordings?{bad}")).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert!(body["error"].is_string());
+    }
+
+    // Full-text search maps the hit to the moment it was on screen.
+    let found = wait_for_needle(&node).await;
+    assert_eq!(found["id"], rec.long_id.as_str());
+    let hit = &found["hits"][0];
+    assert!(hit["text"].as_str().unwrap().contains(NEEDLE));
+    let hit_time = hit["time"].as_f64().unwrap();
+    assert!(
+        (NEEDLE_AT..NEEDLE_AT + 10.0).contains(&hit_time),
+        "hit at {hit_time}"
+    );
+    assert!(
+        list_ids(&node, "q=NEEDLE-pg-restart-4711&sshUser=bob")
+            .await
+            .is_empty()
+    );
+
+    // A seek window: the screen painted from the index, then two chunks, times rebased.
+    let manifest = get_json(&node, &format!("/api/v1/recordings/{}", rec.long_id))
+        .await
+        .1;
+    let chunks = manifest["chunks"].as_array().unwrap().len();
+    assert!(
+        chunks >= 6,
+        "the long recording should span many chunks, got {chunks}"
+    );
+    let (status, body) = http_get(
+        node.web,
+        &format!("/api/v1/recordings/{}/window?from=50", rec.long_id),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+    let text = String::from_utf8(body).unwrap();
+    let mut lines = text.lines();
+    let head: Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+    assert_eq!(
+        (head["width"].as_u64(), head["height"].as_u64()),
+        (Some(100), Some(30))
+    );
+    let init: Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+    assert_eq!(init[0], 0.0);
+    assert!(
+        init[2].as_str().unwrap().contains("step"),
+        "the snapshot paints the screen"
+    );
+    let events: Vec<Value> = lines.map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(!events.is_empty());
+    let window_raw: usize = text.len();
+    assert!(
+        window_raw < (manifest["bytes"].as_u64().unwrap() as usize) / 2,
+        "a window must hold far less than the whole recording"
+    );
+    let (status, _) = http_get(
+        node.web,
+        &format!("/api/v1/recordings/{}/window?from=oops", rec.long_id),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 400);
+
+    // Pages: the list, search hits linking to the moment, the player page, errors.
+    let (status, html) = http_get(node.web, "/").await.unwrap();
+    let html = String::from_utf8(html).unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(html.matches("class=\"recording\"").count(), 3);
+    let (_, html) = http_get(node.web, &format!("/?q={NEEDLE}&sshUser=&srcNode="))
+        .await
+        .unwrap();
+    let html = String::from_utf8(html).unwrap();
+    assert!(
+        html.contains(&format!("/play/{}?t=", rec.long_id)),
+        "{html}"
+    );
+    assert!(html.contains("<mark>"));
+    let (status, html) = http_get(node.web, &format!("/play/{}?t=31&q=postgres", rec.long_id))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let html = String::from_utf8(html).unwrap();
+    assert!(html.contains("db-prod.tail-net.ts.net") && html.contains("asciinema-player.min.js"));
+    assert_eq!(http_get(node.web, "/play/not-an-id").await.unwrap().0, 400);
+    assert_eq!(
+        http_get(node.web, "/play/0000000000000000000000000000-local")
+            .await
+            .unwrap()
+            .0,
+        404
+    );
+    assert_eq!(http_get(node.web, "/?minBytes=x").await.unwrap().0, 400);
+    let (status, js) = http_get(node.web, "/assets/asciinema-player.min.js")
+        .await
+        .unwrap();
+    assert_eq!((status, js.len()), (200, 226_742));
+
+    // The catalog is a cache: delete it, restart, and everything (search included) is back.
+    node.terminate();
+    for name in ["catalog.sqlite", "catalog.sqlite-wal", "catalog.sqlite-shm"] {
+        let _ = std::fs::remove_file(dir.path().join("data").join(name));
+    }
+    node.restart().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while list_ids(&node, "").await.len() < 3 {
+        assert!(Instant::now() < deadline, "catalog not rebuilt");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(wait_for_needle(&node).await["id"], rec.long_id.as_str());
+    assert_eq!(sha256(&node.export(&rec.long_id)), rec.long_digest);
+}
+
+/// Chromium from Debian's package: the test command installs it; a missing one fails the test.
+fn chromium() -> String {
+    for candidate in ["/usr/bin/chromium", "/usr/bin/chromium-browser"] {
+        if Path::new(candidate).exists() {
+            return candidate.to_owned();
+        }
+    }
+    panic!("Chromium is not installed (the test command installs Debian's chromium package)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_filters_searches_jumps_to_a_hit_and_seeks() {
+    let tools = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tools");
+    assert!(
+        tools.join("node_modules/playwright-core").exists(),
+        "playwright-core missing: run the test command (npm ci in tests/tools)"
+    );
+    let chromium = chromium();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path());
+    let node = Node::start(&dir.path().join("data"), &["--config", &config], &[]).await;
+    let rec = record_three(&node).await;
+    wait_for_needle(&node).await;
+    // The screenshot is kept for people to look at after the run.
+    let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let out = tokio::process::Command::new("node")
+        .arg(tools.join("ui-test.cjs"))
+        .env("BASE_URL", format!("http://{}", node.web))
+        .env("NEEDLE", NEEDLE)
+        .env("LONG_ID", &rec.long_id)
+        .env("ARTIFACTS", &artifacts)
+        .env("CHROMIUM", &chromium)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("run node");
+    assert!(
+        out.status.success(),
+        "browser test failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(artifacts.join("player.png").exists());
+}
+
+/// The binary embeds ui/vendor; it must be exactly the bundle ui/package-lock.json pins (the
+/// test command runs `npm ci` in ui/ first).
+#[test]
+fn vendored_player_matches_the_lockfile() {
+    let ui = Path::new(env!("CARGO_MANIFEST_DIR")).join("ui");
+    let bundle = ui.join("node_modules/asciinema-player/dist/bundle");
+    assert!(bundle.exists(), "run the test command (npm ci in ui/)");
+    for name in ["asciinema-player.min.js", "asciinema-player.css"] {
+        let vendored = std::fs::read(ui.join("vendor").join(name)).unwrap();
+        let pinned = std::fs::read(bundle.join(name)).unwrap();
+        assert!(
+            vendored == pinned,
+            "ui/vendor/{name} differs from the npm package"
+        );
+    }
+}
