@@ -651,7 +651,8 @@ impl Catalog {
                         insert.execute(params![id])?;
                     }
                 }
-                let gone = "SELECT id FROM recordings WHERE id NOT IN (SELECT id FROM seen)";
+                // Live rows may be this node's own, listed before the store has their row.
+                let gone = "SELECT id FROM recordings WHERE status != 'live' AND id NOT IN (SELECT id FROM seen)";
                 tx.execute(&format!("DELETE FROM tags WHERE id IN ({gone})"), [])?;
                 tx.execute(
                     &format!("DELETE FROM transcript WHERE recording_id IN ({gone})"),

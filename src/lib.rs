@@ -23,6 +23,7 @@ pub mod config;
 pub mod indexer;
 pub mod ingest;
 pub mod listener;
+pub mod live;
 pub mod metrics;
 pub mod playback;
 pub mod spool;

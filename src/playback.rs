@@ -45,6 +45,8 @@ pub enum ApiError {
     Read(#[from] ReadError),
     #[error(transparent)]
     Catalog(#[from] CatalogError),
+    #[error("{0}")]
+    NotLive(String),
 }
 
 impl ApiError {
@@ -53,7 +55,7 @@ impl ApiError {
             Self::BadRequest(_) | Self::Catalog(CatalogError::BadQuery(_)) => {
                 StatusCode::BAD_REQUEST
             }
-            Self::Read(ReadError::NotFound { .. }) => StatusCode::NOT_FOUND,
+            Self::Read(ReadError::NotFound { .. }) | Self::NotLive(_) => StatusCode::NOT_FOUND,
             Self::Read(ReadError::Corrupt { .. } | ReadError::Decode { .. }) | Self::Catalog(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -78,6 +80,7 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/api/v1/recordings/{id}", get(manifest))
         .route("/api/v1/recordings/{id}/cast", get(cast))
         .route("/api/v1/recordings/{id}/window", get(window))
+        .route("/api/v1/recordings/{id}/live", get(live))
         .route("/api/v1/uploads", get(uploads))
         .merge(crate::ui::routes())
         .with_state(web)
@@ -150,6 +153,21 @@ async fn cast(State(web): State<Arc<Web>>, Path(id): Path<String>) -> Result<Res
         HeaderValue::from_static("application/x-asciicast"),
     );
     Ok(response)
+}
+
+/// A recording in progress, as server-sent events (see [`crate::live`]). Only the node
+/// receiving the recording serves it; others answer 404.
+async fn live(State(web): State<Arc<Web>>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    let source = web.uploader.live(&id).ok_or_else(|| {
+        ApiError::NotLive(format!("recording {id} is not being received by this node"))
+    })?;
+    let file = source
+        .file()
+        .open_reader()
+        .await
+        .map_err(|e| ApiError::NotLive(format!("recording {id}: {e}")))?;
+    Ok(crate::live::follow(id, source, file).into_response())
 }
 
 /// Chunks one window holds: the chunk with the requested time and the next, so a seek reads

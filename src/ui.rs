@@ -23,6 +23,10 @@ const PLAYER_CSS: &[u8] = include_bytes!("../ui/vendor/asciinema-player.css");
 const GLUE_JS: &str = include_str!("../ui/castvault.js");
 const STYLE_CSS: &str = include_str!("../ui/castvault.css");
 
+const PLAYER_SCRIPTS: &str = "<link rel=\"stylesheet\" href=\"/assets/asciinema-player.css\">\
+     <script src=\"/assets/asciinema-player.min.js\" defer></script>\
+     <script src=\"/assets/castvault.js\" defer></script>";
+
 /// Search hits listed on a player page.
 const PLAYER_PAGE_HITS: usize = 50;
 
@@ -400,8 +404,23 @@ async fn play_page(
     }
     body.push_str("</dl>");
     if manifest.is_none() {
-        body.push_str("<p class=\"notice\">This recording is still being received; it can be played once it ends.</p>");
-        return page("Session", &body, "").into_response();
+        if web.uploader.live(&rid).is_none() {
+            let _ = write!(
+                body,
+                "<p class=\"notice\">This recording is still being received, by node {}: its live view is on that node. It can be played here once it ends.</p>",
+                esc(&row.node_id)
+            );
+            return page("Session", &body, "").into_response();
+        }
+        let _ = write!(
+            body,
+            "<p class=\"notice live\">Live: this session is in progress.</p>\
+             <div id=\"live\" data-url=\"/api/v1/recordings/{}/live\"></div>\
+             <p id=\"live-ended\" hidden>The session has ended. <a href=\"/play/{}\">Play the recording</a> once it is stored.</p>",
+            esc(&id),
+            esc(&id)
+        );
+        return page("Live session", &body, PLAYER_SCRIPTS).into_response();
     }
     let _ = write!(
         body,
@@ -445,14 +464,7 @@ async fn play_page(
             Err(e) => tracing::warn!(error = %e, "search hits failed"),
         }
     }
-    page(
-        "Session",
-        &body,
-        "<link rel=\"stylesheet\" href=\"/assets/asciinema-player.css\">\
-         <script src=\"/assets/asciinema-player.min.js\" defer></script>\
-         <script src=\"/assets/castvault.js\" defer></script>",
-    )
-    .into_response()
+    page("Session", &body, PLAYER_SCRIPTS).into_response()
 }
 
 #[cfg(test)]

@@ -179,6 +179,22 @@ struct Inner {
     catalog: Option<Arc<Catalog>>,
 }
 
+/// A recording in the spool that a live viewer follows.
+pub struct LiveSource {
+    upload: Arc<Upload>,
+}
+
+impl LiveSource {
+    pub fn file(&self) -> &Arc<SpoolFile> {
+        &self.upload.file
+    }
+
+    /// True once the stream has ended and every byte of it is in the data file.
+    pub fn ended(&self) -> bool {
+        self.upload.state().end.is_some() && self.upload.file.settled()
+    }
+}
+
 /// Handle to the uploader; cheap to clone.
 #[derive(Clone)]
 pub struct Uploader {
@@ -222,6 +238,17 @@ impl Uploader {
     /// Starts uploading a new recording; returns its progress.
     pub fn register(&self, file: Arc<SpoolFile>, meta: RecordingMeta) -> watch::Receiver<Progress> {
         let state = UploadState::new(&file.id, false);
+        // This node's catalog lists the recording at once, so it can be watched live; the
+        // store's row follows with the first chunk (see `needs_live_row`).
+        if let Some(catalog) = self.inner.catalog.clone() {
+            let header = CastHeader::from_value(meta.header.clone()).ok();
+            let row = CatalogRow::live(&file.id, &meta.node_id, header.as_ref());
+            tokio::spawn(async move {
+                if let Err(e) = catalog.upsert(vec![row]).await {
+                    tracing::warn!(error = %error_chain(&e), "catalog update failed");
+                }
+            });
+        }
         self.insert(file, meta, state)
     }
 
@@ -298,6 +325,13 @@ impl Uploader {
             upload.file.notify_when_settled(self.inner.wake.clone());
         }
         self.inner.wake.notify_one();
+    }
+
+    /// A recording this node is receiving right now, for the live view.
+    pub fn live(&self, id: &RecordingId) -> Option<LiveSource> {
+        self.registry().get(id).map(|upload| LiveSource {
+            upload: upload.clone(),
+        })
     }
 
     /// Asks the scheduler to look now (a recording may have passed `chunk.max_bytes`).

@@ -328,26 +328,62 @@ async fn browser_filters_searches_jumps_to_a_hit_and_seeks() {
     let node = Node::start(&dir.path().join("data"), &["--config", &config], &[]).await;
     let rec = record_three(&node).await;
     wait_for_needle(&node).await;
-    // The screenshot is kept for people to look at after the run.
+    // A session in progress for the live view.
+    let mut upload = common::start_v2(node.ingest).await.unwrap();
+    let mut sent = serde_json::to_vec(&header("frank", "ops.tail-net.ts.net", &[])).unwrap();
+    sent.push(b'\n');
+    for i in 0..10 {
+        sent.extend(event_line(
+            f64::from(i) * 0.1,
+            &format!("live-before-{i}\r\n"),
+        ));
+    }
+    upload.send(&sent).await.unwrap();
+    let live_id = wait_live(&node).await;
+
+    // The screenshots are kept for people to look at after the run.
     let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts");
     std::fs::create_dir_all(&artifacts).unwrap();
-    let out = tokio::process::Command::new("node")
+    let mut script = tokio::process::Command::new("node")
         .arg(tools.join("ui-test.cjs"))
         .env("BASE_URL", format!("http://{}", node.web))
         .env("NEEDLE", NEEDLE)
         .env("LONG_ID", &rec.long_id)
+        .env("LIVE_ID", &live_id)
         .env("ARTIFACTS", &artifacts)
         .env("CHROMIUM", &chromium)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
-        .output()
-        .await
+        .spawn()
         .expect("run node");
+    let stdout = script.stdout.take().unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let mut said = Vec::new();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if line == "LIVE-OPENED" {
+            upload
+                .send(&event_line(
+                    5.0,
+                    "LIVE-MARKER sent after the page opened\r\n",
+                ))
+                .await
+                .unwrap();
+        }
+        said.push(line);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(120), script.wait_with_output())
+        .await
+        .expect("browser test hung")
+        .unwrap();
     assert!(
         out.status.success(),
         "browser test failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
+        said.join("\n"),
         String::from_utf8_lossy(&out.stderr)
     );
+    upload.finish().await.0.unwrap();
+    assert!(artifacts.join("live.png").exists());
     assert!(artifacts.join("player.png").exists());
 }
 
@@ -365,5 +401,111 @@ fn vendored_player_matches_the_lockfile() {
             vendored == pinned,
             "ui/vendor/{name} differs from the npm package"
         );
+    }
+}
+
+fn event_line(t: f64, text: &str) -> Vec<u8> {
+    let mut line = serde_json::to_vec(&json!([t, "o", text])).unwrap();
+    line.push(b'\n');
+    line
+}
+
+/// Waits until this node lists exactly one live recording; returns its id.
+async fn wait_live(node: &Node) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(id) = list_ids(node, "status=live").await.first() {
+            return id.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the recording never showed as live"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_view_splices_what_was_received_with_what_follows() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(&dir.path().join("data"), &[], &[]).await;
+    let mut upload = common::start_v2(node.ingest).await.unwrap();
+    let mut sent = serde_json::to_vec(&header("erin", "ops.tail-net.ts.net", &[])).unwrap();
+    sent.push(b'\n');
+    for i in 0..20 {
+        sent.extend(event_line(f64::from(i) * 0.01, &format!("before-{i}\r\n")));
+    }
+    upload.send(&sent).await.unwrap();
+    assert!(
+        upload
+            .wait_ack(sent.len() as u64, Duration::from_secs(10))
+            .await
+    );
+    let id = wait_live(&node).await;
+
+    let mut events = common::sse(node.web, &format!("/api/v1/recordings/{id}/live"))
+        .await
+        .unwrap();
+    let reset: Value = serde_json::from_str(&events.recv().await.unwrap().data).unwrap();
+    assert_eq!(
+        (reset["cols"].as_u64(), reset["rows"].as_u64()),
+        (Some(100), Some(30))
+    );
+    assert!((reset["time"].as_f64().unwrap() - 0.19).abs() < 1e-9);
+    let mut screen = avt::Terminal::new(100, 30).unwrap();
+    screen.feed(reset["init"].as_str().unwrap());
+    let text: Vec<String> = screen
+        .screen()
+        .visible_lines()
+        .map(avt::Line::text)
+        .collect();
+    assert_eq!(
+        text[19].trim_end(),
+        "before-19",
+        "the reset paints what was received"
+    );
+
+    // What follows arrives event by event, each exactly once, in order.
+    let mut after = Vec::new();
+    for j in 0..30 {
+        let line = event_line(1.0 + f64::from(j) * 0.01, &format!("after-{j}\r\n"));
+        upload.send(&line).await.unwrap();
+        after.push(line);
+    }
+    let (result, _) = upload.finish().await;
+    result.unwrap();
+    let mut got = Vec::new();
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(30), events.recv())
+            .await
+            .expect("live view stalled")
+            .expect("live view ended without done");
+        if event.event.as_deref() == Some("done") {
+            break;
+        }
+        let mut line = event.data.into_bytes();
+        line.push(b'\n');
+        got.push(line);
+    }
+    let parse = |l: &Vec<u8>| serde_json::from_slice::<Value>(l).unwrap();
+    assert_eq!(
+        got.iter().map(parse).collect::<Vec<_>>(),
+        after.iter().map(parse).collect::<Vec<_>>()
+    );
+
+    // Once finalized it is no longer live here.
+    node.wait_finalized(1).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http_get(node.web, &format!("/api/v1/recordings/{id}/live"))
+        .await
+        .unwrap()
+        .0
+        != 404
+    {
+        assert!(
+            Instant::now() < deadline,
+            "a finalized recording is still served live"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

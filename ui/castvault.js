@@ -1,6 +1,21 @@
 // Loads a recording into asciinema-player one window at a time (the chunk holding the wanted
 // time, painted from the index's snapshot, plus the next chunk), so seeking anywhere reads two
 // chunks, never the whole recording. The next window loads when one ends.
+// Live view: the player's eventsource driver follows the node's server-sent events.
+(function () {
+  "use strict";
+  const el = document.getElementById("live");
+  if (!el || !window.AsciinemaPlayer) return;
+  const player = AsciinemaPlayer.create(
+    { driver: "eventsource", url: el.dataset.url, bufferTime: 0 },
+    el,
+    { autoPlay: true, fit: "width" },
+  );
+  player.addEventListener("ended", function () {
+    document.getElementById("live-ended").hidden = false;
+  });
+})();
+
 (function () {
   "use strict";
   const el = document.getElementById("player");

@@ -469,6 +469,20 @@ impl SpoolFile {
 
     /// Opens the data file for one operation. Holding no descriptor per recording keeps a node
     /// at one descriptor per stream (its socket), whatever the process limit.
+    /// Opens the data file for reading. The handle stays valid after the recording is
+    /// finalized and its spool directory removed, so a live viewer reads to the very end.
+    ///
+    /// # Errors
+    /// [`SpoolError::Io`] when the file cannot be opened.
+    pub async fn open_reader(self: &Arc<Self>) -> Result<File, SpoolError> {
+        let this = self.clone();
+        blocking(move || {
+            this.open_data(false)
+                .map_err(io_err("open data", &this.dir.join("data")))
+        })
+        .await
+    }
+
     fn open_data(&self, write: bool) -> io::Result<File> {
         OpenOptions::new()
             .read(!write)

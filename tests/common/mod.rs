@@ -200,16 +200,7 @@ impl Drop for Node {
 
 /// A plain HTTP/1.1 GET; returns status and body.
 pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, Vec<u8>), String> {
-    let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
-    let req = hyper::Request::get(path)
-        .header("host", addr.to_string())
-        .body(Empty::<Bytes>::new())
-        .unwrap();
-    let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+    let resp = get_response(addr, path, "*/*").await?;
     let status = resp.status().as_u16();
     let body = resp
         .into_body()
@@ -219,6 +210,25 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, Vec<u8>), St
         .to_bytes()
         .to_vec();
     Ok((status, body))
+}
+
+/// Sends an HTTP/1.1 GET and returns the response with its body still streaming.
+async fn get_response(
+    addr: SocketAddr,
+    path: &str,
+    accept: &str,
+) -> Result<hyper::Response<hyper::body::Incoming>, String> {
+    let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header("host", addr.to_string())
+        .header("accept", accept)
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    send.send_request(req).await.map_err(|e| e.to_string())
 }
 
 /// What a v2 upload saw.
@@ -637,4 +647,60 @@ pub async fn refusing_recorder(status: u16) -> SocketAddr {
         .fallback(move || async move { axum::http::StatusCode::from_u16(status).unwrap() });
     tokio::spawn(async move { axum::serve(listener, app).await });
     addr
+}
+
+/// One server-sent event: its `event:` name (if any) and its `data:`.
+#[derive(Debug, Clone)]
+pub struct SseEvent {
+    pub event: Option<String>,
+    pub data: String,
+}
+
+/// Opens a server-sent-event stream over HTTP/1.1; events arrive on the receiver until the
+/// server ends the response (or the receiver is dropped).
+pub async fn sse(addr: SocketAddr, path: &str) -> Result<mpsc::Receiver<SseEvent>, String> {
+    let resp = get_response(addr, path, "text/event-stream").await?;
+    if resp.status() != 200 {
+        return Err(format!("status {}", resp.status()));
+    }
+    let (tx, rx) = mpsc::channel(1024);
+    tokio::spawn(async move {
+        let mut body = resp.into_body();
+        let mut buf = Vec::new();
+        let mut event = SseEvent {
+            event: None,
+            data: String::new(),
+        };
+        while let Some(Ok(frame)) = body.frame().await {
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            buf.extend_from_slice(&data);
+            while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=pos).collect();
+                let line = String::from_utf8_lossy(&line)
+                    .trim_end_matches(['\r', '\n'])
+                    .to_owned();
+                if line.is_empty() {
+                    if !event.data.is_empty() || event.event.is_some() {
+                        let done = std::mem::replace(
+                            &mut event,
+                            SseEvent {
+                                event: None,
+                                data: String::new(),
+                            },
+                        );
+                        if tx.send(done).await.is_err() {
+                            return;
+                        }
+                    }
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    event.data.push_str(v.strip_prefix(' ').unwrap_or(v));
+                } else if let Some(v) = line.strip_prefix("event:") {
+                    event.event = Some(v.trim().to_owned());
+                }
+            }
+        }
+    });
+    Ok(rx)
 }

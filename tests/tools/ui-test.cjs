@@ -10,6 +10,7 @@ const base = process.env.BASE_URL;
 const needle = process.env.NEEDLE;
 const longId = process.env.LONG_ID;
 const artifacts = process.env.ARTIFACTS;
+const liveId = process.env.LIVE_ID;
 const executablePath = process.env.CHROMIUM || "/usr/bin/chromium";
 
 function check(ok, message) {
@@ -51,7 +52,8 @@ async function waitForScreen(page, want, what) {
 
     // The list shows every recording.
     await page.goto(base + "/");
-    check((await page.locator("tr.recording").count()) === 3, "the list should show 3 recordings");
+    check((await page.locator("tr.recording").count()) === 4, "the list should show 3 stored recordings and the live one");
+    check((await page.locator("td.status.live").count()) === 1, "the live recording should be marked live");
 
     // Filtering by SSH user.
     await page.fill("input[name=sshUser]", "bob");
@@ -78,6 +80,14 @@ async function waitForScreen(page, want, what) {
     });
     await waitForScreen(page, "step 899", "seek to 90 s");
     await page.screenshot({ path: path.join(artifacts, "player.png") });
+
+    // Watch a live session: what was sent before the page opened is on screen, and a line
+    // the test client sends after it appears without a reload.
+    await page.goto(base + "/play/" + liveId);
+    await waitForScreen(page, "live-before-9", "live view");
+    console.log("LIVE-OPENED");
+    await waitForScreen(page, "LIVE-MARKER", "live view after open");
+    await page.screenshot({ path: path.join(artifacts, "live.png") });
     check(errors.length === 0, "page errors: " + errors.join("; "));
     console.log("browser test passed");
   } finally {
