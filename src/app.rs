@@ -16,6 +16,8 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::audit::Audit;
+use crate::auth::Access;
 use crate::catalog::{self, Catalog};
 use crate::config::Config;
 use crate::indexer;
@@ -89,9 +91,14 @@ pub async fn run(
     let ready = CancellationToken::new();
     let draining = CancellationToken::new();
     let web_stop = CancellationToken::new();
+    let access =
+        Arc::new(Access::new(&config.access, &config.data_dir).context("setting up web access")?);
     let web = Arc::new(Web {
         store: store.clone(),
         catalog: catalog.clone(),
+        access,
+        audit: Audit::start(store.clone(), &config.node_id),
+        node_id: config.node_id.clone(),
         uploader: uploader.clone(),
         metrics: metrics.clone(),
         ready: ready.clone(),

@@ -121,6 +121,8 @@ pub struct Config {
     /// Time given to the uploader after the streams are closed; what is left resumes on restart.
     #[serde(with = "humantime_serde")]
     pub upload_grace: Duration,
+    /// Who may use the web UI and API (see `auth`).
+    pub access: crate::auth::AccessConfig,
 }
 
 fn default_node_id() -> String {
@@ -163,6 +165,7 @@ impl Default for Config {
             max_open_recordings: 12_000,
             drain_timeout: Duration::from_secs(15),
             upload_grace: Duration::from_secs(10),
+            access: crate::auth::AccessConfig::default(),
         }
     }
 }
@@ -276,6 +279,7 @@ impl Config {
                 self.ingest_listen
             ));
         }
+        problems.extend(self.access.validate());
         problems
     }
 }

@@ -16,6 +16,8 @@
 //! The on-storage format (keys, chunks, manifest, stores) is the `castvault-storage` crate.
 
 pub mod app;
+pub mod audit;
+pub mod auth;
 pub mod background;
 pub mod catalog;
 pub mod cli;

@@ -18,9 +18,13 @@ use castvault_storage::store::DynStore;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::catalog::{Catalog, CatalogError, Query, Scope};
+use crate::audit::{Audit, AuditError, Record as AuditRecord};
+use crate::auth::{Access, AuthError, Identity, Role};
+use crate::catalog::{Catalog, CatalogError, Query};
+use crate::ingest::Peer;
 use crate::metrics::Metrics;
 use crate::upload::Uploader;
+use castvault_storage::manifest::CatalogRow;
 
 /// Verified chunks queued between the store reader and a download's socket (each up to a
 /// chunk's raw size).
@@ -29,6 +33,9 @@ const EXPORT_CHUNKS_IN_FLIGHT: usize = 2;
 pub struct Web {
     pub store: DynStore,
     pub catalog: Arc<Catalog>,
+    pub access: Arc<Access>,
+    pub audit: Audit,
+    pub node_id: String,
     pub uploader: Uploader,
     pub metrics: Arc<Metrics>,
     /// Cancelled once start-up (spool recovery) is done.
@@ -47,6 +54,12 @@ pub enum ApiError {
     Catalog(#[from] CatalogError),
     #[error("{0}")]
     NotLive(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error(transparent)]
+    Audit(#[from] AuditError),
 }
 
 impl ApiError {
@@ -55,7 +68,11 @@ impl ApiError {
             Self::BadRequest(_) | Self::Catalog(CatalogError::BadQuery(_)) => {
                 StatusCode::BAD_REQUEST
             }
-            Self::Read(ReadError::NotFound { .. }) | Self::NotLive(_) => StatusCode::NOT_FOUND,
+            Self::Read(ReadError::NotFound { .. }) | Self::NotLive(_) | Self::NotFound(_) => {
+                StatusCode::NOT_FOUND
+            }
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::Audit(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Read(ReadError::Corrupt { .. } | ReadError::Decode { .. }) | Self::Catalog(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -82,8 +99,172 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/api/v1/recordings/{id}/window", get(window))
         .route("/api/v1/recordings/{id}/live", get(live))
         .route("/api/v1/uploads", get(uploads))
+        .route("/api/v1/audit", get(audit_log))
         .merge(crate::ui::routes())
+        .layer(axum::middleware::from_fn_with_state(
+            web.clone(),
+            authenticate,
+        ))
         .with_state(web)
+}
+
+/// Paths anyone may reach: health, metrics, the login page and static assets.
+fn is_public(path: &str) -> bool {
+    matches!(
+        path,
+        "/healthz" | "/readyz" | "/metrics" | "/login" | "/logout"
+    ) || path.starts_with("/assets/")
+}
+
+/// Authenticates every request but the public ones (see [`crate::auth`]). The API answers 401
+/// or 403; pages send the browser to the login page.
+async fn authenticate(
+    State(web): State<Arc<Web>>,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = request.uri().path().to_owned();
+    if is_public(&path) {
+        return next.run(request).await;
+    }
+    let peer = request
+        .extensions()
+        .get::<Peer>()
+        .map_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 0)), |p| p.0);
+    match web.access.authenticate(request.headers(), peer).await {
+        Ok(identity) => {
+            request.extensions_mut().insert(Caller { identity, peer });
+            next.run(request).await
+        }
+        Err(e) => {
+            let status = match e {
+                AuthError::Unauthenticated => StatusCode::UNAUTHORIZED,
+                AuthError::NoGrant(_) => StatusCode::FORBIDDEN,
+            };
+            if path.starts_with("/api/") || status == StatusCode::FORBIDDEN {
+                let body = serde_json::json!({ "error": e.to_string() });
+                (status, axum::Json(body)).into_response()
+            } else {
+                let target = request
+                    .uri()
+                    .path_and_query()
+                    .map_or("/", |p| p.as_str())
+                    .to_owned();
+                crate::ui::to_login(&target)
+            }
+        }
+    }
+}
+
+/// The authenticated caller of a request.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub identity: Identity,
+    pub peer: std::net::SocketAddr,
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Caller {
+    type Rejection = StatusCode;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        parts
+            .extensions
+            .get::<Caller>()
+            .cloned()
+            .ok_or(StatusCode::UNAUTHORIZED)
+    }
+}
+
+impl Caller {
+    /// Refuses callers below `role` with 403.
+    ///
+    /// # Errors
+    /// [`ApiError::Forbidden`].
+    pub fn require(&self, role: Role) -> Result<(), ApiError> {
+        if self.identity.role >= role {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden(format!(
+                "{} may not do this (needs the {role:?} role)",
+                self.identity.name
+            )))
+        }
+    }
+}
+
+impl Web {
+    /// The catalog row of a recording the caller may see; 404 for one that does not exist or
+    /// is out of the caller's scope alike, so a request reveals nothing.
+    ///
+    /// # Errors
+    /// [`ApiError::NotFound`]; catalog errors.
+    pub async fn visible(&self, caller: &Caller, id: &RecordingId) -> Result<CatalogRow, ApiError> {
+        match self.catalog.get(id.to_string()).await? {
+            Some(row) if caller.identity.may_see(&row) => Ok(row),
+            _ => Err(ApiError::NotFound(format!("recording {id} not found"))),
+        }
+    }
+
+    /// Writes an audit record; the request fails if it cannot be stored.
+    ///
+    /// # Errors
+    /// [`ApiError::Audit`].
+    pub async fn audit(
+        &self,
+        caller: &Caller,
+        action: &str,
+        recording_id: Option<&RecordingId>,
+        query: Option<String>,
+    ) -> Result<(), ApiError> {
+        self.audit
+            .record(AuditRecord {
+                time: time::OffsetDateTime::now_utc(),
+                node: self.node_id.clone(),
+                actor: caller.identity.name.clone(),
+                via: caller.identity.via.to_owned(),
+                action: action.to_owned(),
+                recording_id: recording_id.map(ToString::to_string),
+                query,
+                remote: caller.peer.to_string(),
+            })
+            .await?;
+        Ok(())
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    /// `YYYY-MM-DD` (UTC); default today.
+    day: Option<String>,
+}
+
+/// One day's audit records, for auditors and admins.
+async fn audit_log(
+    State(web): State<Arc<Web>>,
+    caller: Caller,
+    query: Result<axum::extract::Query<AuditQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Auditor)?;
+    let axum::extract::Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let day = match &query.day {
+        None => time::OffsetDateTime::now_utc(),
+        Some(day) => time::Date::parse(
+            day,
+            time::macros::format_description!("[year]-[month]-[day]"),
+        )
+        .map_err(|_| ApiError::BadRequest(format!("day {day:?} is not YYYY-MM-DD")))?
+        .midnight()
+        .assume_utc(),
+    };
+    web.audit(&caller, "audit", None, query.day.clone()).await?;
+    let records = crate::audit::read_day(&web.store, day)
+        .await
+        .map_err(|e| ApiError::NotLive(format!("reading the audit log: {e}")))?;
+    Ok(axum::Json(records).into_response())
 }
 
 async fn readyz(State(web): State<Arc<Web>>) -> Response {
@@ -108,10 +289,18 @@ async fn metrics(State(web): State<Arc<Web>>) -> Response {
 /// Recordings matching the query string's filters, one page at a time (see [`Query`]).
 async fn list(
     State(web): State<Arc<Web>>,
+    caller: Caller,
     axum::extract::RawQuery(raw): axum::extract::RawQuery,
 ) -> Result<Response, ApiError> {
     let query = Query::parse(raw.as_deref().unwrap_or(""))?;
-    Ok(axum::Json(web.catalog.list(query, Scope::default()).await?).into_response())
+    if query.q.is_some() {
+        web.audit(&caller, "search", None, raw.clone()).await?;
+    }
+    let page = web
+        .catalog
+        .list(query, caller.identity.scope.clone())
+        .await?;
+    Ok(axum::Json(page).into_response())
 }
 
 fn parse_id(id: &str) -> Result<RecordingId, ApiError> {
@@ -120,16 +309,26 @@ fn parse_id(id: &str) -> Result<RecordingId, ApiError> {
 
 async fn manifest(
     State(web): State<Arc<Web>>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
+    web.visible(&caller, &id).await?;
+    web.audit(&caller, "view", Some(&id), None).await?;
     Ok(axum::Json(reader::read_manifest(web.store.as_ref(), &id).await?).into_response())
 }
 
 /// The recording exactly as received, streamed and verified chunk by chunk. A failed check
 /// mid-download aborts the transfer, so a client never mistakes a short body for the whole.
-async fn cast(State(web): State<Arc<Web>>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn cast(
+    State(web): State<Arc<Web>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
+    web.visible(&caller, &id).await?;
+    caller.require(Role::Auditor)?;
+    web.audit(&caller, "export", Some(&id), None).await?;
     let manifest = reader::read_manifest(web.store.as_ref(), &id).await?;
     let (tx, rx) =
         tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(EXPORT_CHUNKS_IN_FLIGHT);
@@ -157,8 +356,13 @@ async fn cast(State(web): State<Arc<Web>>, Path(id): Path<String>) -> Result<Res
 
 /// A recording in progress, as server-sent events (see [`crate::live`]). Only the node
 /// receiving the recording serves it; others answer 404.
-async fn live(State(web): State<Arc<Web>>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn live(
+    State(web): State<Arc<Web>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
+    web.visible(&caller, &id).await?;
     let source = web.uploader.live(&id).ok_or_else(|| {
         ApiError::NotLive(format!("recording {id} is not being received by this node"))
     })?;
@@ -167,6 +371,7 @@ async fn live(State(web): State<Arc<Web>>, Path(id): Path<String>) -> Result<Res
         .open_reader()
         .await
         .map_err(|e| ApiError::NotLive(format!("recording {id}: {e}")))?;
+    web.audit(&caller, "live", Some(&id), None).await?;
     Ok(crate::live::follow(id, source, file).into_response())
 }
 
@@ -189,11 +394,20 @@ struct WindowQuery {
 /// recording) and, when there is more, `x-castvault-next` (where the next window starts).
 async fn window(
     State(web): State<Arc<Web>>,
+    caller: Caller,
     Path(id): Path<String>,
     query: Result<axum::extract::Query<WindowQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let axum::extract::Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let id = parse_id(&id)?;
+    web.visible(&caller, &id).await?;
+    web.audit(
+        &caller,
+        "view",
+        Some(&id),
+        Some(format!("from={}", query.from)),
+    )
+    .await?;
     let manifest = reader::read_manifest(web.store.as_ref(), &id).await?;
     let index = crate::indexer::read_index(&web.store, &id)
         .await
@@ -287,6 +501,7 @@ fn tokio_stream_from<T: Send + 'static>(
     })
 }
 
-async fn uploads(State(web): State<Arc<Web>>) -> Response {
-    axum::Json(web.uploader.status()).into_response()
+async fn uploads(State(web): State<Arc<Web>>, caller: Caller) -> Result<Response, ApiError> {
+    caller.require(Role::Admin)?;
+    Ok(axum::Json(web.uploader.status()).into_response())
 }

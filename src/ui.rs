@@ -15,8 +15,8 @@ use axum::routing::get;
 use castvault_storage::manifest::CatalogRow;
 use time::format_description::well_known::Rfc3339;
 
-use crate::catalog::{Hit, Order, Query, Scope, SortKey};
-use crate::playback::{ApiError, Web};
+use crate::catalog::{Hit, Order, Query, SortKey};
+use crate::playback::{ApiError, Caller, Web};
 
 const PLAYER_JS: &[u8] = include_bytes!("../ui/vendor/asciinema-player.min.js");
 const PLAYER_CSS: &[u8] = include_bytes!("../ui/vendor/asciinema-player.css");
@@ -33,6 +33,8 @@ const PLAYER_PAGE_HITS: usize = 50;
 pub fn routes() -> Router<Arc<Web>> {
     Router::new()
         .route("/", get(list_page))
+        .route("/login", get(login_page).post(login))
+        .route("/logout", axum::routing::post(logout))
         .route("/play/{id}", get(play_page))
         .route(
             "/assets/asciinema-player.min.js",
@@ -96,11 +98,23 @@ fn clock(seconds: f64) -> String {
 }
 
 fn page(title: &str, body: &str, scripts: &str) -> Html<String> {
+    page_as(None, title, body, scripts)
+}
+
+/// A page; `who` (the signed-in caller) gets their name and a sign-out button in the header.
+fn page_as(who: Option<&Caller>, title: &str, body: &str, scripts: &str) -> Html<String> {
+    let account = who.map_or_else(String::new, |c| {
+        format!(
+            "<form method=\"post\" action=\"/logout\" class=\"logout\"><span class=\"who\">{}</span> <button type=\"submit\">Sign out</button></form>",
+            esc(&c.identity.name)
+        )
+    });
     Html(format!(
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
          <title>{} · castvault</title><link rel=\"stylesheet\" href=\"/assets/castvault.css\">{scripts}</head>\
-         <body><header><a href=\"/\" class=\"brand\">castvault</a></header><main>{body}</main></body></html>",
+         <body><header><a href=\"/\" class=\"brand\">castvault</a>{account}</header>\
+         <main>{body}</main></body></html>",
         esc(title)
     ))
 }
@@ -270,14 +284,113 @@ fn urlencode(s: &str) -> String {
         .unwrap_or_default()
 }
 
-async fn list_page(State(web): State<Arc<Web>>, RawQuery(raw): RawQuery) -> Response {
+/// Sends the browser to the login page, to come back to `target` (a path on this site).
+pub fn to_login(target: &str) -> Response {
+    let location = format!("/login?next={}", urlencode(target));
+    let mut response = StatusCode::SEE_OTHER.into_response();
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, v);
+    }
+    response
+}
+
+/// Only same-site paths are followed after login.
+fn safe_next(next: Option<&str>) -> &str {
+    next.filter(|n| n.starts_with('/') && !n.starts_with("//") && !n.contains('\\'))
+        .unwrap_or("/")
+}
+
+#[derive(serde::Deserialize, Default)]
+struct LoginForm {
+    #[serde(default)]
+    token: String,
+    next: Option<String>,
+}
+
+fn login_form(next: &str, error: Option<&str>) -> Html<String> {
+    let error = error
+        .map(|e| format!("<p class=\"error\">{}</p>", esc(e)))
+        .unwrap_or_default();
+    page(
+        "Sign in",
+        &format!(
+            "<h1>Sign in</h1>{error}<form method=\"post\" action=\"/login\" class=\"login\">\
+             <label>Access token<input name=\"token\" type=\"password\" autocomplete=\"current-password\" autofocus></label>\
+             <input type=\"hidden\" name=\"next\" value=\"{}\"><button type=\"submit\">Sign in</button></form>\
+             <p>Behind <code>tailscale serve</code> or with tailscaled's WhoIs configured, you are signed in without a token.</p>",
+            esc(next)
+        ),
+        "",
+    )
+}
+
+async fn login_page(RawQuery(raw): RawQuery) -> Response {
+    let form: LoginForm =
+        serde_urlencoded::from_str(raw.as_deref().unwrap_or("")).unwrap_or_default();
+    login_form(safe_next(form.next.as_deref()), None).into_response()
+}
+
+/// Checks the token and keeps it in an HttpOnly, same-site cookie.
+async fn login(State(web): State<Arc<Web>>, body: axum::body::Bytes) -> Response {
+    let form: LoginForm = serde_urlencoded::from_bytes(&body).unwrap_or_default();
+    let next = safe_next(form.next.as_deref()).to_owned();
+    let token = form.token.trim();
+    if !web.access.check_token(token) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            login_form(&next, Some("That token is not valid.")),
+        )
+            .into_response();
+    }
+    let mut response = StatusCode::SEE_OTHER.into_response();
+    let cookie = format!(
+        "{}={token}; Path=/; HttpOnly; SameSite=Strict",
+        crate::auth::TOKEN_COOKIE
+    );
+    if let (Ok(cookie), Ok(location)) =
+        (HeaderValue::from_str(&cookie), HeaderValue::from_str(&next))
+    {
+        response.headers_mut().insert(header::SET_COOKIE, cookie);
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    response
+}
+
+async fn logout() -> Response {
+    let mut response = StatusCode::SEE_OTHER.into_response();
+    let cookie = format!(
+        "{}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0",
+        crate::auth::TOKEN_COOKIE
+    );
+    if let Ok(cookie) = HeaderValue::from_str(&cookie) {
+        response.headers_mut().insert(header::SET_COOKIE, cookie);
+    }
+    response
+        .headers_mut()
+        .insert(header::LOCATION, HeaderValue::from_static("/login"));
+    response
+}
+
+async fn list_page(
+    State(web): State<Arc<Web>>,
+    caller: Caller,
+    RawQuery(raw): RawQuery,
+) -> Response {
     let raw = raw.unwrap_or_default();
     let query = match Query::parse(&raw) {
         Ok(q) => q,
         Err(e) => return error_page(StatusCode::BAD_REQUEST, &e.to_string()),
     };
     let q_text = query.q.clone().unwrap_or_default();
-    let result = web.catalog.list(query.clone(), Scope::default()).await;
+    if query.q.is_some()
+        && let Err(e) = web.audit(&caller, "search", None, Some(raw.clone())).await
+    {
+        return e.into_page();
+    }
+    let result = web
+        .catalog
+        .list(query.clone(), caller.identity.scope.clone())
+        .await;
     let page_data = match result {
         Ok(p) => p,
         Err(e) => return ApiError::from(e).into_page(),
@@ -329,7 +442,7 @@ async fn list_page(State(web): State<Arc<Web>>, RawQuery(raw): RawQuery) -> Resp
             esc(&href)
         );
     }
-    page("Recordings", &body, "").into_response()
+    page_as(Some(&caller), "Recordings", &body, "").into_response()
 }
 
 #[derive(serde::Deserialize, Default)]
@@ -340,6 +453,7 @@ struct PlayQuery {
 
 async fn play_page(
     State(web): State<Arc<Web>>,
+    caller: Caller,
     Path(id): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Response {
@@ -350,11 +464,13 @@ async fn play_page(
     let Ok(rid) = castvault_storage::keys::RecordingId::parse(&id) else {
         return error_page(StatusCode::BAD_REQUEST, "invalid recording id");
     };
-    let row = match web.catalog.get(id.clone()).await {
-        Ok(Some(row)) => row,
-        Ok(None) => return error_page(StatusCode::NOT_FOUND, "no such recording"),
-        Err(e) => return ApiError::from(e).into_page(),
+    let row = match web.visible(&caller, &rid).await {
+        Ok(row) => row,
+        Err(e) => return e.into_page(),
     };
+    if let Err(e) = web.audit(&caller, "view", Some(&rid), None).await {
+        return e.into_page();
+    }
     let manifest = castvault_storage::reader::read_manifest(web.store.as_ref(), &rid)
         .await
         .ok();
@@ -410,7 +526,7 @@ async fn play_page(
                 "<p class=\"notice\">This recording is still being received, by node {}: its live view is on that node. It can be played here once it ends.</p>",
                 esc(&row.node_id)
             );
-            return page("Session", &body, "").into_response();
+            return page_as(Some(&caller), "Session", &body, "").into_response();
         }
         let _ = write!(
             body,
@@ -420,7 +536,7 @@ async fn play_page(
             esc(&id),
             esc(&id)
         );
-        return page("Live session", &body, PLAYER_SCRIPTS).into_response();
+        return page_as(Some(&caller), "Live session", &body, PLAYER_SCRIPTS).into_response();
     }
     let _ = write!(
         body,
@@ -464,7 +580,7 @@ async fn play_page(
             Err(e) => tracing::warn!(error = %e, "search hits failed"),
         }
     }
-    page("Session", &body, PLAYER_SCRIPTS).into_response()
+    page_as(Some(&caller), "Session", &body, PLAYER_SCRIPTS).into_response()
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Node, connect_and_upload, http_get, sha256};
+use common::{Node, connect_and_upload, http_get_as, sha256};
 use serde_json::{Value, json};
 
 /// A line printed once, at [`NEEDLE_AT`] seconds into the long recording.
@@ -47,7 +47,7 @@ fn header(user: &str, node: &str, tags: &[&str]) -> Value {
 }
 
 async fn get_json(node: &Node, path: &str) -> (u16, Value) {
-    let (status, body) = http_get(node.web, path).await.unwrap();
+    let (status, body) = node.api(path).await;
     let value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     (status, value)
 }
@@ -221,12 +221,12 @@ async fn catalog_search_seek_and_pages() {
         chunks >= 6,
         "the long recording should span many chunks, got {chunks}"
     );
-    let (status, body) = http_get(
-        node.web,
-        &format!("/api/v1/recordings/{}/window?from=50", rec.long_id),
-    )
-    .await
-    .unwrap();
+    let (status, body) = node
+        .api(&format!(
+            "/api/v1/recordings/{}/window?from=50",
+            rec.long_id
+        ))
+        .await;
     assert_eq!(status, 200);
     let text = String::from_utf8(body).unwrap();
     let mut lines = text.lines();
@@ -248,46 +248,39 @@ async fn catalog_search_seek_and_pages() {
         window_raw < (manifest["bytes"].as_u64().unwrap() as usize) / 2,
         "a window must hold far less than the whole recording"
     );
-    let (status, _) = http_get(
-        node.web,
-        &format!("/api/v1/recordings/{}/window?from=oops", rec.long_id),
-    )
-    .await
-    .unwrap();
+    let (status, _) = node
+        .api(&format!(
+            "/api/v1/recordings/{}/window?from=oops",
+            rec.long_id
+        ))
+        .await;
     assert_eq!(status, 400);
 
     // Pages: the list, search hits linking to the moment, the player page, errors.
-    let (status, html) = http_get(node.web, "/").await.unwrap();
+    let (status, html) = node.api("/").await;
     let html = String::from_utf8(html).unwrap();
     assert_eq!(status, 200);
     assert_eq!(html.matches("class=\"recording\"").count(), 3);
-    let (_, html) = http_get(node.web, &format!("/?q={NEEDLE}&sshUser=&srcNode="))
-        .await
-        .unwrap();
+    let (_, html) = node.api(&format!("/?q={NEEDLE}&sshUser=&srcNode=")).await;
     let html = String::from_utf8(html).unwrap();
     assert!(
         html.contains(&format!("/play/{}?t=", rec.long_id)),
         "{html}"
     );
     assert!(html.contains("<mark>"));
-    let (status, html) = http_get(node.web, &format!("/play/{}?t=31&q=postgres", rec.long_id))
-        .await
-        .unwrap();
+    let (status, html) = node
+        .api(&format!("/play/{}?t=31&q=postgres", rec.long_id))
+        .await;
     assert_eq!(status, 200);
     let html = String::from_utf8(html).unwrap();
     assert!(html.contains("db-prod.tail-net.ts.net") && html.contains("asciinema-player.min.js"));
-    assert_eq!(http_get(node.web, "/play/not-an-id").await.unwrap().0, 400);
+    assert_eq!(node.api("/play/not-an-id").await.0, 400);
     assert_eq!(
-        http_get(node.web, "/play/0000000000000000000000000000-local")
-            .await
-            .unwrap()
-            .0,
+        node.api("/play/0000000000000000000000000000-local").await.0,
         404
     );
-    assert_eq!(http_get(node.web, "/?minBytes=x").await.unwrap().0, 400);
-    let (status, js) = http_get(node.web, "/assets/asciinema-player.min.js")
-        .await
-        .unwrap();
+    assert_eq!(node.api("/?minBytes=x").await.0, 400);
+    let (status, js) = node.api("/assets/asciinema-player.min.js").await;
     assert_eq!((status, js.len()), (200, 226_742));
 
     // The catalog is a cache: delete it, restart, and everything (search included) is back.
@@ -347,6 +340,7 @@ async fn browser_filters_searches_jumps_to_a_hit_and_seeks() {
     let mut script = tokio::process::Command::new("node")
         .arg(tools.join("ui-test.cjs"))
         .env("BASE_URL", format!("http://{}", node.web))
+        .env("TOKEN", node.admin_token())
         .env("NEEDLE", NEEDLE)
         .env("LONG_ID", &rec.long_id)
         .env("LIVE_ID", &live_id)
@@ -443,9 +437,13 @@ async fn live_view_splices_what_was_received_with_what_follows() {
     );
     let id = wait_live(&node).await;
 
-    let mut events = common::sse(node.web, &format!("/api/v1/recordings/{id}/live"))
-        .await
-        .unwrap();
+    let mut events = common::sse(
+        node.web,
+        &format!("/api/v1/recordings/{id}/live"),
+        Some(&node.admin_token()),
+    )
+    .await
+    .unwrap();
     let reset: Value = serde_json::from_str(&events.recv().await.unwrap().data).unwrap();
     assert_eq!(
         (reset["cols"].as_u64(), reset["rows"].as_u64()),
@@ -496,16 +494,215 @@ async fn live_view_splices_what_was_received_with_what_follows() {
     // Once finalized it is no longer live here.
     node.wait_finalized(1).await;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while http_get(node.web, &format!("/api/v1/recordings/{id}/live"))
-        .await
-        .unwrap()
-        .0
-        != 404
-    {
+    while node.api(&format!("/api/v1/recordings/{id}/live")).await.0 != 404 {
         assert!(
             Instant::now() < deadline,
             "a finalized recording is still served live"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_roles_scopes_and_audit() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = |t: &str| sha256(t.as_bytes());
+    let config = dir.path().join("castvault.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[chunk]
+max_bytes = 16384
+
+[[access.tokens]]
+name = "dev-viewer"
+sha256 = "{}"
+role = "viewer"
+scope = {{ tags = ["tag:dev"] }}
+
+[[access.tokens]]
+name = "the-auditor"
+sha256 = "{}"
+role = "auditor"
+
+[access.proxy]
+header = "X-Test-User"
+trusted = ["127.0.0.1/32"]
+
+[[access.grants]]
+users = ["carol@example.com"]
+role = "viewer"
+scope = {{ users = ["carol@example.com"] }}
+"#,
+            token("tok-viewer"),
+            token("tok-auditor")
+        ),
+    )
+    .unwrap();
+    let node = Node::start(
+        &dir.path().join("data"),
+        &["--config", config.to_str().unwrap()],
+        &[],
+    )
+    .await;
+    assert!(
+        !dir.path().join("data/admin-token").exists(),
+        "no admin token when access is configured"
+    );
+    let rec = record_three(&node).await;
+    let as_ = |t: &'static str| {
+        let web = node.web;
+        move |path: String| async move {
+            let (status, body) = http_get_as(web, &path, Some(t)).await.unwrap();
+            (
+                status,
+                serde_json::from_slice::<Value>(&body).unwrap_or(Value::Null),
+            )
+        }
+    };
+    let viewer = as_("tok-viewer");
+    let auditor = as_("tok-auditor");
+    let ids_of = |v: &Value| -> Vec<String> {
+        v["recordings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["sshUser"].as_str().unwrap().to_owned())
+            .collect()
+    };
+
+    // Nobody unauthenticated gets anything but health.
+    assert_eq!(
+        http_get_as(node.web, "/healthz", None).await.unwrap().0,
+        200
+    );
+    assert_eq!(
+        http_get_as(node.web, "/api/v1/recordings", None)
+            .await
+            .unwrap()
+            .0,
+        401
+    );
+    assert_eq!(
+        http_get_as(node.web, "/api/v1/recordings", Some("wrong"))
+            .await
+            .unwrap()
+            .0,
+        401
+    );
+    assert_eq!(http_get_as(node.web, "/", None).await.unwrap().0, 303);
+
+    // The auditor sees everything; wait until it is indexed.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, page) = auditor(format!("/api/v1/recordings?q={NEEDLE}")).await;
+        if !page["recordings"].as_array().unwrap().is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never indexed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, all) = auditor("/api/v1/recordings".into()).await;
+    assert_eq!(ids_of(&all).len(), 3);
+    let bob = all["recordings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["sshUser"] == "bob")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // A viewer scoped to tag:dev: list, search, id, window, live, page: only bob's.
+    let (status, page) = viewer("/api/v1/recordings".into()).await;
+    assert_eq!((status, ids_of(&page)), (200, vec!["bob".to_owned()]));
+    let (_, page) = viewer(format!("/api/v1/recordings?q={NEEDLE}")).await;
+    assert!(
+        ids_of(&page).is_empty(),
+        "search must not reach out of scope"
+    );
+    let (_, page) = viewer("/api/v1/recordings?sshUser=alice".into()).await;
+    assert!(ids_of(&page).is_empty());
+    let long = &rec.long_id;
+    for path in [
+        format!("/api/v1/recordings/{long}"),
+        format!("/api/v1/recordings/{long}/window?from=0"),
+        format!("/api/v1/recordings/{long}/live"),
+        format!("/api/v1/recordings/{long}/cast"),
+        format!("/play/{long}"),
+    ] {
+        assert_eq!(viewer(path.clone()).await.0, 404, "{path}");
+    }
+    assert_eq!(
+        viewer(format!("/api/v1/recordings/{bob}/window?from=0"))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(viewer(format!("/play/{bob}")).await.0, 200);
+    // Viewing is not exporting, and the audit log and upload state are not for viewers.
+    assert_eq!(
+        viewer(format!("/api/v1/recordings/{bob}/cast")).await.0,
+        403
+    );
+    assert_eq!(viewer("/api/v1/audit".into()).await.0, 403);
+    assert_eq!(viewer("/api/v1/uploads".into()).await.0, 403);
+
+    // A login from the trusted proxy gets its grant; one without a grant gets nothing.
+    let (status, body) = common::http_get_with(
+        node.web,
+        "/api/v1/recordings?q=step",
+        &[("x-test-user", "carol@example.com")],
+    )
+    .await
+    .unwrap();
+    let page: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!((status, ids_of(&page)), (200, vec!["carol".to_owned()]));
+    let (status, _) = common::http_get_with(
+        node.web,
+        "/api/v1/recordings",
+        &[("x-test-user", "mallory@example.com")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 403);
+
+    // The auditor exports, byte-exact.
+    let (status, cast) = http_get_as(
+        node.web,
+        &format!("/api/v1/recordings/{long}/cast"),
+        Some("tok-auditor"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(sha256(&cast), rec.long_digest);
+
+    // Every view, search and export is in the audit log, with who, how and from where.
+    let (status, log) = auditor("/api/v1/audit".into()).await;
+    assert_eq!(status, 200);
+    let records = log.as_array().unwrap();
+    let has = |actor: &str, action: &str, id: Option<&str>| {
+        records.iter().any(|r| {
+            r["actor"] == actor
+                && r["action"] == action
+                && id.is_none_or(|id| r["recording_id"] == id)
+                && r["remote"].as_str().unwrap().starts_with("127.0.0.1:")
+        })
+    };
+    assert!(has("dev-viewer", "view", Some(&bob)));
+    assert!(has("dev-viewer", "search", None));
+    assert!(has("the-auditor", "export", Some(long)));
+    assert!(records.iter().any(|r| r["actor"] == "carol@example.com"
+        && r["via"] == "proxy"
+        && r["action"] == "search"));
+    assert!(
+        !records
+            .iter()
+            .any(|r| r["actor"] == "dev-viewer" && r["recording_id"] == long.as_str()),
+        "refused requests are not views"
+    );
+    assert_eq!(auditor("/api/v1/audit?day=20261125".into()).await.0, 400);
 }

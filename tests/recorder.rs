@@ -232,12 +232,12 @@ async fn bad_input_gets_a_clear_answer_and_costs_nothing_else() {
     );
     let odd_row = find_by_digest(&node, &rows, &sha256(odd.as_bytes()));
     assert_eq!(odd_row["srcNodeUserID"], 9_007_199_254_740_993i64);
-    let (status, manifest) = common::http_get(
-        node.web,
-        &format!("/api/v1/recordings/{}", odd_row["id"].as_str().unwrap()),
-    )
-    .await
-    .unwrap();
+    let (status, manifest) = node
+        .api(&format!(
+            "/api/v1/recordings/{}",
+            odd_row["id"].as_str().unwrap()
+        ))
+        .await;
     assert_eq!(status, 200);
     let manifest: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
     assert_eq!(manifest["malformed_lines"], 1);
@@ -251,9 +251,7 @@ async fn bad_input_gets_a_clear_answer_and_costs_nothing_else() {
         "0000000000000000000000000000-..",
         "x",
     ] {
-        let (status, _) = common::http_get(node.web, &format!("/api/v1/recordings/{hostile}"))
-            .await
-            .unwrap();
+        let (status, _) = node.api(&format!("/api/v1/recordings/{hostile}")).await;
         assert_eq!(status, 400, "{hostile}");
     }
     let out = node.cli(&["export", "../../etc/passwd"]);

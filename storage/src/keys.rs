@@ -175,6 +175,19 @@ impl ObjectKey {
         Path::from(format!("v1/catalog/{}", date_path(day)))
     }
 
+    /// One batch of audit records written by `node` (already restricted to `[A-Za-z0-9._-]`).
+    pub fn audit(day: OffsetDateTime, node: &str, seq: u64) -> Path {
+        Path::from(format!(
+            "v1/audit/{}/{node}-{seq:020}.jsonl",
+            date_path(day)
+        ))
+    }
+
+    /// The audit records of one day (UTC).
+    pub fn audit_day(day: OffsetDateTime) -> Path {
+        Path::from(format!("v1/audit/{}", date_path(day)))
+    }
+
     /// A recording's transcript: what the screen showed, one JSON line `{"t":..,"text":..}` per
     /// screen line, written by the indexer.
     pub fn transcript(id: &RecordingId) -> Path {

@@ -151,6 +151,21 @@ impl Node {
         cmd.output().unwrap()
     }
 
+    /// The admin token a node without `[access]` makes in its data directory.
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("admin-token"))
+            .expect("admin token")
+            .trim()
+            .to_owned()
+    }
+
+    /// GET on the web listener as the admin.
+    pub async fn api(&self, path: &str) -> (u16, Vec<u8>) {
+        http_get_as(self.web, path, Some(&self.admin_token()))
+            .await
+            .unwrap()
+    }
+
     /// `castvault recordings list --json`.
     pub fn list(&self) -> Vec<serde_json::Value> {
         let out = self.cli(&["recordings", "list", "--json"]);
@@ -200,7 +215,27 @@ impl Drop for Node {
 
 /// A plain HTTP/1.1 GET; returns status and body.
 pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, Vec<u8>), String> {
-    let resp = get_response(addr, path, "*/*").await?;
+    http_get_as(addr, path, None).await
+}
+
+/// A plain HTTP/1.1 GET with a bearer token; returns status and body.
+pub async fn http_get_as(
+    addr: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+) -> Result<(u16, Vec<u8>), String> {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", a.as_str())).collect();
+    http_get_with(addr, path, &headers).await
+}
+
+/// A plain HTTP/1.1 GET with extra headers; returns status and body.
+pub async fn http_get_with(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<(u16, Vec<u8>), String> {
+    let resp = get_response(addr, path, headers).await?;
     let status = resp.status().as_u16();
     let body = resp
         .into_body()
@@ -216,18 +251,18 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, Vec<u8>), St
 async fn get_response(
     addr: SocketAddr,
     path: &str,
-    accept: &str,
+    headers: &[(&str, &str)],
 ) -> Result<hyper::Response<hyper::body::Incoming>, String> {
     let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
-    let req = hyper::Request::get(path)
-        .header("host", addr.to_string())
-        .header("accept", accept)
-        .body(Empty::<Bytes>::new())
-        .unwrap();
+    let mut req = hyper::Request::get(path).header("host", addr.to_string());
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let req = req.body(Empty::<Bytes>::new()).unwrap();
     send.send_request(req).await.map_err(|e| e.to_string())
 }
 
@@ -658,8 +693,15 @@ pub struct SseEvent {
 
 /// Opens a server-sent-event stream over HTTP/1.1; events arrive on the receiver until the
 /// server ends the response (or the receiver is dropped).
-pub async fn sse(addr: SocketAddr, path: &str) -> Result<mpsc::Receiver<SseEvent>, String> {
-    let resp = get_response(addr, path, "text/event-stream").await?;
+pub async fn sse(
+    addr: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+) -> Result<mpsc::Receiver<SseEvent>, String> {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let mut headers = vec![("accept", "text/event-stream")];
+    headers.extend(auth.iter().map(|a| ("authorization", a.as_str())));
+    let resp = get_response(addr, path, &headers).await?;
     if resp.status() != 200 {
         return Err(format!("status {}", resp.status()));
     }

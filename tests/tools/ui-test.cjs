@@ -1,6 +1,7 @@
 // Browser test of the web UI in real headless Chromium (Debian's package), driven by
 // playwright-core. Started by tests/playback.rs with the node's URL and what it recorded:
-//   BASE_URL, NEEDLE, LONG_ID, ARTIFACTS (a directory for the screenshot), CHROMIUM (path).
+//   BASE_URL, TOKEN (to sign in with), NEEDLE, LONG_ID, LIVE_ID, ARTIFACTS (a directory for
+//   the screenshots), CHROMIUM (path).
 // Exits non-zero with a message on the first failed check.
 "use strict";
 const { chromium } = require("playwright-core");
@@ -11,6 +12,7 @@ const needle = process.env.NEEDLE;
 const longId = process.env.LONG_ID;
 const artifacts = process.env.ARTIFACTS;
 const liveId = process.env.LIVE_ID;
+const token = process.env.TOKEN;
 const executablePath = process.env.CHROMIUM || "/usr/bin/chromium";
 
 function check(ok, message) {
@@ -50,6 +52,16 @@ async function waitForScreen(page, want, what) {
     const errors = [];
     page.on("pageerror", (e) => errors.push(String(e)));
 
+    // Signing in: the list sends an unknown browser to the login page, which comes back.
+    await page.goto(base + "/?sshUser=");
+    check(page.url().includes("/login?next="), "an unauthenticated visit should land on the login page");
+    await page.fill("input[name=token]", "not-the-token");
+    await Promise.all([page.waitForNavigation(), page.click("button[type=submit]")]);
+    check((await page.locator("p.error").count()) === 1, "a wrong token should be refused");
+    await page.fill("input[name=token]", token);
+    await Promise.all([page.waitForNavigation(), page.click("form.login button[type=submit]")]);
+    check(new URL(page.url()).pathname === "/", "signing in should return to the list");
+
     // The list shows every recording.
     await page.goto(base + "/");
     check((await page.locator("tr.recording").count()) === 4, "the list should show 3 stored recordings and the live one");
@@ -57,14 +69,14 @@ async function waitForScreen(page, want, what) {
 
     // Filtering by SSH user.
     await page.fill("input[name=sshUser]", "bob");
-    await Promise.all([page.waitForNavigation(), page.click("button[type=submit]")]);
+    await Promise.all([page.waitForNavigation(), page.click("form.filters button[type=submit]")]);
     check((await page.locator("tr.recording").count()) === 1, "filtering by sshUser=bob should leave 1 row");
     check((await page.locator("tr.recording").first().textContent()).includes("bob"), "the row should be bob's");
 
     // Full-text search, then jump to the hit.
     await page.goto(base + "/");
     await page.fill("input[name=q]", needle);
-    await Promise.all([page.waitForNavigation(), page.click("button[type=submit]")]);
+    await Promise.all([page.waitForNavigation(), page.click("form.filters button[type=submit]")]);
     const hit = page.locator("a.hit").first();
     check((await hit.count()) === 1, "the search should list a hit");
     check((await hit.locator("mark").textContent()).includes(needle.split("-")[0]), "the hit should highlight the match");

@@ -1,0 +1,157 @@
+//! The audit log: who viewed, searched, exported or watched what. Records go to the store as
+//! JSON lines, `v1/audit/{yyyy}/{mm}/{dd}/{node}-{seq}.jsonl`, each object written once with a
+//! conditional create. Records are batched (group commit): [`Audit::record`] returns once the
+//! object holding its record is stored, and a request whose record cannot be stored fails, so
+//! nothing is shown without a trace.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use castvault_storage::keys::ObjectKey;
+use castvault_storage::store::DynStore;
+use futures::TryStreamExt;
+use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use tokio::sync::{mpsc, oneshot};
+
+/// Records waiting for the writer; a full queue makes requests wait (back-pressure), never drops.
+const AUDIT_QUEUE: usize = 1024;
+
+/// Records per stored object at most, and how long the writer gathers a batch.
+const AUDIT_BATCH: usize = 256;
+const AUDIT_WINDOW: Duration = Duration::from_millis(50);
+
+/// One access.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Record {
+    #[serde(with = "time::serde::rfc3339")]
+    pub time: OffsetDateTime,
+    pub node: String,
+    /// Who: a token's name, or a login name.
+    pub actor: String,
+    /// How they were identified: `token`, `proxy`, `whois`.
+    pub via: String,
+    /// `list`, `search`, `view`, `export`, `live`, `audit`.
+    pub action: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recording_id: Option<String>,
+    /// The query of a list or search.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+    pub remote: String,
+}
+
+type Pending = (Record, oneshot::Sender<Result<(), String>>);
+
+/// Handle to the audit writer; cheap to clone.
+#[derive(Clone)]
+pub struct Audit {
+    tx: mpsc::Sender<Pending>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("audit log unavailable: {0}")]
+pub struct AuditError(String);
+
+impl Audit {
+    /// Starts the writer for `node` on the current runtime.
+    pub fn start(store: DynStore, node: &str) -> Self {
+        let (tx, rx) = mpsc::channel(AUDIT_QUEUE);
+        tokio::spawn(writer(store, sanitize(node), rx));
+        Self { tx }
+    }
+
+    /// Stores `record`; returns once it is in the store.
+    ///
+    /// # Errors
+    /// [`AuditError`] when it could not be stored.
+    pub async fn record(&self, record: Record) -> Result<(), AuditError> {
+        let (done, wait) = oneshot::channel();
+        self.tx
+            .send((record, done))
+            .await
+            .map_err(|_| AuditError("writer stopped".into()))?;
+        wait.await
+            .map_err(|_| AuditError("writer stopped".into()))?
+            .map_err(AuditError)
+    }
+}
+
+/// Node names in keys: letters, digits, `.`, `_`, `-`; anything else becomes `_`.
+fn sanitize(node: &str) -> String {
+    node.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+async fn writer(store: DynStore, node: String, mut rx: mpsc::Receiver<Pending>) {
+    // Sequence numbers start at the start-up time in microseconds, so a restarted node never
+    // reuses a key, and keys sort in write order.
+    let mut seq =
+        u64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000).unwrap_or(0);
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        let deadline = tokio::time::Instant::now() + AUDIT_WINDOW;
+        while batch.len() < AUDIT_BATCH {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(p)) => batch.push(p),
+                _ => break,
+            }
+        }
+        let mut body = Vec::new();
+        for (record, _) in &batch {
+            if serde_json::to_writer(&mut body, record).is_ok() {
+                body.push(b'\n');
+            }
+        }
+        seq += 1;
+        let path = ObjectKey::audit(OffsetDateTime::now_utc(), &node, seq);
+        let options = PutOptions {
+            mode: PutMode::Create,
+            ..PutOptions::default()
+        };
+        let result = store
+            .put_opts(&path, PutPayload::from(Bytes::from(body)), options)
+            .await
+            .map(|_| ())
+            .map_err(|e| crate::upload::error_chain(&e));
+        if let Err(e) = &result {
+            tracing::error!(path = %path, error = %e, "audit records could not be stored; their requests fail");
+        }
+        for (_, done) in batch {
+            let _ = done.send(result.clone());
+        }
+    }
+}
+
+/// Reads the audit records of one day (UTC), from every node, in key order.
+///
+/// # Errors
+/// Store errors.
+pub async fn read_day(
+    store: &DynStore,
+    day: OffsetDateTime,
+) -> Result<Vec<Record>, object_store::Error> {
+    let mut metas: Vec<_> = store
+        .list(Some(&ObjectKey::audit_day(day)))
+        .try_collect()
+        .await?;
+    metas.sort_by(|a, b| a.location.cmp(&b.location));
+    let mut records = Vec::new();
+    for meta in metas {
+        let bytes = store.get(&meta.location).await?.bytes().await?;
+        records.extend(
+            bytes
+                .split(|&b| b == b'\n')
+                .filter_map(|l| serde_json::from_slice::<Record>(l).ok()),
+        );
+    }
+    Ok(records)
+}
