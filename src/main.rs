@@ -39,6 +39,21 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Access tokens for the web UI and API.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Make a new random token: prints it once, with the SHA-256 that goes in the config.
+    New {
+        /// Name shown in the audit log.
+        #[arg(long, default_value = "automation")]
+        name: String,
+    },
 }
 
 #[derive(Args)]
@@ -175,6 +190,17 @@ async fn run(
             cli::export(store, &args.id, args.output.as_deref())
                 .await
                 .map(|()| ExitCode::SUCCESS)
+        }
+        Command::Token {
+            command: TokenCommand::New { name },
+        } => {
+            let (token, digest) = castvault::auth::new_token();
+            println!("token: {token}");
+            println!("(shown once; keep it secret)\n");
+            println!(
+                "[[access.tokens]]\nname = {name:?}\nsha256 = \"{digest}\"\nrole = \"viewer\"   # viewer, auditor or admin"
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Command::Config {
             command: ConfigCommand::Check { config },

@@ -16,6 +16,7 @@ use castvault_storage::keys::RecordingId;
 use castvault_storage::reader::{self, ReadError};
 use castvault_storage::store::DynStore;
 use futures::StreamExt;
+use object_store::ObjectStoreExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::{Audit, AuditError, Record as AuditRecord};
@@ -58,6 +59,8 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     Forbidden(String),
+    #[error("{0}")]
+    Unavailable(String),
     #[error(transparent)]
     Audit(#[from] AuditError),
 }
@@ -72,7 +75,7 @@ impl ApiError {
                 StatusCode::NOT_FOUND
             }
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
-            Self::Audit(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Audit(_) | Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Read(ReadError::Corrupt { .. } | ReadError::Decode { .. }) | Self::Catalog(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -100,6 +103,7 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/api/v1/recordings/{id}/live", get(live))
         .route("/api/v1/uploads", get(uploads))
         .route("/api/v1/audit", get(audit_log))
+        .route("/api/v1/events", get(events))
         .merge(crate::ui::routes())
         .layer(axum::middleware::from_fn_with_state(
             web.clone(),
@@ -242,6 +246,57 @@ struct AuditQuery {
     day: Option<String>,
 }
 
+fn parse_day(day: Option<&str>) -> Result<time::OffsetDateTime, ApiError> {
+    match day {
+        None => Ok(time::OffsetDateTime::now_utc()),
+        Some(day) => Ok(time::Date::parse(
+            day,
+            time::macros::format_description!("[year]-[month]-[day]"),
+        )
+        .map_err(|_| ApiError::BadRequest(format!("day {day:?} is not YYYY-MM-DD")))?
+        .midnight()
+        .assume_utc()),
+    }
+}
+
+/// Kubernetes API events stored in one day (`?day=YYYY-MM-DD`, UTC; default today), oldest
+/// first. Events carry no node tags to scope them by, so only callers with an unrestricted
+/// scope see them; others get an empty list.
+async fn events(
+    State(web): State<Arc<Web>>,
+    caller: Caller,
+    query: Result<axum::extract::Query<AuditQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let axum::extract::Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let day = parse_day(query.day.as_deref())?;
+    let scope = &caller.identity.scope;
+    if scope.tags.is_some() || scope.users.is_some() || scope.regions.is_some() {
+        return Ok(axum::Json(Vec::<serde_json::Value>::new()).into_response());
+    }
+    web.audit(&caller, "events", None, query.day.clone())
+        .await?;
+    let prefix = castvault_storage::keys::ObjectKey::events_day(day);
+    let mut metas: Vec<_> =
+        futures::TryStreamExt::try_collect::<Vec<_>>(web.store.list(Some(&prefix)))
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("listing events: {e}")))?;
+    metas.sort_by(|a, b| a.location.cmp(&b.location));
+    metas.truncate(MAX_EVENTS);
+    let mut out = Vec::with_capacity(metas.len());
+    for meta in metas {
+        let bytes = async { web.store.get(&meta.location).await?.bytes().await }
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("reading {}: {e}", meta.location)))?;
+        if let Ok(event) = serde_json::from_slice::<serde_json::Value>(&bytes) {
+            out.push(event);
+        }
+    }
+    Ok(axum::Json(out).into_response())
+}
+
+/// Events returned by one request at most.
+const MAX_EVENTS: usize = 10_000;
+
 /// One day's audit records, for auditors and admins.
 async fn audit_log(
     State(web): State<Arc<Web>>,
@@ -263,7 +318,7 @@ async fn audit_log(
     web.audit(&caller, "audit", None, query.day.clone()).await?;
     let records = crate::audit::read_day(&web.store, day)
         .await
-        .map_err(|e| ApiError::NotLive(format!("reading the audit log: {e}")))?;
+        .map_err(|e| ApiError::Unavailable(format!("reading the audit log: {e}")))?;
     Ok(axum::Json(records).into_response())
 }
 

@@ -317,6 +317,21 @@ async fn kubernetes_events_are_stored_with_id_and_destination() {
     assert!(stored[0].ends_with(format!("{id}.json")));
     assert_eq!(v["destination"]["node"], "127.0.0.1");
     assert_eq!(v["request"]["path"], "/api/v1/pods");
+
+    // The playback API lists the day's events (the day the event's id names).
+    let day = stored[0]
+        .strip_prefix(&events)
+        .unwrap()
+        .iter()
+        .take(3)
+        .map(|c| c.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join("-");
+    let (status, body) = node.api(&format!("/api/v1/events?day={day}")).await;
+    assert_eq!(status, 200);
+    let listed: Vec<serde_json::Value> = serde_json::from_slice(&body).unwrap();
+    assert_eq!(listed, vec![v.clone()]);
+    assert_eq!(node.api("/api/v1/events?day=yesterday").await.0, 400);
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

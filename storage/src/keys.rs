@@ -170,6 +170,11 @@ impl ObjectKey {
         Path::from("v1/catalog")
     }
 
+    /// The Kubernetes API events of one day (UTC).
+    pub fn events_day(day: OffsetDateTime) -> Path {
+        Path::from(format!("v1/events/{}", date_path(day)))
+    }
+
     /// The catalog rows of recordings that started on `day` (UTC).
     pub fn catalog_day(day: OffsetDateTime) -> Path {
         Path::from(format!("v1/catalog/{}", date_path(day)))
