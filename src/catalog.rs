@@ -11,6 +11,7 @@
 //! Listing uses keyset pagination: the cursor is the last row's sort value and id, so page N
 //! costs the same as page 1 at any catalog size.
 
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -46,9 +47,10 @@ pub const MAX_PAGE: usize = 500;
 /// Search hits returned per recording, and recordings per search page.
 pub const HITS_PER_RECORDING: usize = 5;
 
+/// Bumped whenever the schema changes; an older catalog is dropped and rebuilt from the store.
+const SCHEMA_VERSION: i64 = 2;
+
 const SCHEMA: &str = "
-PRAGMA journal_mode = WAL;
-PRAGMA synchronous = NORMAL;
 CREATE TABLE IF NOT EXISTS recordings (
     id TEXT PRIMARY KEY,
     started_ms INTEGER NOT NULL,
@@ -79,17 +81,28 @@ CREATE TABLE IF NOT EXISTS tags (
     PRIMARY KEY (tag, id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tags_id ON tags(id);
-CREATE VIRTUAL TABLE IF NOT EXISTS transcript USING fts5(
-    text,
-    recording_id UNINDEXED,
-    t UNINDEXED,
-    tokenize = 'unicode61'
-);
 CREATE TABLE IF NOT EXISTS indexed (
     id TEXT PRIMARY KEY,
+    num INTEGER NOT NULL UNIQUE,
     chunks INTEGER NOT NULL
 ) WITHOUT ROWID;
+CREATE VIRTUAL TABLE IF NOT EXISTS transcript USING fts5(
+    text,
+    times UNINDEXED,
+    tokenize = 'unicode61'
+);
 ";
+
+/// Transcript lines are indexed in blocks of about this many bytes: a block is one full-text
+/// row, so a search touches one row per block instead of one per line, and the block's rowid
+/// names its recording (see [`BLOCK_BITS`]).
+const BLOCK_BYTES: usize = 16 << 10;
+
+/// A block's rowid is `num << BLOCK_BITS | block`, where `num` is the recording's number in
+/// `indexed`: searches and deletes of one recording are rowid ranges, and finding the
+/// recordings that match reads rowids only. At most `1 << BLOCK_BITS` blocks per recording
+/// (16 GiB of transcript); lines past that are not indexed.
+const BLOCK_BITS: u32 = 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
@@ -271,7 +284,17 @@ fn open_connection(path: &Path) -> Result<Connection, CatalogError> {
     let open = |path: &Path| -> rusqlite::Result<Connection> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(5))?;
-        conn.execute_batch(SCHEMA)?;
+        conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;")?;
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if version != SCHEMA_VERSION {
+            // A cache: drop what an older version made; the scans and the indexer refill it.
+            conn.execute_batch(
+                "DROP TABLE IF EXISTS transcript; DROP TABLE IF EXISTS indexed;
+                 DROP TABLE IF EXISTS tags; DROP TABLE IF EXISTS recordings;",
+            )?;
+            conn.execute_batch(SCHEMA)?;
+            conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
+        }
         Ok(conn)
     };
     open(path).map_err(|source| CatalogError::Open {
@@ -454,19 +477,8 @@ impl Catalog {
         let Some(fts) = fts_query(q) else {
             return Ok(Vec::new());
         };
-        self.read(move |conn| {
-            let mut stmt = conn.prepare(HITS_SQL)?;
-            let hits = stmt
-                .query_map(params![fts, id, limit as i64], |r| {
-                    Ok(Hit {
-                        time: r.get(0)?,
-                        text: r.get(1)?,
-                    })
-                })?
-                .collect::<Result<_, _>>()?;
-            Ok(hits)
-        })
-        .await
+        self.read(move |conn| block_hits(conn, &fts, &id, limit))
+            .await
     }
 
     /// Finalized recordings that have no transcript yet, newest first.
@@ -501,22 +513,33 @@ impl Catalog {
     ) -> Result<(), CatalogError> {
         self.write(move |conn| {
             let tx = conn.transaction()?;
-            tx.execute(
-                "DELETE FROM transcript WHERE recording_id = ?1",
-                params![id],
-            )?;
+            let existing: Option<i64> = tx
+                .query_row("SELECT num FROM indexed WHERE id = ?1", params![id], |r| r.get(0))
+                .optional()?;
+            let num = match existing {
+                Some(num) => {
+                    delete_blocks(&tx, num)?;
+                    num
+                }
+                None => tx.query_row("SELECT coalesce(max(num), 0) + 1 FROM indexed", [], |r| {
+                    r.get(0)
+                })?,
+            };
             {
-                let mut insert = tx.prepare(
-                    "INSERT INTO transcript (text, recording_id, t) VALUES (?1, ?2, ?3)",
-                )?;
-                for line in lines.iter().filter(|l| !l.text.trim().is_empty()) {
-                    insert.execute(params![line.text, id, line.t])?;
+                let mut insert =
+                    tx.prepare("INSERT INTO transcript (rowid, text, times) VALUES (?1, ?2, ?3)")?;
+                for (n, (text, times)) in blocks(&lines).enumerate() {
+                    if n >= 1 << BLOCK_BITS {
+                        tracing::warn!(recording_id = %id, "transcript too long; the rest is not searchable");
+                        break;
+                    }
+                    insert.execute(params![(num << BLOCK_BITS) | n as i64, text, times])?;
                 }
             }
             tx.execute(
-                "INSERT INTO indexed (id, chunks) VALUES (?1, ?2)
-                 ON CONFLICT(id) DO UPDATE SET chunks = ?2",
-                params![id, chunks],
+                "INSERT INTO indexed (id, num, chunks) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(id) DO UPDATE SET chunks = ?3",
+                params![id, num, chunks],
             )?;
             tx.commit()
         })
@@ -654,10 +677,13 @@ impl Catalog {
                 // Live rows may be this node's own, listed before the store has their row.
                 let gone = "SELECT id FROM recordings WHERE status != 'live' AND id NOT IN (SELECT id FROM seen)";
                 tx.execute(&format!("DELETE FROM tags WHERE id IN ({gone})"), [])?;
-                tx.execute(
-                    &format!("DELETE FROM transcript WHERE recording_id IN ({gone})"),
-                    [],
-                )?;
+                let nums: Vec<i64> = tx
+                    .prepare(&format!("SELECT num FROM indexed WHERE id IN ({gone})"))?
+                    .query_map([], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?;
+                for num in nums {
+                    delete_blocks(&tx, num)?;
+                }
                 tx.execute(&format!("DELETE FROM indexed WHERE id IN ({gone})"), [])?;
                 tx.execute(&format!("DELETE FROM recordings WHERE id IN ({gone})"), [])?;
                 tx.commit()
@@ -668,9 +694,82 @@ impl Catalog {
     }
 }
 
-/// One recording's matching transcript lines, the matched words between \u{1} and \u{2}.
-const HITS_SQL: &str = "SELECT t, highlight(transcript, 0, '\u{1}', '\u{2}') FROM transcript
-     WHERE transcript MATCH ?1 AND recording_id = ?2 ORDER BY t LIMIT ?3";
+/// Groups non-empty transcript lines into blocks of about [`BLOCK_BYTES`]: each block is its
+/// lines joined by newlines, and their times, space-separated, in the same order.
+fn blocks(lines: &[TranscriptLine]) -> impl Iterator<Item = (String, String)> + '_ {
+    let mut lines = lines
+        .iter()
+        .filter(|l| !l.text.trim().is_empty())
+        .peekable();
+    std::iter::from_fn(move || {
+        lines.peek()?;
+        let (mut text, mut times) = (String::new(), String::new());
+        while let Some(line) =
+            lines.next_if(|l| text.is_empty() || text.len() + l.text.len() < BLOCK_BYTES)
+        {
+            if !text.is_empty() {
+                text.push('\n');
+                times.push(' ');
+            }
+            // Newlines inside a line would shift the lines against their times.
+            text.push_str(&line.text.replace('\n', " "));
+            let _ = write!(times, "{:.3}", line.t);
+        }
+        Some((text, times))
+    })
+}
+
+fn delete_blocks(tx: &rusqlite::Transaction<'_>, num: i64) -> rusqlite::Result<()> {
+    tx.execute(
+        "DELETE FROM transcript WHERE rowid BETWEEN ?1 AND ?2",
+        params![num << BLOCK_BITS, ((num + 1) << BLOCK_BITS) - 1],
+    )?;
+    Ok(())
+}
+
+/// A recording's transcript lines matching `fts`, in time order, at most `limit`: the matched
+/// words are between \u{1} and \u{2}.
+fn block_hits(
+    conn: &Connection,
+    fts: &str,
+    id: &str,
+    limit: usize,
+) -> Result<Vec<Hit>, CatalogError> {
+    let Some(num): Option<i64> = conn
+        .query_row("SELECT num FROM indexed WHERE id = ?1", params![id], |r| {
+            r.get(0)
+        })
+        .optional()?
+    else {
+        return Ok(Vec::new());
+    };
+    let mut stmt = conn.prepare_cached(
+        "SELECT times, highlight(transcript, 0, '\u{1}', '\u{2}') FROM transcript
+         WHERE transcript MATCH ?1 AND rowid BETWEEN ?2 AND ?3 ORDER BY rowid",
+    )?;
+    let mut rows = stmt.query(params![
+        fts,
+        num << BLOCK_BITS,
+        ((num + 1) << BLOCK_BITS) - 1
+    ])?;
+    let mut hits = Vec::new();
+    while let Some(row) = rows.next()? {
+        let times: String = row.get(0)?;
+        let text: String = row.get(1)?;
+        for (line, time) in text.split('\n').zip(times.split(' ')) {
+            if line.contains('\u{1}') {
+                hits.push(Hit {
+                    time: time.parse().unwrap_or(0.0),
+                    text: line.to_owned(),
+                });
+                if hits.len() >= limit {
+                    return Ok(hits);
+                }
+            }
+        }
+    }
+    Ok(hits)
+}
 
 /// A WHERE clause under construction: clauses joined by AND, with numbered parameters.
 #[derive(Default)]
@@ -805,8 +904,12 @@ fn list_page(conn: &Connection, query: &Query, scope: &Scope) -> Result<Page, Ca
     }
     let fts = query.q.as_deref().and_then(fts_query);
     if let Some(fts) = &fts {
+        // Rowids only: which recordings match, without reading any block's content.
         w.push(
-            "r.id IN (SELECT recording_id FROM transcript WHERE transcript MATCH ?)",
+            &format!(
+                "r.id IN (SELECT i.id FROM indexed i WHERE i.num IN \
+                 (SELECT rowid >> {BLOCK_BITS} FROM transcript WHERE transcript MATCH ?))"
+            ),
             V::Text(fts.clone()),
         );
     }
@@ -867,19 +970,8 @@ fn list_page(conn: &Connection, query: &Query, scope: &Scope) -> Result<Page, Ca
         });
     }
     if let Some(fts) = &fts {
-        let mut hits = conn.prepare(HITS_SQL)?;
         for listed in &mut recordings {
-            listed.hits = hits
-                .query_map(
-                    params![fts, listed.row.id, HITS_PER_RECORDING as i64],
-                    |r| {
-                        Ok(Hit {
-                            time: r.get(0)?,
-                            text: r.get(1)?,
-                        })
-                    },
-                )?
-                .collect::<Result<_, _>>()?;
+            listed.hits = block_hits(conn, fts, &listed.row.id, HITS_PER_RECORDING)?;
         }
     }
     Ok(Page { recordings, next })
@@ -1093,5 +1185,70 @@ mod tests {
             catalog.list(parse("cursor=zz"), all).await,
             Err(CatalogError::BadQuery(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn transcripts_span_blocks_and_are_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Catalog::open(&dir.path().join("c.sqlite")).unwrap();
+        let r = row(1, "alice", &[], RecordingStatus::Complete, 1);
+        catalog.upsert(vec![r.clone()]).await.unwrap();
+        let lines: Vec<TranscriptLine> = (0..5000)
+            .map(|i| TranscriptLine {
+                t: f64::from(i),
+                text: format!("line {i} of a long transcript marker{i}"),
+            })
+            .collect();
+        assert!(
+            blocks(&lines).count() > 10,
+            "5000 lines must span many blocks"
+        );
+        catalog
+            .set_transcript(r.id.clone(), 3, lines)
+            .await
+            .unwrap();
+        let hits = catalog.hits(r.id.clone(), "marker4321", 10).await.unwrap();
+        assert_eq!(hits.len(), 1);
+        assert_eq!(hits[0].time, 4321.0);
+        assert!(hits[0].text.contains("\u{1}marker4321\u{2}"));
+        assert_eq!(
+            catalog
+                .hits(r.id.clone(), "transcript", 7)
+                .await
+                .unwrap()
+                .len(),
+            7
+        );
+        assert_eq!(catalog.indexed_chunks(r.id.clone()).await.unwrap(), Some(3));
+        catalog
+            .set_transcript(
+                r.id.clone(),
+                4,
+                vec![TranscriptLine {
+                    t: 9.0,
+                    text: "fresh".into(),
+                }],
+            )
+            .await
+            .unwrap();
+        assert!(
+            catalog
+                .hits(r.id.clone(), "marker4321", 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            catalog.hits(r.id.clone(), "fresh", 10).await.unwrap()[0].time,
+            9.0
+        );
+
+        // A catalog from an older schema is dropped on open and refilled by the scans.
+        drop(catalog);
+        let conn = Connection::open(dir.path().join("c.sqlite")).unwrap();
+        conn.execute_batch("PRAGMA user_version = 1").unwrap();
+        drop(conn);
+        let catalog = Catalog::open(&dir.path().join("c.sqlite")).unwrap();
+        assert_eq!(catalog.count().await.unwrap(), 0);
     }
 }
