@@ -44,8 +44,13 @@ const SCAN_BATCH: usize = 500;
 pub const DEFAULT_PAGE: usize = 50;
 pub const MAX_PAGE: usize = 500;
 
-/// Search hits returned per recording, and recordings per search page.
+/// Search hits returned per recording in a list.
 pub const HITS_PER_RECORDING: usize = 5;
+
+/// Matching transcript blocks read per recording for its hits: in a list page (so a page of
+/// 50 costs at most 50 × 4 × 16 KiB of text), and on one recording's player page.
+const LIST_HIT_BLOCKS: usize = 4;
+const PLAYER_HIT_BLOCKS: usize = 256;
 
 /// Bumped whenever the schema changes; an older catalog is dropped and rebuilt from the store.
 const SCHEMA_VERSION: i64 = 2;
@@ -477,7 +482,8 @@ impl Catalog {
         let Some(fts) = fts_query(q) else {
             return Ok(Vec::new());
         };
-        self.read(move |conn| block_hits(conn, &fts, &id, limit))
+        let words = query_words(q);
+        self.read(move |conn| block_hits(conn, &fts, &words, &id, limit, PLAYER_HIT_BLOCKS))
             .await
     }
 
@@ -586,9 +592,23 @@ impl Catalog {
     /// # Errors
     /// SQLite errors.
     pub async fn count(self: &Arc<Self>) -> Result<u64, CatalogError> {
+        Ok(self.counts().await?.0)
+    }
+
+    /// Recordings in the catalog, and how many of them have a transcript.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub async fn counts(self: &Arc<Self>) -> Result<(u64, u64), CatalogError> {
         self.read(|conn| {
-            let n: i64 = conn.query_row("SELECT count(*) FROM recordings", [], |r| r.get(0))?;
-            Ok(u64::try_from(n).unwrap_or(0))
+            let n = |sql: &str| -> rusqlite::Result<u64> {
+                let n: i64 = conn.query_row(sql, [], |r| r.get(0))?;
+                Ok(u64::try_from(n).unwrap_or(0))
+            };
+            Ok((
+                n("SELECT count(*) FROM recordings")?,
+                n("SELECT count(*) FROM indexed")?,
+            ))
         })
         .await
     }
@@ -727,13 +747,60 @@ fn delete_blocks(tx: &rusqlite::Transaction<'_>, num: i64) -> rusqlite::Result<(
     Ok(())
 }
 
-/// A recording's transcript lines matching `fts`, in time order, at most `limit`: the matched
-/// words are between \u{1} and \u{2}.
+/// The words of a search, ASCII-lowercased, for finding and marking them in lines.
+fn query_words(q: &str) -> Vec<String> {
+    q.split_whitespace()
+        .map(|w| w.trim_matches('"').to_ascii_lowercase())
+        .filter(|w| !w.is_empty())
+        .collect()
+}
+
+/// `line` with every occurrence of `words` (ASCII case-insensitive) between \u{1} and \u{2},
+/// or `None` unless it holds all of them (any of them, with `any`).
+fn mark(line: &str, words: &[String], any: bool) -> Option<String> {
+    let lower = line.to_ascii_lowercase();
+    let mut marked = vec![false; line.len()];
+    let mut found = 0;
+    for word in words {
+        let mut seen = false;
+        for (at, _) in lower.match_indices(word.as_str()) {
+            marked[at..at + word.len()]
+                .iter_mut()
+                .for_each(|m| *m = true);
+            seen = true;
+        }
+        found += usize::from(seen);
+    }
+    if found == 0 || (!any && found < words.len()) {
+        return None;
+    }
+    let mut out = String::with_capacity(line.len() + 8);
+    let mut inside = false;
+    for (i, c) in line.char_indices() {
+        if marked[i] != inside {
+            out.push(if marked[i] { '\u{1}' } else { '\u{2}' });
+            inside = marked[i];
+        }
+        out.push(c);
+    }
+    if inside {
+        out.push('\u{2}');
+    }
+    Some(out)
+}
+
+/// A recording's transcript lines matching the search, in time order, at most `limit`, the
+/// matched words between \u{1} and \u{2}. Full-text search finds the blocks; lines are picked
+/// and marked here, which reads only the blocks that match instead of tokenizing them again.
+/// Lines holding every word come first; when a block matched with its words on different
+/// lines, lines holding any of them stand in.
 fn block_hits(
     conn: &Connection,
     fts: &str,
+    words: &[String],
     id: &str,
     limit: usize,
+    max_blocks: usize,
 ) -> Result<Vec<Hit>, CatalogError> {
     let Some(num): Option<i64> = conn
         .query_row("SELECT num FROM indexed WHERE id = ?1", params![id], |r| {
@@ -744,7 +811,7 @@ fn block_hits(
         return Ok(Vec::new());
     };
     let mut stmt = conn.prepare_cached(
-        "SELECT times, highlight(transcript, 0, '\u{1}', '\u{2}') FROM transcript
+        "SELECT times, text FROM transcript
          WHERE transcript MATCH ?1 AND rowid BETWEEN ?2 AND ?3 ORDER BY rowid",
     )?;
     let mut rows = stmt.query(params![
@@ -752,21 +819,31 @@ fn block_hits(
         num << BLOCK_BITS,
         ((num + 1) << BLOCK_BITS) - 1
     ])?;
-    let mut hits = Vec::new();
+    let (mut hits, mut partial) = (Vec::new(), Vec::new());
+    let mut blocks_read = 0;
     while let Some(row) = rows.next()? {
+        blocks_read += 1;
+        if blocks_read > max_blocks {
+            break;
+        }
         let times: String = row.get(0)?;
         let text: String = row.get(1)?;
         for (line, time) in text.split('\n').zip(times.split(' ')) {
-            if line.contains('\u{1}') {
-                hits.push(Hit {
-                    time: time.parse().unwrap_or(0.0),
-                    text: line.to_owned(),
-                });
+            let time = time.parse().unwrap_or(0.0);
+            if let Some(text) = mark(line, words, false) {
+                hits.push(Hit { time, text });
                 if hits.len() >= limit {
                     return Ok(hits);
                 }
+            } else if partial.len() < limit
+                && let Some(text) = mark(line, words, true)
+            {
+                partial.push(Hit { time, text });
             }
         }
+    }
+    if hits.is_empty() {
+        return Ok(partial);
     }
     Ok(hits)
 }
@@ -970,8 +1047,16 @@ fn list_page(conn: &Connection, query: &Query, scope: &Scope) -> Result<Page, Ca
         });
     }
     if let Some(fts) = &fts {
+        let words = query_words(query.q.as_deref().unwrap_or(""));
         for listed in &mut recordings {
-            listed.hits = block_hits(conn, fts, &listed.row.id, HITS_PER_RECORDING)?;
+            listed.hits = block_hits(
+                conn,
+                fts,
+                &words,
+                &listed.row.id,
+                HITS_PER_RECORDING,
+                LIST_HIT_BLOCKS,
+            )?;
         }
     }
     Ok(Page { recordings, next })
@@ -1211,6 +1296,12 @@ mod tests {
         assert_eq!(hits.len(), 1);
         assert_eq!(hits[0].time, 4321.0);
         assert!(hits[0].text.contains("\u{1}marker4321\u{2}"));
+        assert_eq!(
+            mark("Restart the RESTART", &query_words("restart"), false).unwrap(),
+            "\u{1}Restart\u{2} the \u{1}RESTART\u{2}"
+        );
+        assert_eq!(mark("only one", &query_words("one two"), false), None);
+        assert!(mark("only one", &query_words("one two"), true).is_some());
         assert_eq!(
             catalog
                 .hits(r.id.clone(), "transcript", 7)

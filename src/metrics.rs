@@ -17,6 +17,8 @@ pub const RECORDINGS_PENDING: &str = "castvault_recordings_pending_upload";
 pub const EVENTS_STORED: &str = "castvault_k8s_events_stored_total";
 pub const ACK_LATENCY: &str = "castvault_ack_latency_seconds";
 pub const JOURNAL_COMMIT: &str = "castvault_spool_journal_commit_seconds";
+pub const CATALOG_RECORDINGS: &str = "castvault_catalog_recordings";
+pub const CATALOG_INDEXED: &str = "castvault_catalog_recordings_indexed";
 
 /// Upper bounds (seconds) of the latency histograms' buckets.
 pub const ACK_LATENCY_BUCKETS: [f64; 12] = [

@@ -333,7 +333,17 @@ async fn readyz(State(web): State<Arc<Web>>) -> Response {
 }
 
 async fn metrics(State(web): State<Arc<Web>>) -> Response {
-    let mut response = web.metrics.render().into_response();
+    let mut text = web.metrics.render();
+    if let Ok((rows, indexed)) = web.catalog.counts().await {
+        use crate::metrics::{CATALOG_INDEXED, CATALOG_RECORDINGS};
+        use std::fmt::Write as _;
+        let _ = write!(
+            text,
+            "# TYPE {CATALOG_RECORDINGS} gauge\n{CATALOG_RECORDINGS} {rows}\n\
+             # TYPE {CATALOG_INDEXED} gauge\n{CATALOG_INDEXED} {indexed}\n"
+        );
+    }
+    let mut response = text.into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4"),

@@ -1,0 +1,36 @@
+// Seek benchmark in real headless Chromium: opens the player page of RECORDING at AT seconds
+// in a fresh browser context (nothing cached) and reports the time from navigation start to
+// the first painted frame, then the same in the warm context. Used by benches/playback.rs.
+"use strict";
+const { chromium } = require("playwright-core");
+
+(async () => {
+  const browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+    args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+      "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+  });
+  try {
+    const context = await browser.newContext({
+      extraHTTPHeaders: { authorization: "Bearer " + process.env.TOKEN },
+      viewport: { width: 1300, height: 1000 },
+    });
+    const url = process.env.BASE_URL + "/play/" + process.env.RECORDING + "?t=" + process.env.AT;
+    for (const run of ["cold", "warm", "warm"]) {
+      const page = await context.newPage();
+      await page.goto(url, { waitUntil: "commit" });
+      await page.waitForFunction(() => {
+        const el = document.querySelector(".ap-term-text");
+        return el !== null && el.textContent.trim().length > 0;
+      }, null, { timeout: 30000, polling: 5 });
+      const ms = await page.evaluate(() => performance.now());
+      console.log(`seek: browser, ${run} page, navigation start to first frame at the seek point: ${ms.toFixed(0)} ms`);
+      await page.close();
+    }
+  } finally {
+    await browser.close();
+  }
+})().catch((e) => {
+  console.error(String(e && e.stack ? e.stack : e));
+  process.exit(1);
+});
