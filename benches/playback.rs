@@ -106,7 +106,7 @@ fn fake_row(rng: &mut Rng, n: u64) -> CatalogRow {
     let start = 1_761_955_200_000 + rng.below(30 * 86_400_000);
     let id = RecordingId::new(&region, start, rng.next());
     let mut row = CatalogRow::live(&id, "node-a", None);
-    row.status = if n % 50 == 0 {
+    row.status = if n.is_multiple_of(50) {
         RecordingStatus::Interrupted
     } else {
         RecordingStatus::Complete
