@@ -4,8 +4,6 @@
 //! object holding its record is stored, and a request whose record cannot be stored fails, so
 //! nothing is shown without a trace.
 
-use std::time::Duration;
-
 use bytes::Bytes;
 use castvault_storage::keys::ObjectKey;
 use castvault_storage::store::DynStore;
@@ -18,9 +16,9 @@ use tokio::sync::{mpsc, oneshot};
 /// Records waiting for the writer; a full queue makes requests wait (back-pressure), never drops.
 const AUDIT_QUEUE: usize = 1024;
 
-/// Records per stored object at most, and how long the writer gathers a batch.
+/// Records per stored object at most. A batch is whatever queued up while the previous object
+/// was being written, so a lone request waits one put, and a busy node writes few objects.
 const AUDIT_BATCH: usize = 256;
-const AUDIT_WINDOW: Duration = Duration::from_millis(50);
 
 /// One access.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -98,11 +96,10 @@ async fn writer(store: DynStore, node: String, mut rx: mpsc::Receiver<Pending>) 
         u64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000).unwrap_or(0);
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
-        let deadline = tokio::time::Instant::now() + AUDIT_WINDOW;
         while batch.len() < AUDIT_BATCH {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(p)) => batch.push(p),
-                _ => break,
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
             }
         }
         let mut body = Vec::new();

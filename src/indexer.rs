@@ -44,22 +44,32 @@ const DEFAULT_SIZE: (usize, usize) = (80, 24);
 const MAX_COLS: usize = 1000;
 const MAX_ROWS: usize = 500;
 
-pub const INDEX_FORMAT: &str = "castvault-index-1";
+pub const INDEX_FORMAT: &str = "castvault-index-2";
 
-/// `index.json`: the screen at each chunk start.
+/// A snapshot is taken at each chunk start and then every this many raw bytes (at the next
+/// line end), so a player starting anywhere replays at most about this much output, and a
+/// window of two snapshots' spans reads at most two chunks.
+pub const SNAPSHOT_BYTES: usize = 1 << 20;
+
+/// `index.json`: the screen at each snapshot point.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Index {
     pub format: String,
     pub recording_id: String,
-    pub chunks: Vec<ChunkStart>,
+    /// Chunks the index covers.
+    pub chunks: u32,
+    pub snapshots: Vec<Snapshot>,
     pub transcript_lines: u64,
 }
 
-/// The terminal as it was when a chunk began.
+/// The terminal as it was at a line boundary of the recording.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct ChunkStart {
+pub struct Snapshot {
+    /// The chunk holding the next line.
     pub seq: u32,
-    /// Time (seconds) of the last event before the chunk; the chunk's events all come after.
+    /// Raw byte offset of the next line in the recording.
+    pub offset: u64,
+    /// Time (seconds) of the last event before the next line; later lines all come after.
     pub time: f64,
     pub cols: usize,
     pub rows: usize,
@@ -117,11 +127,12 @@ impl Replay {
         })
     }
 
-    /// The screen now, as a chunk start.
-    pub fn snapshot(&self, seq: u32) -> ChunkStart {
+    /// The screen now, as a snapshot at `offset` (in chunk `seq`).
+    pub fn snapshot(&self, seq: u32, offset: u64) -> Snapshot {
         let (cols, rows) = self.terminal.size();
-        ChunkStart {
+        Snapshot {
             seq,
+            offset,
             time: self.time,
             cols,
             rows,
@@ -222,37 +233,49 @@ pub async fn build(
     manifest: &Manifest,
 ) -> Result<(Index, Vec<TranscriptLine>), IndexError> {
     let mut replay = Replay::new().map_err(|e| IndexError::Task(e.to_string()))?;
-    let mut chunks = Vec::with_capacity(manifest.chunks.len());
+    let mut snapshots = Vec::new();
     let body = reader::body_chunks(store.as_ref(), manifest);
     futures::pin_mut!(body);
     let mut seq = 0u32;
-    while let Some(mut raw) = body.try_next().await? {
+    let mut chunk_offset = 0u64;
+    while let Some(raw) = body.try_next().await? {
+        let mut pos = 0;
         if seq == 0 {
-            // The header sets the terminal size the first chunk starts with.
-            let header_end = raw
-                .iter()
-                .position(|&b| b == b'\n')
-                .map_or(raw.len(), |p| p + 1);
-            replay.feed(&raw[..header_end]);
-            raw = raw.slice(header_end..);
+            // The header sets the terminal size the first snapshot starts with.
+            pos = line_end(&raw, 0);
+            replay.feed(&raw[..pos]);
         }
-        chunks.push(replay.snapshot(seq));
-        replay = tokio::task::spawn_blocking(move || {
-            replay.feed(&raw);
-            replay
-        })
-        .await
-        .map_err(|e| IndexError::Task(e.to_string()))?;
+        while pos < raw.len() {
+            snapshots.push(replay.snapshot(seq, chunk_offset + pos as u64));
+            let end = line_end(&raw, (pos + SNAPSHOT_BYTES).min(raw.len()) - 1);
+            let segment = raw.slice(pos..end);
+            replay = tokio::task::spawn_blocking(move || {
+                replay.feed(&segment);
+                replay
+            })
+            .await
+            .map_err(|e| IndexError::Task(e.to_string()))?;
+            pos = end;
+        }
+        chunk_offset += raw.len() as u64;
         seq += 1;
     }
     let lines = replay.finish();
     let index = Index {
         format: INDEX_FORMAT.to_owned(),
         recording_id: manifest.recording_id.clone(),
-        chunks,
+        chunks: seq,
+        snapshots,
         transcript_lines: lines.len() as u64,
     };
     Ok((index, lines))
+}
+
+/// The end (one past the newline) of the line holding byte `at`, or the end of `raw`.
+fn line_end(raw: &[u8], at: usize) -> usize {
+    raw.get(at..)
+        .and_then(|rest| rest.iter().position(|&b| b == b'\n'))
+        .map_or(raw.len(), |p| at + p + 1)
 }
 
 fn store_err(path: &object_store::path::Path) -> impl FnOnce(object_store::Error) -> IndexError {
@@ -269,7 +292,10 @@ pub async fn read_index(store: &DynStore, id: &RecordingId) -> Result<Option<Ind
     match store.get(&path).await {
         Ok(got) => {
             let bytes = got.bytes().await.map_err(store_err(&path))?;
-            Ok(serde_json::from_slice(&bytes).ok())
+            // An index of another format is rebuilt.
+            Ok(serde_json::from_slice::<Index>(&bytes)
+                .ok()
+                .filter(|i| i.format == INDEX_FORMAT))
         }
         Err(object_store::Error::NotFound { .. }) => Ok(None),
         Err(e) => Err(store_err(&path)(e)),
@@ -338,9 +364,8 @@ pub async fn index_recording(
             (index, lines)
         }
     };
-    let chunks = u32::try_from(index.chunks.len()).unwrap_or(u32::MAX);
     catalog
-        .set_transcript(id.to_string(), chunks, lines)
+        .set_transcript(id.to_string(), index.chunks, lines)
         .await?;
     Ok(())
 }
@@ -394,7 +419,7 @@ mod tests {
     fn replay_snapshots_and_transcript() {
         let mut replay = Replay::new().unwrap();
         replay.feed(b"{\"version\":2,\"width\":20,\"height\":3}\n[0.5,\"o\",\"\\u001b[31mone\\r\\n\"]\n[1.0,\"o\",\"two\\r\\nthree\\r\\n\"]\n");
-        let snap = replay.snapshot(1);
+        let snap = replay.snapshot(1, 0);
         assert_eq!((snap.cols, snap.rows), (20, 3));
         assert!((snap.time - 1.0).abs() < 1e-9);
         let mut fresh = Terminal::new(20, 3).unwrap();
@@ -419,7 +444,7 @@ mod tests {
         replay.feed(
             b"{\"version\":2,\"width\":4000000000,\"height\":0}\n[1,\"r\",\"999999x999999\"]\n",
         );
-        let snap = replay.snapshot(0);
+        let snap = replay.snapshot(0, 0);
         assert_eq!((snap.cols, snap.rows), (MAX_COLS, MAX_ROWS));
     }
 }

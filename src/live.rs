@@ -110,7 +110,7 @@ async fn run(
             carry.clear();
         }
     }
-    let start = replay.snapshot(0);
+    let start = replay.snapshot(0, offset);
     let reset =
         json!({ "cols": start.cols, "rows": start.rows, "time": start.time, "init": start.init });
     tx.send(Event::default().data(reset.to_string())).await?;

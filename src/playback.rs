@@ -440,9 +440,10 @@ async fn live(
     Ok(crate::live::follow(id, source, file).into_response())
 }
 
-/// Chunks one window holds: the chunk with the requested time and the next, so a seek reads
-/// the manifest, the index and at most these.
-pub const WINDOW_CHUNKS: usize = 2;
+/// Snapshot spans one window holds (about 2 MiB of output): with snapshots at most
+/// [`crate::indexer::SNAPSHOT_BYTES`] apart and inside chunks, a window reads at most two
+/// chunks besides the manifest and the index.
+pub const WINDOW_SNAPSHOTS: usize = 2;
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -478,7 +479,7 @@ async fn window(
         .await
         .ok()
         .flatten()
-        .filter(|i| i.chunks.len() == manifest.chunks.len());
+        .filter(|i| i.chunks as usize == manifest.chunks.len());
     let doc = build_window(&web.store, &id, &manifest, index.as_ref(), query.from).await?;
     let mut response = Response::new(Body::from(doc.body));
     let headers = response.headers_mut();
@@ -506,10 +507,13 @@ pub struct Window {
     pub next: Option<f64>,
 }
 
-/// Builds the window holding `from` (see [`window`]).
+/// Builds the window holding `from` (see [`window`]): from the last snapshot at or before
+/// `from` to the one [`WINDOW_SNAPSHOTS`] later (or the end), so the next window starts exactly
+/// where this one ends, painted by its own snapshot. Only the time at the front of each line is
+/// rewritten; lines that are not valid JSON events are left out (they are in the recording).
 ///
 /// # Errors
-/// Read errors of the two chunks.
+/// Read errors of the chunks.
 pub async fn build_window(
     store: &DynStore,
     id: &RecordingId,
@@ -517,45 +521,90 @@ pub async fn build_window(
     index: Option<&crate::indexer::Index>,
     from: f64,
 ) -> Result<Window, ApiError> {
-    // Chunk start times: the index's (exact, with the screen to paint), else the manifest's
-    // first event times (not indexed yet: the window starts on a blank screen).
-    let starts: Vec<f64> = match index {
-        Some(index) => index.chunks.iter().map(|c| c.time).collect(),
-        None => manifest
-            .chunks
-            .iter()
-            .map(|c| c.first_event_time.unwrap_or(0.0))
-            .collect(),
+    use crate::indexer::Snapshot;
+    // Not indexed yet: chunk starts, on a blank screen.
+    let fallback: Vec<Snapshot>;
+    let snapshots: &[Snapshot] = match index {
+        Some(index) => &index.snapshots,
+        None => {
+            fallback = manifest
+                .chunks
+                .iter()
+                .map(|c| Snapshot {
+                    seq: c.seq,
+                    offset: c.offset,
+                    time: c.first_event_time.unwrap_or(0.0),
+                    cols: 0,
+                    rows: 0,
+                    init: String::new(),
+                })
+                .collect();
+            &fallback
+        }
     };
-    let first = starts.iter().rposition(|&t| t <= from).unwrap_or(0);
-    let start_state = index.and_then(|i| i.chunks.get(first));
-    let start = starts.get(first).copied().unwrap_or(0.0);
+    let first = snapshots.iter().rposition(|s| s.time <= from).unwrap_or(0);
+    let Some(start) = snapshots.get(first) else {
+        return Ok(Window {
+            body: serde_json::to_vec(&manifest.header).unwrap_or_default(),
+            start: 0.0,
+            next: None,
+        });
+    };
+    let end = snapshots.get(first + WINDOW_SNAPSHOTS);
+    let end_offset = end.map_or(manifest.bytes, |s| s.offset);
     let mut header = manifest.header.clone();
-    if let (Some(state), Some(obj)) = (start_state, header.as_object_mut()) {
-        obj.insert("width".into(), state.cols.into());
-        obj.insert("height".into(), state.rows.into());
+    if let Some(obj) = header.as_object_mut().filter(|_| start.cols > 0) {
+        obj.insert("width".into(), start.cols.into());
+        obj.insert("height".into(), start.rows.into());
     }
     let mut body = serde_json::to_vec(&header).unwrap_or_default();
     body.push(b'\n');
-    if let Some(state) = start_state.filter(|s| !s.init.is_empty()) {
-        let _ = serde_json::to_writer(&mut body, &(0.0, "o", &state.init));
+    if !start.init.is_empty() {
+        let _ = serde_json::to_writer(&mut body, &(0.0, "o", &start.init));
         body.push(b'\n');
     }
-    let last = (first + WINDOW_CHUNKS).min(manifest.chunks.len());
-    for entry in &manifest.chunks[first..last] {
+    for entry in manifest
+        .chunks
+        .iter()
+        .skip_while(|c| c.offset + c.raw_len <= start.offset)
+        .take_while(|c| c.offset < end_offset)
+    {
         let (raw, _) = reader::read_chunk(store.as_ref(), id, entry).await?;
-        for line in raw.split(|&b| b == b'\n').skip(usize::from(entry.seq == 0)) {
-            let Ok((t, code, data)) =
-                serde_json::from_slice::<(f64, String, serde_json::Value)>(line.trim_ascii())
-            else {
-                continue;
-            };
-            let _ = serde_json::to_writer(&mut body, &((t - start).max(0.0), code, data));
-            body.push(b'\n');
+        let lo = usize::try_from(start.offset.saturating_sub(entry.offset)).unwrap_or(0);
+        let hi = usize::try_from((end_offset - entry.offset).min(entry.raw_len)).unwrap_or(0);
+        let part = raw.get(lo..hi).unwrap_or_default();
+        for line in part.split(|&b| b == b'\n') {
+            retime(line, start.time, &mut body);
         }
     }
-    let next = starts.get(last).copied();
-    Ok(Window { body, start, next })
+    Ok(Window {
+        body,
+        start: start.time,
+        next: end.map(|s| s.time),
+    })
+}
+
+/// Appends `line` with its time made relative to `start`, if it is a valid event line.
+fn retime(line: &[u8], start: f64, out: &mut Vec<u8>) {
+    let line = line.trim_ascii();
+    if line.first() != Some(&b'[')
+        || serde_json::from_slice::<(f64, serde::de::IgnoredAny, serde::de::IgnoredAny)>(line)
+            .is_err()
+    {
+        return;
+    }
+    let Some(comma) = line.iter().position(|&b| b == b',') else {
+        return;
+    };
+    let Some(t) = std::str::from_utf8(&line[1..comma])
+        .ok()
+        .and_then(|t| t.trim().parse::<f64>().ok())
+    else {
+        return;
+    };
+    out.extend_from_slice(format!("[{:.6}", (t - start).max(0.0)).as_bytes());
+    out.extend_from_slice(&line[comma..]);
+    out.push(b'\n');
 }
 
 fn tokio_stream_from<T: Send + 'static>(

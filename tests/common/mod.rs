@@ -235,8 +235,19 @@ pub async fn http_get_with(
     path: &str,
     headers: &[(&str, &str)],
 ) -> Result<(u16, Vec<u8>), String> {
+    let (status, _, body) = http_get_full(addr, path, headers).await?;
+    Ok((status, body))
+}
+
+/// A plain HTTP/1.1 GET with extra headers; returns status, response headers and body.
+pub async fn http_get_full(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<(u16, hyper::HeaderMap, Vec<u8>), String> {
     let resp = get_response(addr, path, headers).await?;
     let status = resp.status().as_u16();
+    let response_headers = resp.headers().clone();
     let body = resp
         .into_body()
         .collect()
@@ -244,7 +255,7 @@ pub async fn http_get_with(
         .map_err(|e| e.to_string())?
         .to_bytes()
         .to_vec();
-    Ok((status, body))
+    Ok((status, response_headers, body))
 }
 
 /// Sends an HTTP/1.1 GET and returns the response with its body still streaming.
