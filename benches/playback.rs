@@ -459,14 +459,26 @@ async fn seek() {
     )
     .unwrap();
     let at = 59.0 * 60.0;
-    let first = index["chunks"]
-        .as_array()
-        .unwrap()
+    let snapshots = index["snapshots"].as_array().unwrap();
+    let first = snapshots
         .iter()
         .rposition(|c| c["time"].as_f64().unwrap() <= at)
         .unwrap();
+    let lo = snapshots[first]["offset"].as_u64().unwrap();
+    let hi = snapshots
+        .get(first + 2)
+        .map_or(manifest["bytes"].as_u64().unwrap(), |s| {
+            s["offset"].as_u64().unwrap()
+        });
     let chunks = manifest["chunks"].as_array().unwrap();
-    let chunk_bytes: u64 = chunks[first..(first + 2).min(chunks.len())]
+    let touched: Vec<&Value> = chunks
+        .iter()
+        .filter(|c| {
+            let start = c["offset"].as_u64().unwrap();
+            start < hi && start + c["raw_len"].as_u64().unwrap() > lo
+        })
+        .collect();
+    let chunk_bytes: u64 = touched
         .iter()
         .map(|c| c["compressed_len"].as_u64().unwrap())
         .sum();
@@ -476,9 +488,11 @@ async fn seek() {
         .sum();
     let read = size(ObjectKey::manifest(&rid)) + size(ObjectKey::index(&rid)) + chunk_bytes;
     println!(
-        "seek: a seek to 59:00 reads manifest {} B + index {} B + 2 chunks {} B = {:.2} MB of {:.1} MB stored ({:.1}% of the recording; {} chunks in all)",
+        "seek: a seek to 59:00 reads manifest {} B + index {} B ({} snapshots) + {} chunk(s) {} B = {:.2} MB of {:.1} MB stored ({:.1}% of the recording; {} chunks in all)",
         size(ObjectKey::manifest(&rid)),
         size(ObjectKey::index(&rid)),
+        snapshots.len(),
+        touched.len(),
         chunk_bytes,
         read as f64 / 1e6,
         whole as f64 / 1e6,

@@ -99,6 +99,7 @@ pub async fn run(
         access,
         audit: Audit::start(store.clone(), &config.node_id),
         node_id: config.node_id.clone(),
+        seek_cache: std::sync::Mutex::default(),
         uploader: uploader.clone(),
         metrics: metrics.clone(),
         ready: ready.clone(),

@@ -127,6 +127,23 @@ impl Replay {
         })
     }
 
+    /// Continues from a snapshot: a terminal of its size painted by its `init`, past the header.
+    ///
+    /// # Errors
+    /// Never in practice: sizes are clamped to be positive.
+    pub fn resume(snapshot: &Snapshot) -> Result<Self, avt::InvalidSize> {
+        let (cols, rows) = clamp_size(snapshot.cols, snapshot.rows);
+        let mut terminal = Terminal::with_scrollback(cols, rows, Some(0))?;
+        terminal.feed(snapshot.init.as_str());
+        Ok(Self {
+            terminal,
+            transcript: Transcript::new(),
+            time: snapshot.time,
+            header_seen: true,
+            lines: Vec::new(),
+        })
+    }
+
     /// The screen now, as a snapshot at `offset` (in chunk `seq`).
     pub fn snapshot(&self, seq: u32, offset: u64) -> Snapshot {
         let (cols, rows) = self.terminal.size();

@@ -37,6 +37,7 @@ pub struct Web {
     pub access: Arc<Access>,
     pub audit: Audit,
     pub node_id: String,
+    pub seek_cache: std::sync::Mutex<std::collections::VecDeque<(RecordingId, Arc<Seekable>)>>,
     pub uploader: Uploader,
     pub metrics: Arc<Metrics>,
     /// Cancelled once start-up (spool recovery) is done.
@@ -199,7 +200,54 @@ impl Caller {
     }
 }
 
+/// A finalized recording's manifest and index, parsed once for the seeks that follow.
+pub struct Seekable {
+    pub manifest: castvault_storage::manifest::Manifest,
+    pub index: Option<crate::indexer::Index>,
+}
+
+/// Recordings whose manifest and index stay parsed in memory (an index is about 4 KiB per MiB
+/// of output: 2 MB for a 500 MB recording), so seeking within one costs its chunks only.
+const SEEK_CACHE: usize = 16;
+
 impl Web {
+    /// A recording's manifest and index, from the cache or the store. Manifests never change
+    /// once written; an entry without its index (not indexed yet) is read again next time.
+    ///
+    /// # Errors
+    /// Read errors of the manifest.
+    pub async fn seekable(&self, id: &RecordingId) -> Result<Arc<Seekable>, ApiError> {
+        {
+            let cache = self
+                .seek_cache
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some((_, hit)) = cache.iter().find(|(k, s)| k == id && s.index.is_some()) {
+                return Ok(hit.clone());
+            }
+        }
+        let (manifest, index) = tokio::join!(
+            reader::read_manifest(self.store.as_ref(), id),
+            crate::indexer::read_index(&self.store, id)
+        );
+        let manifest = manifest?;
+        let index = index
+            .ok()
+            .flatten()
+            .filter(|i| i.chunks as usize == manifest.chunks.len());
+        let seekable = Arc::new(Seekable { manifest, index });
+        let mut cache = self
+            .seek_cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        cache.retain(|(k, _)| k != id);
+        if cache.len() >= SEEK_CACHE {
+            cache.pop_front();
+        }
+        cache.push_back((id.clone(), seekable.clone()));
+        Ok(seekable)
+    }
+
     /// The catalog row of a recording the caller may see; 404 for one that does not exist or
     /// is out of the caller's scope alike, so a request reveals nothing.
     ///
@@ -467,20 +515,25 @@ async fn window(
     let axum::extract::Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let id = parse_id(&id)?;
     web.visible(&caller, &id).await?;
-    web.audit(
-        &caller,
-        "view",
-        Some(&id),
-        Some(format!("from={}", query.from)),
+    let (audited, seekable) = tokio::join!(
+        web.audit(
+            &caller,
+            "view",
+            Some(&id),
+            Some(format!("from={}", query.from))
+        ),
+        web.seekable(&id)
+    );
+    audited?;
+    let seekable = seekable?;
+    let doc = build_window(
+        &web.store,
+        &id,
+        &seekable.manifest,
+        seekable.index.as_ref(),
+        query.from,
     )
     .await?;
-    let manifest = reader::read_manifest(web.store.as_ref(), &id).await?;
-    let index = crate::indexer::read_index(&web.store, &id)
-        .await
-        .ok()
-        .flatten()
-        .filter(|i| i.chunks as usize == manifest.chunks.len());
-    let doc = build_window(&web.store, &id, &manifest, index.as_ref(), query.from).await?;
     let mut response = Response::new(Body::from(doc.body));
     let headers = response.headers_mut();
     headers.insert(
@@ -552,36 +605,73 @@ pub async fn build_window(
     };
     let end = snapshots.get(first + WINDOW_SNAPSHOTS);
     let end_offset = end.map_or(manifest.bytes, |s| s.offset);
-    let mut header = manifest.header.clone();
-    if let Some(obj) = header.as_object_mut().filter(|_| start.cols > 0) {
-        obj.insert("width".into(), start.cols.into());
-        obj.insert("height".into(), start.rows.into());
-    }
-    let mut body = serde_json::to_vec(&header).unwrap_or_default();
-    body.push(b'\n');
-    if !start.init.is_empty() {
-        let _ = serde_json::to_writer(&mut body, &(0.0, "o", &start.init));
-        body.push(b'\n');
-    }
+    let mut raw = Vec::new();
     for entry in manifest
         .chunks
         .iter()
         .skip_while(|c| c.offset + c.raw_len <= start.offset)
         .take_while(|c| c.offset < end_offset)
     {
-        let (raw, _) = reader::read_chunk(store.as_ref(), id, entry).await?;
+        let (chunk, _) = reader::read_chunk(store.as_ref(), id, entry).await?;
         let lo = usize::try_from(start.offset.saturating_sub(entry.offset)).unwrap_or(0);
         let hi = usize::try_from((end_offset - entry.offset).min(entry.raw_len)).unwrap_or(0);
-        let part = raw.get(lo..hi).unwrap_or_default();
-        for line in part.split(|&b| b == b'\n') {
-            retime(line, start.time, &mut body);
-        }
+        raw.extend_from_slice(chunk.get(lo..hi).unwrap_or_default());
+    }
+    // With a snapshot, the lines up to `from` are played into it on the server, so the window
+    // starts exactly at `from` on the screen as it was then and the player replays nothing.
+    let mut state = start.clone();
+    let mut rest = &raw[..];
+    if index.is_some() && from > start.time {
+        let upto = raw
+            .split_inclusive(|&b| b == b'\n')
+            .take_while(|line| event_time(line).is_none_or(|t| t <= from))
+            .map(<[u8]>::len)
+            .sum::<usize>();
+        let (played, after) = raw.split_at(upto);
+        let played = played.to_vec();
+        let resumed = start.clone();
+        state = tokio::task::spawn_blocking(move || {
+            crate::indexer::Replay::resume(&resumed).map(|mut replay| {
+                replay.feed(&played);
+                replay.snapshot(resumed.seq, resumed.offset + played.len() as u64)
+            })
+        })
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("replay task: {e}")))?
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        state.time = state.time.max(from.min(end.map_or(f64::MAX, |e| e.time)));
+        rest = after;
+    }
+    let mut header = manifest.header.clone();
+    if let Some(obj) = header.as_object_mut().filter(|_| state.cols > 0) {
+        obj.insert("width".into(), state.cols.into());
+        obj.insert("height".into(), state.rows.into());
+    }
+    let mut body = serde_json::to_vec(&header).unwrap_or_default();
+    body.push(b'\n');
+    if !state.init.is_empty() {
+        let _ = serde_json::to_writer(&mut body, &(0.0, "o", &state.init));
+        body.push(b'\n');
+    }
+    for line in rest.split(|&b| b == b'\n') {
+        retime(line, state.time, &mut body);
     }
     Ok(Window {
         body,
-        start: start.time,
+        start: state.time,
         next: end.map(|s| s.time),
     })
+}
+
+/// The time of an event line, if it starts like one.
+fn event_time(line: &[u8]) -> Option<f64> {
+    let line = line.trim_ascii();
+    let comma = line.iter().position(|&b| b == b',')?;
+    std::str::from_utf8(line.get(1..comma)?)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Appends `line` with its time made relative to `start`, if it is a valid event line.
@@ -593,13 +683,7 @@ fn retime(line: &[u8], start: f64, out: &mut Vec<u8>) {
     {
         return;
     }
-    let Some(comma) = line.iter().position(|&b| b == b',') else {
-        return;
-    };
-    let Some(t) = std::str::from_utf8(&line[1..comma])
-        .ok()
-        .and_then(|t| t.trim().parse::<f64>().ok())
-    else {
+    let (Some(comma), Some(t)) = (line.iter().position(|&b| b == b','), event_time(line)) else {
         return;
     };
     out.extend_from_slice(format!("[{:.6}", (t - start).max(0.0)).as_bytes());

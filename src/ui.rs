@@ -471,9 +471,9 @@ async fn play_page(
     if let Err(e) = web.audit(&caller, "view", Some(&rid), None).await {
         return e.into_page();
     }
-    let manifest = castvault_storage::reader::read_manifest(web.store.as_ref(), &rid)
-        .await
-        .ok();
+    // Parsed once here and cached, so the player's first window request reads only chunks.
+    let seekable = web.seekable(&rid).await.ok();
+    let manifest = seekable.as_ref().map(|s| &s.manifest);
     let header = manifest
         .as_ref()
         .map(|m| m.header.clone())

@@ -66,7 +66,8 @@
     };
     if (idle.value) opts.idleTimeLimit = parseFloat(idle.value);
     // Paused: show the frame at the start time until play is pressed.
-    if (!autoPlay) opts.poster = "npt:" + opts.startAt;
+    // (the window paints the screen with an event at 0, which the frame at 0 would not show yet)
+    if (!autoPlay) opts.poster = "npt:" + Math.max(opts.startAt, 0.001);
     player = AsciinemaPlayer.create({ data: text }, el, opts);
     playing = autoPlay;
     player.addEventListener("play", function () { playing = true; });

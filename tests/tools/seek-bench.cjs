@@ -23,8 +23,24 @@ const { chromium } = require("playwright-core");
         const el = document.querySelector(".ap-term-text");
         return el !== null && el.textContent.trim().length > 0;
       }, null, { timeout: 30000, polling: 5 });
-      const ms = await page.evaluate(() => performance.now());
-      console.log(`seek: browser, ${run} page, navigation start to first frame at the seek point: ${ms.toFixed(0)} ms`);
+      const t = await page.evaluate(() => {
+        const nav = performance.getEntriesByType("navigation")[0];
+        const res = performance.getEntriesByType("resource");
+        const pick = (s) => res.find((r) => r.name.includes(s));
+        const win = pick("/window");
+        const js = pick("asciinema-player.min.js");
+        return {
+          frame: performance.now(),
+          page: nav ? nav.responseEnd : 0,
+          js: js ? js.responseEnd : 0,
+          winStart: win ? win.startTime : 0,
+          winEnd: win ? win.responseEnd : 0,
+          winBytes: win ? win.transferSize || win.encodedBodySize : 0,
+        };
+      });
+      console.log(`seek: browser, ${run} page, navigation start to first frame at the seek point: ${t.frame.toFixed(0)} ms ` +
+        `(page HTML at ${t.page.toFixed(0)} ms, player script at ${t.js.toFixed(0)} ms, window requested at ${t.winStart.toFixed(0)} ms ` +
+        `and received at ${t.winEnd.toFixed(0)} ms, ${(t.winBytes / 1e6).toFixed(2)} MB)`);
       await page.close();
     }
   } finally {
