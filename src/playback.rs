@@ -493,6 +493,10 @@ async fn live(
 /// chunks besides the manifest and the index.
 pub const WINDOW_SNAPSHOTS: usize = 2;
 
+/// Output one window carries at most (then it ends at a line of a new time): small enough for
+/// the player to take at once, so the first frame after a seek comes quickly.
+pub const WINDOW_BYTES: usize = 256 << 10;
+
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct WindowQuery {
@@ -621,12 +625,12 @@ pub async fn build_window(
     // starts exactly at `from` on the screen as it was then and the player replays nothing.
     let mut state = start.clone();
     let mut rest = &raw[..];
-    if index.is_some() && from > start.time {
-        let upto = raw
-            .split_inclusive(|&b| b == b'\n')
-            .take_while(|line| event_time(line).is_none_or(|t| t <= from))
-            .map(<[u8]>::len)
-            .sum::<usize>();
+    let upto = raw
+        .split_inclusive(|&b| b == b'\n')
+        .take_while(|line| event_time(line).is_none_or(|t| t <= from))
+        .map(<[u8]>::len)
+        .sum::<usize>();
+    if index.is_some() && upto > 0 {
         let (played, after) = raw.split_at(upto);
         let played = played.to_vec();
         let resumed = start.clone();
@@ -653,13 +657,29 @@ pub async fn build_window(
         let _ = serde_json::to_writer(&mut body, &(0.0, "o", &state.init));
         body.push(b'\n');
     }
-    for line in rest.split(|&b| b == b'\n') {
+    // At most WINDOW_BYTES of events, cut after the last line of one time, so the next window
+    // (from that time) starts with exactly the lines this one left out.
+    let mut next = end.map(|s| s.time);
+    let mut emitted = 0;
+    let mut lines = rest.split(|&b| b == b'\n').peekable();
+    while let Some(line) = lines.next() {
         retime(line, state.time, &mut body);
+        emitted += line.len() + 1;
+        if emitted >= WINDOW_BYTES
+            && let Some(t) = event_time(line)
+            && lines
+                .peek()
+                .and_then(|l| event_time(l))
+                .is_some_and(|n| n > t)
+        {
+            next = Some(t);
+            break;
+        }
     }
     Ok(Window {
         body,
         start: state.time,
-        next: end.map(|s| s.time),
+        next,
     })
 }
 
