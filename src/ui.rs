@@ -278,6 +278,15 @@ fn hit_links(id: &str, q: &str, hits: &[Hit]) -> String {
     out
 }
 
+/// A number as JavaScript's `String(n)` writes it (for the URLs the player script builds).
+fn js_number(n: f64) -> String {
+    if n.fract() == 0.0 && n.abs() < 1e15 {
+        format!("{}", n as i64)
+    } else {
+        format!("{n}")
+    }
+}
+
 fn urlencode(s: &str) -> String {
     serde_urlencoded::to_string([("", s)])
         .map(|e| e.trim_start_matches('=').to_owned())
@@ -580,7 +589,20 @@ async fn play_page(
             Err(e) => tracing::warn!(error = %e, "search hits failed"),
         }
     }
-    page_as(Some(&caller), "Session", &body, PLAYER_SCRIPTS).into_response()
+    // The first window is requested from the head, while the player's script still loads.
+    // Rounded as `data-start` is, so the script asks for the same URL.
+    let start = (query.t.unwrap_or(0.0).max(0.0) * 1000.0).round() / 1000.0;
+    let first = serde_json::to_string(&format!(
+        "/api/v1/recordings/{}/window?from={}",
+        urlencode(&id),
+        js_number(start)
+    ))
+    .unwrap_or_default()
+    .replace('<', "\\u003c");
+    let scripts = format!(
+        "<script>window.castvaultFirstWindow = {{ url: {first}, response: fetch({first}) }};</script>{PLAYER_SCRIPTS}"
+    );
+    page_as(Some(&caller), "Session", &body, &scripts).into_response()
 }
 
 #[cfg(test)]

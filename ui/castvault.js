@@ -45,7 +45,11 @@
 
   async function load(t, autoPlay) {
     const token = ++loading;
-    const response = await fetch("/api/v1/recordings/" + encodeURIComponent(id) + "/window?from=" + t);
+    const url = "/api/v1/recordings/" + encodeURIComponent(id) + "/window?from=" + t;
+    // The page's head starts the first window's request before this script has loaded.
+    const early = window.castvaultFirstWindow;
+    window.castvaultFirstWindow = undefined;
+    const response = await (early && early.url === url ? early.response : fetch(url));
     if (token !== loading) return;
     if (!response.ok) {
       el.textContent = "Cannot load the recording: HTTP " + response.status;
