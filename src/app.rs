@@ -86,6 +86,7 @@ pub async fn run(
     background.spawn(indexer::run(
         store.clone(),
         catalog.clone(),
+        uploader.clone(),
         upload_stop.clone(),
     ));
     let ready = CancellationToken::new();

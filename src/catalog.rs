@@ -53,7 +53,7 @@ const LIST_HIT_BLOCKS: usize = 4;
 const PLAYER_HIT_BLOCKS: usize = 256;
 
 /// Bumped whenever the schema changes; an older catalog is dropped and rebuilt from the store.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS recordings (
@@ -89,7 +89,8 @@ CREATE INDEX IF NOT EXISTS tags_id ON tags(id);
 CREATE TABLE IF NOT EXISTS indexed (
     id TEXT PRIMARY KEY,
     num INTEGER NOT NULL UNIQUE,
-    chunks INTEGER NOT NULL
+    chunks INTEGER NOT NULL,
+    complete INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE VIRTUAL TABLE IF NOT EXISTS transcript USING fts5(
     text,
@@ -495,7 +496,7 @@ impl Catalog {
         self.read(move |conn| {
             let mut stmt = conn.prepare(
                 "SELECT r.id FROM recordings r WHERE r.status != 'live'
-                 AND NOT EXISTS (SELECT 1 FROM indexed i WHERE i.id = r.id)
+                 AND NOT EXISTS (SELECT 1 FROM indexed i WHERE i.id = r.id AND i.complete = 1)
                  ORDER BY r.started_ms DESC LIMIT ?1",
             )?;
             let ids = stmt
@@ -543,10 +544,67 @@ impl Catalog {
                 }
             }
             tx.execute(
-                "INSERT INTO indexed (id, num, chunks) VALUES (?1, ?2, ?3)
-                 ON CONFLICT(id) DO UPDATE SET chunks = ?3",
+                "INSERT INTO indexed (id, num, chunks, complete) VALUES (?1, ?2, ?3, 1)
+                 ON CONFLICT(id) DO UPDATE SET chunks = ?3, complete = 1",
                 params![id, num, chunks],
             )?;
+            tx.commit()
+        })
+        .await
+    }
+
+    /// Adds transcript lines of a recording still being received, after those added before.
+    /// The recording stays due for its full index ([`Catalog::set_transcript`]) once it ends,
+    /// which replaces these.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub async fn append_transcript(
+        self: &Arc<Self>,
+        id: String,
+        lines: Vec<TranscriptLine>,
+    ) -> Result<(), CatalogError> {
+        if lines.iter().all(|l| l.text.trim().is_empty()) {
+            return Ok(());
+        }
+        self.write(move |conn| {
+            let tx = conn.transaction()?;
+            let existing: Option<i64> = tx
+                .query_row("SELECT num FROM indexed WHERE id = ?1", params![id], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            let num = match existing {
+                Some(num) => num,
+                None => {
+                    let num: i64 =
+                        tx.query_row("SELECT coalesce(max(num), 0) + 1 FROM indexed", [], |r| {
+                            r.get(0)
+                        })?;
+                    tx.execute(
+                        "INSERT INTO indexed (id, num, chunks, complete) VALUES (?1, ?2, 0, 0)",
+                        params![id, num],
+                    )?;
+                    num
+                }
+            };
+            let last: Option<i64> = tx.query_row(
+                "SELECT max(rowid) FROM transcript WHERE rowid BETWEEN ?1 AND ?2",
+                params![num << BLOCK_BITS, ((num + 1) << BLOCK_BITS) - 1],
+                |r| r.get(0),
+            )?;
+            let first = last.map_or(0, |r| (r & ((1 << BLOCK_BITS) - 1)) + 1);
+            {
+                let mut insert =
+                    tx.prepare("INSERT INTO transcript (rowid, text, times) VALUES (?1, ?2, ?3)")?;
+                for (n, (text, times)) in blocks(&lines).enumerate() {
+                    let block = first + n as i64;
+                    if block >= 1 << BLOCK_BITS {
+                        break;
+                    }
+                    insert.execute(params![(num << BLOCK_BITS) | block, text, times])?;
+                }
+            }
             tx.commit()
         })
         .await
@@ -607,7 +665,7 @@ impl Catalog {
             };
             Ok((
                 n("SELECT count(*) FROM recordings")?,
-                n("SELECT count(*) FROM indexed")?,
+                n("SELECT count(*) FROM indexed WHERE complete = 1")?,
             ))
         })
         .await

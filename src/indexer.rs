@@ -29,6 +29,8 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{Catalog, CatalogError, TranscriptLine};
+use crate::upload::Uploader;
+use std::collections::HashMap;
 
 /// How often the indexer looks for work when nothing woke it.
 pub const INDEX_SCAN_EVERY: Duration = Duration::from_secs(2);
@@ -387,9 +389,111 @@ pub async fn index_recording(
     Ok(())
 }
 
+/// Recordings in progress indexed at once; others are indexed when they end. Bounds the
+/// indexer's memory: one terminal (and a partial line) each.
+const LIVE_INDEX_MAX: usize = 64;
+
+/// Bytes of a recording in progress read at once.
+const LIVE_READ_BYTES: usize = 1 << 20;
+
+/// A recording in progress being indexed: its terminal and how far it has been read.
+struct LiveIndex {
+    /// Out only while a batch of lines is being fed on the blocking pool.
+    replay: Option<Replay>,
+    file: Arc<std::fs::File>,
+    offset: u64,
+    carry: Vec<u8>,
+}
+
+/// Indexes what has been committed of the recordings this node is receiving: their new whole
+/// lines go through their terminal, and the lines that left the screen join the searchable
+/// transcript. The full index replaces this once a recording ends.
+async fn index_live(
+    uploader: &Uploader,
+    catalog: &Arc<Catalog>,
+    live: &mut HashMap<RecordingId, LiveIndex>,
+) {
+    let ids = uploader.live_ids();
+    live.retain(|id, _| ids.contains(id));
+    for id in ids {
+        let Some(source) = uploader.live(&id) else {
+            continue;
+        };
+        if !live.contains_key(&id) {
+            if live.len() >= LIVE_INDEX_MAX {
+                continue;
+            }
+            let (Ok(file), Ok(replay)) = (source.file().open_reader().await, Replay::new()) else {
+                continue;
+            };
+            live.insert(
+                id.clone(),
+                LiveIndex {
+                    replay: Some(replay),
+                    file: Arc::new(file),
+                    offset: 0,
+                    carry: Vec::new(),
+                },
+            );
+        }
+        let Some(state) = live.get_mut(&id) else {
+            continue;
+        };
+        let committed = source.committed();
+        while state.offset < committed {
+            let want = usize::try_from(committed - state.offset)
+                .unwrap_or(usize::MAX)
+                .min(LIVE_READ_BYTES);
+            let file = state.file.clone();
+            let at = state.offset;
+            let read = tokio::task::spawn_blocking(move || {
+                use std::os::unix::fs::FileExt;
+                let mut buf = vec![0; want];
+                file.read_at(&mut buf, at).map(|n| {
+                    buf.truncate(n);
+                    buf
+                })
+            })
+            .await;
+            let Ok(Ok(bytes)) = read else { break };
+            if bytes.is_empty() {
+                break;
+            }
+            state.offset += bytes.len() as u64;
+            state.carry.extend_from_slice(&bytes);
+            let Some(end) = state.carry.iter().rposition(|&b| b == b'\n') else {
+                continue;
+            };
+            let rest = state.carry.split_off(end + 1);
+            let lines = std::mem::replace(&mut state.carry, rest);
+            let Some(mut replay) = state.replay.take() else {
+                break;
+            };
+            let fed = tokio::task::spawn_blocking(move || {
+                replay.feed(&lines);
+                let emitted = std::mem::take(&mut replay.lines);
+                (replay, emitted)
+            })
+            .await;
+            let Ok((replay, emitted)) = fed else { break };
+            state.replay = Some(replay);
+            if let Err(e) = catalog.append_transcript(id.to_string(), emitted).await {
+                tracing::warn!(recording_id = %id, error = %crate::upload::error_chain(&e), "live indexing failed");
+            }
+        }
+    }
+}
+
 /// Runs the indexer until `stop`.
-pub async fn run(store: DynStore, catalog: Arc<Catalog>, stop: CancellationToken) {
+pub async fn run(
+    store: DynStore,
+    catalog: Arc<Catalog>,
+    uploader: Uploader,
+    stop: CancellationToken,
+) {
+    let mut live = HashMap::new();
     loop {
+        index_live(&uploader, &catalog, &mut live).await;
         let todo = match catalog.unindexed(INDEX_BATCH).await {
             Ok(todo) => todo,
             Err(e) => {

@@ -189,6 +189,11 @@ impl LiveSource {
         &self.upload.file
     }
 
+    /// Bytes in committed chunks: the prefix of the data file that is stored.
+    pub fn committed(&self) -> u64 {
+        self.upload.state().committed
+    }
+
     /// True once the stream has ended and every byte of it is in the data file.
     pub fn ended(&self) -> bool {
         self.upload.state().end.is_some() && self.upload.file.settled()
@@ -325,6 +330,11 @@ impl Uploader {
             upload.file.notify_when_settled(self.inner.wake.clone());
         }
         self.inner.wake.notify_one();
+    }
+
+    /// The recordings this node is receiving right now (or still uploading).
+    pub fn live_ids(&self) -> Vec<RecordingId> {
+        self.registry().keys().cloned().collect()
     }
 
     /// A recording this node is receiving right now, for the live view.

@@ -767,3 +767,68 @@ scope = {{ users = ["carol@example.com"] }}
     );
     assert_eq!(auditor("/api/v1/audit?day=20261125".into()).await.0, 400);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_recordings_are_searchable_while_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("castvault.toml");
+    std::fs::write(&config, "[chunk]\nmax_age = \"200ms\"\n").unwrap();
+    let node = Node::start(
+        &dir.path().join("data"),
+        &["--config", config.to_str().unwrap()],
+        &[],
+    )
+    .await;
+    let mut upload = common::start_v2(node.ingest).await.unwrap();
+    let mut sent = serde_json::to_vec(&header("gina", "ops.tail-net.ts.net", &[])).unwrap();
+    sent.push(b'\n');
+    sent.extend(event_line(0.5, "$ cat /etc/LIVENEEDLE-31337.conf\r\n"));
+    // Enough lines after it to scroll it off the 30-row screen into the transcript.
+    for i in 0..40 {
+        sent.extend(event_line(
+            1.0 + f64::from(i) * 0.01,
+            &format!("filler {i}\r\n"),
+        ));
+    }
+    upload.send(&sent).await.unwrap();
+    let id = wait_live(&node).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let hit = loop {
+        let (_, page) = get_json(&node, "/api/v1/recordings?q=LIVENEEDLE-31337").await;
+        if let Some(found) = page["recordings"].as_array().and_then(|r| r.first()) {
+            break found.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a recording in progress was never searchable"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(hit["id"], id.as_str());
+    assert_eq!(hit["status"], "live");
+    assert!(
+        hit["hits"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("LIVENEEDLE")
+    );
+    // Once it ends, the full index takes over and it is still found, once.
+    upload.finish().await.0.unwrap();
+    node.wait_finalized(1).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, page) = get_json(&node, "/api/v1/recordings?q=LIVENEEDLE-31337").await;
+        let rows = page["recordings"].as_array().unwrap();
+        if rows.len() == 1
+            && rows[0]["status"] == "complete"
+            && rows[0]["hits"].as_array().unwrap().len() == 1
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not found once finalized: {page}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
