@@ -112,7 +112,7 @@ fn page_as(who: Option<&Caller>, title: &str, body: &str, scripts: &str) -> Html
     Html(format!(
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-         <title>{} · castvault</title><link rel=\"stylesheet\" href=\"/assets/castvault.css\">{scripts}</head>\
+         <title>{} · castvault</title>{scripts}<link rel=\"stylesheet\" href=\"/assets/castvault.css\"></head>\
          <body><header><a href=\"/\" class=\"brand\">castvault</a>{account}</header>\
          <main>{body}</main></body></html>",
         esc(title)
@@ -589,7 +589,8 @@ async fn play_page(
             Err(e) => tracing::warn!(error = %e, "search hits failed"),
         }
     }
-    // The first window is requested from the head, while the player's script still loads.
+    // The first window is requested from the head (before any stylesheet, which would hold an
+    // inline script back), while the player's script still loads.
     // Rounded as `data-start` is, so the script asks for the same URL.
     let start = (query.t.unwrap_or(0.0).max(0.0) * 1000.0).round() / 1000.0;
     let first = serde_json::to_string(&format!(
