@@ -569,13 +569,17 @@ impl Catalog {
         }
         self.write(move |conn| {
             let tx = conn.transaction()?;
-            let existing: Option<i64> = tx
-                .query_row("SELECT num FROM indexed WHERE id = ?1", params![id], |r| {
-                    r.get(0)
-                })
+            let existing: Option<(i64, bool)> = tx
+                .query_row(
+                    "SELECT num, complete FROM indexed WHERE id = ?1",
+                    params![id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
                 .optional()?;
             let num = match existing {
-                Some(num) => num,
+                // The full index is in: it holds these lines already.
+                Some((_, true)) => return Ok(()),
+                Some((num, false)) => num,
                 None => {
                     let num: i64 =
                         tx.query_row("SELECT coalesce(max(num), 0) + 1 FROM indexed", [], |r| {

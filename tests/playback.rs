@@ -63,6 +63,26 @@ async fn list_ids(node: &Node, query: &str) -> Vec<String> {
         .collect()
 }
 
+/// Waits until `n` recordings have their full index (snapshots and transcript); a recording's
+/// live transcript can be searchable before that.
+async fn wait_indexed(node: &Node, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, body) = http_get_as(node.web, "/metrics", None).await.unwrap();
+        let text = String::from_utf8(body).unwrap();
+        let indexed: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("castvault_catalog_recordings_indexed "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        if indexed >= n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "only {indexed} of {n} indexed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Waits until a search for the needle finds it (the indexer has run); returns the hits.
 async fn wait_for_needle(node: &Node) -> Value {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -197,6 +217,7 @@ async fn catalog_search_seek_and_pages() {
     }
 
     // Full-text search maps the hit to the moment it was on screen.
+    wait_indexed(&node, 3).await;
     let found = wait_for_needle(&node).await;
     assert_eq!(found["id"], rec.long_id.as_str());
     let hit = &found["hits"][0];
@@ -381,6 +402,7 @@ async fn browser_filters_searches_jumps_to_a_hit_and_seeks() {
     let config = write_config(dir.path());
     let node = Node::start(&dir.path().join("data"), &["--config", &config], &[]).await;
     let rec = record_three(&node).await;
+    wait_indexed(&node, 3).await;
     wait_for_needle(&node).await;
     // A session in progress for the live view.
     let mut upload = common::start_v2(node.ingest).await.unwrap();
