@@ -123,6 +123,9 @@ pub struct Config {
     pub upload_grace: Duration,
     /// Who may use the web UI and API (see `auth`).
     pub access: crate::auth::AccessConfig,
+    /// The catalog database (a cache; it grows with the transcripts of the recordings, so it
+    /// may live on another disk than the spool); default `{data_dir}/catalog.sqlite`.
+    pub catalog: Option<PathBuf>,
 }
 
 fn default_node_id() -> String {
@@ -166,6 +169,7 @@ impl Default for Config {
             drain_timeout: Duration::from_secs(15),
             upload_grace: Duration::from_secs(10),
             access: crate::auth::AccessConfig::default(),
+            catalog: None,
         }
     }
 }
@@ -214,7 +218,9 @@ impl Config {
 
     /// The catalog database, a cache of the store's catalog rows and transcripts.
     pub fn catalog_path(&self) -> PathBuf {
-        self.data_dir.join("catalog.sqlite")
+        self.catalog
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("catalog.sqlite"))
     }
 
     /// The ack level in force: the configured one, else by store kind.

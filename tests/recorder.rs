@@ -488,7 +488,15 @@ async fn disk_full_mid_stream_ends_with_error_frame_and_keeps_acked_bytes() {
     let disk = SmallDisk::mount("2m");
     let store = tempfile::tempdir().unwrap();
     let cfg_dir = tempfile::tempdir().unwrap();
-    let cfg = config(cfg_dir.path(), "min_free_disk_bytes = 524288\n");
+    // The catalog (which grows with transcripts) lives off the small spool disk, as an operator
+    // with a small spool disk would put it.
+    let cfg = config(
+        cfg_dir.path(),
+        &format!(
+            "min_free_disk_bytes = 524288\ncatalog = \"{}\"\n",
+            cfg_dir.path().join("catalog.sqlite").display()
+        ),
+    );
     let store_url = format!("file://{}", store.path().display());
     let mut node = Node::start(&disk.path, &["--config", &cfg, "--store", &store_url], &[]).await;
 
@@ -529,6 +537,10 @@ async fn disk_full_mid_stream_ends_with_error_frame_and_keeps_acked_bytes() {
     loop {
         match upload_v1(node.ingest, &[&small]).await {
             Ok(200) => break,
+            // Refused at admission (before 100-continue) or when the spool could not take it.
+            Ok(503) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
             Err(e) if e.ends_with("503") && std::time::Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }

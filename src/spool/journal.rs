@@ -258,13 +258,14 @@ impl Journal {
         self.enqueue(file, offset, bytes, Some(tx)).await?;
         match rx.await {
             Ok(true) => Ok(()),
-            _ => Err(SpoolError::Failed {
-                recording_id: file.id.to_string(),
-                reason: file
-                    .failure()
-                    .unwrap_or("spool journal commit failed")
-                    .to_owned(),
-            }),
+            _ => Err(file
+                .check_failed()
+                .err()
+                .unwrap_or_else(|| SpoolError::Failed {
+                    recording_id: file.id.to_string(),
+                    reason: "spool journal commit failed".to_owned(),
+                    exhausted: false,
+                })),
         }
     }
 
@@ -279,6 +280,7 @@ impl Journal {
         let gone = || SpoolError::Failed {
             recording_id: file.id.to_string(),
             reason: "spool journal stopped".to_owned(),
+            exhausted: false,
         };
         let budget = self
             .budget
@@ -535,7 +537,7 @@ impl DataWriter {
         }
         if let Err(e) = append.file.write_data(append.offset, &append.bytes) {
             tracing::error!(recording_id = %append.file.id, error = %e, "cannot write the spool data file; retrying every second, the journal keeps the bytes");
-            append.file.fail(&format!("spool data write failed: {e}"));
+            append.file.fail_io("spool data write failed", &e);
             self.stalled
                 .entry(id.to_owned())
                 .or_default()
@@ -711,7 +713,7 @@ fn commit(
             let _ = segment.file.set_len(segment.len);
             tracing::error!(path = %segment.path.display(), error = %e, "spool journal write failed; affected streams end with an error");
             for append in batch.iter() {
-                append.file.fail(&format!("journal write failed: {e}"));
+                append.file.fail_io("journal write failed", &e);
             }
             false
         }

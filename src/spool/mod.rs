@@ -67,6 +67,8 @@ pub enum SpoolError {
     Failed {
         recording_id: String,
         reason: String,
+        /// The failure was a full disk (or quota, or descriptors).
+        exhausted: bool,
     },
 }
 
@@ -74,10 +76,17 @@ impl SpoolError {
     /// True when the node is out of a resource (disk space, quota, file descriptors): the
     /// client should try its next recorder rather than treat this node as broken.
     pub fn is_resource_exhausted(&self) -> bool {
-        use nix::libc::{EDQUOT, EMFILE, ENFILE, ENOSPC};
-        matches!(self, Self::Io { source, .. }
-            if matches!(source.raw_os_error(), Some(ENOSPC | EDQUOT | EMFILE | ENFILE)))
+        match self {
+            Self::Io { source, .. } => exhausted(source),
+            Self::Failed { exhausted, .. } => *exhausted,
+        }
     }
+}
+
+/// True for the I/O errors of a node out of a resource.
+fn exhausted(e: &io::Error) -> bool {
+    use nix::libc::{EDQUOT, EMFILE, ENFILE, ENOSPC};
+    matches!(e.raw_os_error(), Some(ENOSPC | EDQUOT | EMFILE | ENFILE))
 }
 
 /// What is known about a recording when it starts.
@@ -137,7 +146,7 @@ pub struct SpoolFile {
     /// Notified when `in_flight` drops to zero, once armed by [`SpoolFile::notify_when_settled`].
     on_settled: OnceLock<Arc<tokio::sync::Notify>>,
     durable: watch::Sender<u64>,
-    failed: OnceLock<String>,
+    failed: OnceLock<(String, bool)>,
 }
 
 impl Spool {
@@ -358,7 +367,7 @@ impl SpoolFile {
     }
 
     pub fn failure(&self) -> Option<&str> {
-        self.failed.get().map(String::as_str)
+        self.failed.get().map(|(reason, _)| reason.as_str())
     }
 
     /// Writes bytes into the data file at `offset` (the journal's data writer, in offset order).
@@ -430,11 +439,12 @@ impl SpoolFile {
             .await
     }
 
-    fn check_failed(&self) -> Result<(), SpoolError> {
+    pub(crate) fn check_failed(&self) -> Result<(), SpoolError> {
         match self.failed.get() {
-            Some(reason) => Err(SpoolError::Failed {
+            Some((reason, exhausted)) => Err(SpoolError::Failed {
                 recording_id: self.id.to_string(),
                 reason: reason.clone(),
+                exhausted: *exhausted,
             }),
             None => Ok(()),
         }
@@ -449,9 +459,10 @@ impl SpoolFile {
         });
     }
 
-    /// Fails the file for good and wakes everyone waiting on its durable offset.
-    fn fail(&self, reason: &str) {
-        let _ = self.failed.set(reason.to_owned());
+    /// Fails the file for good over an I/O error (a full disk is remembered as such) and wakes
+    /// everyone waiting on its durable offset.
+    fn fail_io(&self, what: &str, e: &io::Error) {
+        let _ = self.failed.set((format!("{what}: {e}"), exhausted(e)));
         self.durable.send_modify(|_| {});
     }
 
@@ -659,7 +670,7 @@ mod tests {
         let spool = Spool::open(dir.path().to_owned()).unwrap();
         let id = RecordingId::new(&Region::new("local").unwrap(), 1, 2);
         let file = open_with_header(&spool, &id).await;
-        file.fail("test");
+        file.fail_io("test", &io::Error::other("injected"));
         assert!(matches!(
             spool.append(&file, Bytes::from_static(b"x")).await,
             Err(SpoolError::Failed { .. })
