@@ -146,6 +146,11 @@ impl Replay {
         })
     }
 
+    /// The terminal as replayed so far.
+    pub fn terminal(&self) -> &Terminal {
+        &self.terminal
+    }
+
     /// The screen now, as a snapshot at `offset` (in chunk `seq`).
     pub fn snapshot(&self, seq: u32, offset: u64) -> Snapshot {
         let (cols, rows) = self.terminal.size();

@@ -558,6 +558,8 @@ async fn window(
 
 pub struct Window {
     pub body: Vec<u8>,
+    /// The screen the window starts on (its first event paints it).
+    pub screen: crate::indexer::Snapshot,
     /// Seconds into the recording where the window's time 0 is.
     pub start: f64,
     /// Where the next window starts, if the recording goes on.
@@ -603,6 +605,14 @@ pub async fn build_window(
     let Some(start) = snapshots.get(first) else {
         return Ok(Window {
             body: serde_json::to_vec(&manifest.header).unwrap_or_default(),
+            screen: Snapshot {
+                seq: 0,
+                offset: 0,
+                time: 0.0,
+                cols: 0,
+                rows: 0,
+                init: String::new(),
+            },
             start: 0.0,
             next: None,
         });
@@ -679,6 +689,7 @@ pub async fn build_window(
     Ok(Window {
         body,
         start: state.time,
+        screen: state,
         next,
     })
 }

@@ -547,6 +547,20 @@ async fn play_page(
         );
         return page_as(Some(&caller), "Live session", &body, PLAYER_SCRIPTS).into_response();
     }
+    // The screen at the start time, drawn here so it shows at once, before the player loads.
+    let first_screen = match &seekable {
+        Some(s) if s.index.is_some() => crate::playback::build_window(
+            &web.store,
+            &rid,
+            &s.manifest,
+            s.index.as_ref(),
+            query.t.unwrap_or(0.0).max(0.0),
+        )
+        .await
+        .map(|w| screen_html(&w.screen))
+        .unwrap_or_default(),
+        _ => String::new(),
+    };
     let _ = write!(
         body,
         "<div class=\"controls\">\
@@ -554,7 +568,7 @@ async fn play_page(
          <label>Idle limit <select id=\"idle\"><option value=\"\">off</option><option>1</option><option selected>2</option><option>5</option></select></label> \
          <input id=\"seek\" type=\"range\" min=\"0\" max=\"{dur:.3}\" step=\"0.1\" value=\"{t:.3}\" aria-label=\"Seek\"> \
          <span id=\"pos\">{}</span> / {}</div>\
-         <div id=\"player\" data-id=\"{}\" data-duration=\"{dur:.3}\" data-start=\"{t:.3}\" data-paused=\"{paused}\"></div>\
+         <div id=\"player\" data-id=\"{}\" data-duration=\"{dur:.3}\" data-start=\"{t:.3}\" data-paused=\"{paused}\">{screen}</div>\
          <p class=\"keys\">Keys: space play/pause · ←/→ step · &lt; &gt; speed · 0–9 jump · f full screen</p>\
          <p><a href=\"/api/v1/recordings/{}/cast\" download>Download .cast</a></p>",
         [0.25, 0.5, 1.0, 1.5, 2.0, 4.0, 8.0, 16.0]
@@ -575,6 +589,7 @@ async fn play_page(
         dur = row.duration_seconds,
         t = query.t.unwrap_or(0.0).max(0.0),
         paused = query.t.is_some(),
+        screen = first_screen,
     );
     if let Some(q) = query.q.as_deref().filter(|q| !q.trim().is_empty()) {
         match web.catalog.hits(id.clone(), q, PLAYER_PAGE_HITS).await {
@@ -604,6 +619,89 @@ async fn play_page(
         "<script>window.castvaultFirstWindow = {{ url: {first}, response: fetch({first}) }};</script>{PLAYER_SCRIPTS}"
     );
     page_as(Some(&caller), "Session", &body, &scripts).into_response()
+}
+
+/// The 16 base colours (xterm's defaults), then the 6×6×6 cube and the grey ramp.
+fn indexed_rgb(i: u8) -> (u8, u8, u8) {
+    const BASE: [(u8, u8, u8); 16] = [
+        (0, 0, 0),
+        (205, 0, 0),
+        (0, 205, 0),
+        (205, 205, 0),
+        (0, 0, 238),
+        (205, 0, 205),
+        (0, 205, 205),
+        (229, 229, 229),
+        (127, 127, 127),
+        (255, 0, 0),
+        (0, 255, 0),
+        (255, 255, 0),
+        (92, 92, 255),
+        (255, 0, 255),
+        (0, 255, 255),
+        (255, 255, 255),
+    ];
+    match i {
+        0..=15 => BASE[usize::from(i)],
+        16..=231 => {
+            let level = |v: u8| if v == 0 { 0 } else { 55 + v * 40 };
+            let n = i - 16;
+            (level(n / 36), level(n / 6 % 6), level(n % 6))
+        }
+        _ => {
+            let g = 8 + (i - 232) * 10;
+            (g, g, g)
+        }
+    }
+}
+
+fn css_color(color: avt::Color) -> String {
+    let (r, g, b) = match color {
+        avt::Color::Indexed(i) => indexed_rgb(i),
+        avt::Color::RGB(c) => (c.r, c.g, c.b),
+    };
+    format!("#{r:02x}{g:02x}{b:02x}")
+}
+
+/// A terminal screen as HTML: one `<span>` per run of cells drawn with the same pen. Shown
+/// at once when a player page opens, before (and without) any script.
+pub fn screen_html(snapshot: &crate::indexer::Snapshot) -> String {
+    let Ok(replay) = crate::indexer::Replay::resume(snapshot) else {
+        return String::new();
+    };
+    let mut out = String::from("<pre class=\"screen\">");
+    for line in replay.terminal().screen().visible_lines() {
+        for cells in line.chunks(|a, b| a.pen() != b.pen()) {
+            let Some(first) = cells.first() else { continue };
+            let pen = first.pen();
+            let (mut fg, mut bg) = (pen.foreground(), pen.background());
+            if pen.is_inverse() {
+                std::mem::swap(&mut fg, &mut bg);
+            }
+            let mut style = String::new();
+            if let Some(fg) = fg {
+                let _ = write!(style, "color:{};", css_color(fg));
+            }
+            if let Some(bg) = bg {
+                let _ = write!(style, "background:{};", css_color(bg));
+            }
+            if pen.is_bold() {
+                style.push_str("font-weight:bold;");
+            }
+            if pen.is_underline() {
+                style.push_str("text-decoration:underline;");
+            }
+            let text: String = cells.iter().map(avt::Cell::char).collect();
+            if style.is_empty() {
+                out.push_str(&esc(&text));
+            } else {
+                let _ = write!(out, "<span style=\"{style}\">{}</span>", esc(&text));
+            }
+        }
+        out.push('\n');
+    }
+    out.push_str("</pre>");
+    out
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ const { chromium } = require("playwright-core");
     const url = process.env.BASE_URL + "/play/" + process.env.RECORDING + "?t=" + process.env.AT;
     for (const run of ["cold", "warm", "warm"]) {
       const page = await context.newPage();
-      await page.goto(url, { waitUntil: "commit" });
+      const served = await page.goto(url, { waitUntil: "commit" });
       await page.waitForFunction(() => {
         const el = document.querySelector(".ap-term-text");
         return el !== null && el.textContent.trim().length > 0;
@@ -29,8 +29,10 @@ const { chromium } = require("playwright-core");
         const pick = (s) => res.find((r) => r.name.includes(s));
         const win = pick("/window");
         const js = pick("asciinema-player.min.js");
+        const paint = performance.getEntriesByType("paint").find((p) => p.name === "first-contentful-paint");
         return {
           frame: performance.now(),
+          firstPaint: paint ? paint.startTime : 0,
           page: nav ? nav.responseEnd : 0,
           js: js ? js.responseEnd : 0,
           winStart: win ? win.startTime : 0,
@@ -38,7 +40,9 @@ const { chromium } = require("playwright-core");
           winBytes: win ? win.transferSize || win.encodedBodySize : 0,
         };
       });
-      console.log(`seek: browser, ${run} page, navigation start to first frame at the seek point: ${t.frame.toFixed(0)} ms ` +
+      const html = await served.text();
+      if (!/<pre class="screen">[^<]*\S/.test(html)) throw new Error("the page came without the screen at the seek point");
+      console.log(`seek: browser, ${run} page: first paint (the server-drawn screen at the seek point) at ${t.firstPaint.toFixed(0)} ms; player's first frame at ${t.frame.toFixed(0)} ms ` +
         `(page HTML at ${t.page.toFixed(0)} ms, player script at ${t.js.toFixed(0)} ms, window requested at ${t.winStart.toFixed(0)} ms ` +
         `and received at ${t.winEnd.toFixed(0)} ms, ${(t.winBytes / 1e6).toFixed(2)} MB)`);
       await page.close();
