@@ -23,6 +23,7 @@ const PLAYER_CSS: &[u8] = include_bytes!("../ui/vendor/asciinema-player.css");
 const GLUE_JS: &str = include_str!("../ui/castvault.js");
 const STYLE_CSS: &str = include_str!("../ui/castvault.css");
 
+/// At the end of the body: the page (and the drawn screen) paints without waiting for them.
 const PLAYER_SCRIPTS: &str = "<link rel=\"stylesheet\" href=\"/assets/asciinema-player.css\">\
      <script src=\"/assets/asciinema-player.min.js\" defer></script>\
      <script src=\"/assets/castvault.js\" defer></script>";
@@ -47,10 +48,6 @@ pub fn routes() -> Router<Arc<Web>> {
         .route(
             "/assets/castvault.js",
             get(|| asset(GLUE_JS.as_bytes(), "text/javascript")),
-        )
-        .route(
-            "/assets/castvault.css",
-            get(|| asset(STYLE_CSS.as_bytes(), "text/css")),
         )
 }
 
@@ -112,9 +109,9 @@ fn page_as(who: Option<&Caller>, title: &str, body: &str, scripts: &str) -> Html
     Html(format!(
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-         <title>{} · castvault</title>{scripts}<link rel=\"stylesheet\" href=\"/assets/castvault.css\"></head>\
+         <title>{} · castvault</title><style>{STYLE_CSS}</style></head>\
          <body><header><a href=\"/\" class=\"brand\">castvault</a>{account}</header>\
-         <main>{body}</main></body></html>",
+         <main>{body}</main>{scripts}</body></html>",
         esc(title)
     ))
 }
@@ -547,20 +544,21 @@ async fn play_page(
         );
         return page_as(Some(&caller), "Live session", &body, PLAYER_SCRIPTS).into_response();
     }
-    // The screen at the start time, drawn here so it shows at once, before the player loads.
-    let first_screen = match &seekable {
-        Some(s) if s.index.is_some() => crate::playback::build_window(
-            &web.store,
-            &rid,
-            &s.manifest,
-            s.index.as_ref(),
-            query.t.unwrap_or(0.0).max(0.0),
-        )
-        .await
-        .map(|w| screen_html(&w.screen))
-        .unwrap_or_default(),
-        _ => String::new(),
+    // The first window comes with the page: its screen drawn as HTML (it shows at once,
+    // before and without the player script), its events for the player to start on.
+    let start = (query.t.unwrap_or(0.0).max(0.0) * 1000.0).round() / 1000.0;
+    let first_window = match &seekable {
+        Some(s) if s.index.is_some() => {
+            crate::playback::build_window(&web.store, &rid, &s.manifest, s.index.as_ref(), start)
+                .await
+                .ok()
+        }
+        _ => None,
     };
+    let first_screen = first_window
+        .as_ref()
+        .map(|w| screen_html(&w.screen))
+        .unwrap_or_default();
     let _ = write!(
         body,
         "<div class=\"controls\">\
@@ -604,21 +602,20 @@ async fn play_page(
             Err(e) => tracing::warn!(error = %e, "search hits failed"),
         }
     }
-    // The first window is requested from the head (before any stylesheet, which would hold an
-    // inline script back), while the player's script still loads.
-    // Rounded as `data-start` is, so the script asks for the same URL.
-    let start = (query.t.unwrap_or(0.0).max(0.0) * 1000.0).round() / 1000.0;
-    let first = serde_json::to_string(&format!(
-        "/api/v1/recordings/{}/window?from={}",
-        urlencode(&id),
-        js_number(start)
-    ))
-    .unwrap_or_default()
-    .replace('<', "\\u003c");
-    let scripts = format!(
-        "<script>window.castvaultFirstWindow = {{ url: {first}, response: fetch({first}) }};</script>{PLAYER_SCRIPTS}"
-    );
-    page_as(Some(&caller), "Session", &body, &scripts).into_response()
+    if let Some(w) = &first_window {
+        let text = serde_json::to_string(&String::from_utf8_lossy(&w.body))
+            .unwrap_or_default()
+            .replace('<', "\\u003c");
+        let _ = write!(
+            body,
+            "<script type=\"application/json\" id=\"first-window\" data-from=\"{}\" data-start=\"{}\" data-next=\"{}\">{text}</script>",
+            js_number(start),
+            w.start,
+            w.next.map(|n| n.to_string()).unwrap_or_default()
+        );
+    }
+    let scripts = PLAYER_SCRIPTS;
+    page_as(Some(&caller), "Session", &body, scripts).into_response()
 }
 
 /// The 16 base colours (xterm's defaults), then the 6×6×6 cube and the grey ramp.

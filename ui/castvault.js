@@ -45,19 +45,26 @@
 
   async function load(t, autoPlay) {
     const token = ++loading;
-    const url = "/api/v1/recordings/" + encodeURIComponent(id) + "/window?from=" + t;
-    // The page's head starts the first window's request before this script has loaded.
-    const early = window.castvaultFirstWindow;
-    window.castvaultFirstWindow = undefined;
-    const response = await (early && early.url === url ? early.response : fetch(url));
-    if (token !== loading) return;
-    if (!response.ok) {
-      el.textContent = "Cannot load the recording: HTTP " + response.status;
-      return;
+    let text, n;
+    // The page carries the first window; later ones are fetched.
+    const embedded = document.getElementById("first-window");
+    if (embedded && embedded.dataset.from === String(t)) {
+      embedded.remove();
+      text = JSON.parse(embedded.textContent);
+      windowStart = parseFloat(embedded.dataset.start || "0");
+      n = embedded.dataset.next === "" ? null : embedded.dataset.next;
+    } else {
+      const response = await fetch("/api/v1/recordings/" + encodeURIComponent(id) + "/window?from=" + t);
+      if (token !== loading) return;
+      if (!response.ok) {
+        el.textContent = "Cannot load the recording: HTTP " + response.status;
+        return;
+      }
+      text = await response.text();
+      windowStart = parseFloat(response.headers.get("x-castvault-window-start") || "0");
+      n = response.headers.get("x-castvault-next");
     }
-    const text = await response.text();
-    windowStart = parseFloat(response.headers.get("x-castvault-window-start") || "0");
-    const n = response.headers.get("x-castvault-next");
+    if (token !== loading) return;
     next = n === null ? null : parseFloat(n);
     if (player) player.dispose();
     el.replaceChildren();
