@@ -337,7 +337,7 @@ async fn search() {
             i += 1;
         }
         text_bytes += bytes;
-        catalog.set_transcript(id, 1, lines).await.unwrap();
+        catalog.set_transcript(id, lines).await.unwrap();
         if n % 1000 == 999 {
             println!(
                 "search: loaded {:.2} GB of transcript at {:.1} MB/s",

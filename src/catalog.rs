@@ -53,7 +53,7 @@ const LIST_HIT_BLOCKS: usize = 4;
 const PLAYER_HIT_BLOCKS: usize = 256;
 
 /// Bumped whenever the schema changes; an older catalog is dropped and rebuilt from the store.
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS recordings (
@@ -89,7 +89,6 @@ CREATE INDEX IF NOT EXISTS tags_id ON tags(id);
 CREATE TABLE IF NOT EXISTS indexed (
     id TEXT PRIMARY KEY,
     num INTEGER NOT NULL UNIQUE,
-    chunks INTEGER NOT NULL,
     complete INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE VIRTUAL TABLE IF NOT EXISTS transcript USING fts5(
@@ -278,7 +277,6 @@ pub struct TranscriptLine {
 }
 
 pub struct Catalog {
-    path: PathBuf,
     /// Woken on every upsert (the indexer waits on it).
     changed: tokio::sync::Notify,
     writer: Mutex<Connection>,
@@ -392,16 +390,11 @@ impl Catalog {
             .map(|_| open_connection(path))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Arc::new(Self {
-            path: path.to_owned(),
             changed: tokio::sync::Notify::new(),
             writer: Mutex::new(writer),
             readers: Mutex::new(readers),
             read_permits: Semaphore::new(READ_CONNECTIONS),
         }))
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Resolves at the next upsert after the call.
@@ -507,47 +500,21 @@ impl Catalog {
         .await
     }
 
-    /// Replaces a recording's transcript (all its lines, in order) and records how many
-    /// chunks it covers.
+    /// Replaces a recording's transcript with its full index (all its lines, in order).
     ///
     /// # Errors
     /// SQLite errors.
     pub async fn set_transcript(
         self: &Arc<Self>,
         id: String,
-        chunks: u32,
         lines: Vec<TranscriptLine>,
     ) -> Result<(), CatalogError> {
         self.write(move |conn| {
             let tx = conn.transaction()?;
-            let existing: Option<i64> = tx
-                .query_row("SELECT num FROM indexed WHERE id = ?1", params![id], |r| r.get(0))
-                .optional()?;
-            let num = match existing {
-                Some(num) => {
-                    delete_blocks(&tx, num)?;
-                    num
-                }
-                None => tx.query_row("SELECT coalesce(max(num), 0) + 1 FROM indexed", [], |r| {
-                    r.get(0)
-                })?,
-            };
-            {
-                let mut insert =
-                    tx.prepare("INSERT INTO transcript (rowid, text, times) VALUES (?1, ?2, ?3)")?;
-                for (n, (text, times)) in blocks(&lines).enumerate() {
-                    if n >= 1 << BLOCK_BITS {
-                        tracing::warn!(recording_id = %id, "transcript too long; the rest is not searchable");
-                        break;
-                    }
-                    insert.execute(params![(num << BLOCK_BITS) | n as i64, text, times])?;
-                }
-            }
-            tx.execute(
-                "INSERT INTO indexed (id, num, chunks, complete) VALUES (?1, ?2, ?3, 1)
-                 ON CONFLICT(id) DO UPDATE SET chunks = ?3, complete = 1",
-                params![id, num, chunks],
-            )?;
+            let (num, _) = recording_num(&tx, &id)?;
+            delete_blocks(&tx, num)?;
+            insert_blocks(&tx, &id, num, 0, &lines)?;
+            tx.execute("UPDATE indexed SET complete = 1 WHERE id = ?1", params![id])?;
             tx.commit()
         })
         .await
@@ -569,64 +536,19 @@ impl Catalog {
         }
         self.write(move |conn| {
             let tx = conn.transaction()?;
-            let existing: Option<(i64, bool)> = tx
-                .query_row(
-                    "SELECT num, complete FROM indexed WHERE id = ?1",
-                    params![id],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .optional()?;
-            let num = match existing {
+            let (num, complete) = recording_num(&tx, &id)?;
+            if complete {
                 // The full index is in: it holds these lines already.
-                Some((_, true)) => return Ok(()),
-                Some((num, false)) => num,
-                None => {
-                    let num: i64 =
-                        tx.query_row("SELECT coalesce(max(num), 0) + 1 FROM indexed", [], |r| {
-                            r.get(0)
-                        })?;
-                    tx.execute(
-                        "INSERT INTO indexed (id, num, chunks, complete) VALUES (?1, ?2, 0, 0)",
-                        params![id, num],
-                    )?;
-                    num
-                }
-            };
+                return Ok(());
+            }
             let last: Option<i64> = tx.query_row(
                 "SELECT max(rowid) FROM transcript WHERE rowid BETWEEN ?1 AND ?2",
                 params![num << BLOCK_BITS, ((num + 1) << BLOCK_BITS) - 1],
                 |r| r.get(0),
             )?;
             let first = last.map_or(0, |r| (r & ((1 << BLOCK_BITS) - 1)) + 1);
-            {
-                let mut insert =
-                    tx.prepare("INSERT INTO transcript (rowid, text, times) VALUES (?1, ?2, ?3)")?;
-                for (n, (text, times)) in blocks(&lines).enumerate() {
-                    let block = first + n as i64;
-                    if block >= 1 << BLOCK_BITS {
-                        break;
-                    }
-                    insert.execute(params![(num << BLOCK_BITS) | block, text, times])?;
-                }
-            }
+            insert_blocks(&tx, &id, num, first, &lines)?;
             tx.commit()
-        })
-        .await
-    }
-
-    /// How many chunks of a recording the catalog's transcript covers.
-    ///
-    /// # Errors
-    /// SQLite errors.
-    pub async fn indexed_chunks(self: &Arc<Self>, id: String) -> Result<Option<u32>, CatalogError> {
-        self.read(move |conn| {
-            Ok(conn
-                .query_row(
-                    "SELECT chunks FROM indexed WHERE id = ?1",
-                    params![id],
-                    |r| r.get(0),
-                )
-                .optional()?)
         })
         .await
     }
@@ -647,14 +569,6 @@ impl Catalog {
             Ok(json.and_then(|j| serde_json::from_str(&j).ok()))
         })
         .await
-    }
-
-    /// Number of recordings in the catalog.
-    ///
-    /// # Errors
-    /// SQLite errors.
-    pub async fn count(self: &Arc<Self>) -> Result<u64, CatalogError> {
-        Ok(self.counts().await?.0)
     }
 
     /// Recordings in the catalog, and how many of them have a transcript.
@@ -799,6 +713,50 @@ fn blocks(lines: &[TranscriptLine]) -> impl Iterator<Item = (String, String)> + 
         }
         Some((text, times))
     })
+}
+
+/// A recording's number in `indexed` and whether its full index is in; a recording without
+/// one gets the next number, as not complete.
+fn recording_num(tx: &rusqlite::Transaction<'_>, id: &str) -> rusqlite::Result<(i64, bool)> {
+    let existing = tx
+        .query_row(
+            "SELECT num, complete FROM indexed WHERE id = ?1",
+            params![id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    if let Some(found) = existing {
+        return Ok(found);
+    }
+    let num: i64 = tx.query_row("SELECT coalesce(max(num), 0) + 1 FROM indexed", [], |r| {
+        r.get(0)
+    })?;
+    tx.execute(
+        "INSERT INTO indexed (id, num, complete) VALUES (?1, ?2, 0)",
+        params![id, num],
+    )?;
+    Ok((num, false))
+}
+
+/// Writes `lines` as blocks of recording `num`, numbered from `first`.
+fn insert_blocks(
+    tx: &rusqlite::Transaction<'_>,
+    id: &str,
+    num: i64,
+    first: i64,
+    lines: &[TranscriptLine],
+) -> rusqlite::Result<()> {
+    let mut insert =
+        tx.prepare("INSERT INTO transcript (rowid, text, times) VALUES (?1, ?2, ?3)")?;
+    for (n, (text, times)) in blocks(lines).enumerate() {
+        let block = first + n as i64;
+        if block >= 1 << BLOCK_BITS {
+            tracing::warn!(recording_id = %id, "transcript too long; the rest is not searchable");
+            break;
+        }
+        insert.execute(params![(num << BLOCK_BITS) | block, text, times])?;
+    }
+    Ok(())
 }
 
 fn delete_blocks(tx: &rusqlite::Transaction<'_>, num: i64) -> rusqlite::Result<()> {
@@ -1184,7 +1142,7 @@ mod tests {
             })
             .collect();
         catalog.upsert(rows.clone()).await.unwrap();
-        assert_eq!(catalog.count().await.unwrap(), 30);
+        assert_eq!(catalog.counts().await.unwrap().0, 30);
 
         // Default: newest first; pages of 7 walk every row once.
         let mut seen = Vec::new();
@@ -1287,7 +1245,6 @@ mod tests {
         catalog
             .set_transcript(
                 rows[4].id.clone(),
-                1,
                 vec![
                     TranscriptLine {
                         t: 1.5,
@@ -1350,10 +1307,7 @@ mod tests {
             blocks(&lines).count() > 10,
             "5000 lines must span many blocks"
         );
-        catalog
-            .set_transcript(r.id.clone(), 3, lines)
-            .await
-            .unwrap();
+        catalog.set_transcript(r.id.clone(), lines).await.unwrap();
         let hits = catalog.hits(r.id.clone(), "marker4321", 10).await.unwrap();
         assert_eq!(hits.len(), 1);
         assert_eq!(hits[0].time, 4321.0);
@@ -1372,11 +1326,10 @@ mod tests {
                 .len(),
             7
         );
-        assert_eq!(catalog.indexed_chunks(r.id.clone()).await.unwrap(), Some(3));
+        assert_eq!(catalog.counts().await.unwrap(), (1, 1));
         catalog
             .set_transcript(
                 r.id.clone(),
-                4,
                 vec![TranscriptLine {
                     t: 9.0,
                     text: "fresh".into(),
@@ -1402,6 +1355,6 @@ mod tests {
         conn.execute_batch("PRAGMA user_version = 1").unwrap();
         drop(conn);
         let catalog = Catalog::open(&dir.path().join("c.sqlite")).unwrap();
-        assert_eq!(catalog.count().await.unwrap(), 0);
+        assert_eq!(catalog.counts().await.unwrap().0, 0);
     }
 }

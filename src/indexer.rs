@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{Catalog, CatalogError, TranscriptLine};
+use crate::spool::Tail;
 use crate::upload::Uploader;
 use std::collections::HashMap;
 
@@ -356,16 +357,14 @@ pub async fn index_recording(
     catalog: &Arc<Catalog>,
     id: &RecordingId,
 ) -> Result<(), IndexError> {
-    let manifest = reader::read_manifest(store.as_ref(), id).await?;
     let stored = match read_index(store, id).await? {
-        Some(index) => read_transcript(store, id)
-            .await?
-            .map(|lines| (index, lines)),
+        Some(_) => read_transcript(store, id).await?,
         None => None,
     };
-    let (index, lines) = match stored {
-        Some(found) => found,
+    let lines = match stored {
+        Some(lines) => lines,
         None => {
+            let manifest = reader::read_manifest(store.as_ref(), id).await?;
             let (index, lines) = build(store, &manifest).await?;
             let mut text = Vec::new();
             for line in &lines {
@@ -385,12 +384,10 @@ pub async fn index_recording(
                 .put(&path, PutPayload::from(Bytes::from(json)))
                 .await
                 .map_err(store_err(&path))?;
-            (index, lines)
+            lines
         }
     };
-    catalog
-        .set_transcript(id.to_string(), index.chunks, lines)
-        .await?;
+    catalog.set_transcript(id.to_string(), lines).await?;
     Ok(())
 }
 
@@ -398,16 +395,11 @@ pub async fn index_recording(
 /// indexer's memory: one terminal (and a partial line) each.
 const LIVE_INDEX_MAX: usize = 64;
 
-/// Bytes of a recording in progress read at once.
-const LIVE_READ_BYTES: usize = 1 << 20;
-
 /// A recording in progress being indexed: its terminal and how far it has been read.
 struct LiveIndex {
     /// Out only while a batch of lines is being fed on the blocking pool.
     replay: Option<Replay>,
-    file: Arc<std::fs::File>,
-    offset: u64,
-    carry: Vec<u8>,
+    tail: Tail,
 }
 
 /// Indexes what has been committed of the recordings this node is receiving: their new whole
@@ -428,49 +420,21 @@ async fn index_live(
             if live.len() >= LIVE_INDEX_MAX {
                 continue;
             }
-            let (Ok(file), Ok(replay)) = (source.file().open_reader().await, Replay::new()) else {
+            let (Ok(tail), Ok(replay)) = (Tail::open(source.file()).await, Replay::new()) else {
                 continue;
             };
             live.insert(
                 id.clone(),
                 LiveIndex {
                     replay: Some(replay),
-                    file: Arc::new(file),
-                    offset: 0,
-                    carry: Vec::new(),
+                    tail,
                 },
             );
         }
         let Some(state) = live.get_mut(&id) else {
             continue;
         };
-        let committed = source.committed();
-        while state.offset < committed {
-            let want = usize::try_from(committed - state.offset)
-                .unwrap_or(usize::MAX)
-                .min(LIVE_READ_BYTES);
-            let file = state.file.clone();
-            let at = state.offset;
-            let read = tokio::task::spawn_blocking(move || {
-                use std::os::unix::fs::FileExt;
-                let mut buf = vec![0; want];
-                file.read_at(&mut buf, at).map(|n| {
-                    buf.truncate(n);
-                    buf
-                })
-            })
-            .await;
-            let Ok(Ok(bytes)) = read else { break };
-            if bytes.is_empty() {
-                break;
-            }
-            state.offset += bytes.len() as u64;
-            state.carry.extend_from_slice(&bytes);
-            let Some(end) = state.carry.iter().rposition(|&b| b == b'\n') else {
-                continue;
-            };
-            let rest = state.carry.split_off(end + 1);
-            let lines = std::mem::replace(&mut state.carry, rest);
+        while let Ok(Some(lines)) = state.tail.next_lines(source.committed()).await {
             let Some(mut replay) = state.replay.take() else {
                 break;
             };
@@ -522,7 +486,7 @@ pub async fn run(
                     tracing::warn!(recording_id = %id, error = %crate::upload::error_chain(&e), "indexing failed");
                     // Marked so a broken recording is not retried in a loop; a catalog rebuild
                     // retries it.
-                    let _ = catalog.set_transcript(id.clone(), 0, Vec::new()).await;
+                    let _ = catalog.set_transcript(id.clone(), Vec::new()).await;
                 }
             }
         }

@@ -260,6 +260,17 @@ impl Web {
         }
     }
 
+    /// Parses a recording id from a request and checks the caller may see it (see
+    /// [`Web::visible`]).
+    ///
+    /// # Errors
+    /// [`ApiError::BadRequest`] for a malformed id; as [`Web::visible`].
+    pub async fn visible_id(&self, caller: &Caller, id: &str) -> Result<RecordingId, ApiError> {
+        let id = parse_id(id)?;
+        self.visible(caller, &id).await?;
+        Ok(id)
+    }
+
     /// Writes an audit record; the request fails if it cannot be stored.
     ///
     /// # Errors
@@ -289,7 +300,7 @@ impl Web {
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct AuditQuery {
+struct DayQuery {
     /// `YYYY-MM-DD` (UTC); default today.
     day: Option<String>,
 }
@@ -313,7 +324,7 @@ fn parse_day(day: Option<&str>) -> Result<time::OffsetDateTime, ApiError> {
 async fn events(
     State(web): State<Arc<Web>>,
     caller: Caller,
-    query: Result<axum::extract::Query<AuditQuery>, QueryRejection>,
+    query: Result<axum::extract::Query<DayQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let axum::extract::Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let day = parse_day(query.day.as_deref())?;
@@ -349,7 +360,7 @@ const MAX_EVENTS: usize = 10_000;
 async fn audit_log(
     State(web): State<Arc<Web>>,
     caller: Caller,
-    query: Result<axum::extract::Query<AuditQuery>, QueryRejection>,
+    query: Result<axum::extract::Query<DayQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Auditor)?;
     let axum::extract::Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
@@ -425,8 +436,7 @@ async fn manifest(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let id = parse_id(&id)?;
-    web.visible(&caller, &id).await?;
+    let id = web.visible_id(&caller, &id).await?;
     web.audit(&caller, "view", Some(&id), None).await?;
     Ok(axum::Json(reader::read_manifest(web.store.as_ref(), &id).await?).into_response())
 }
@@ -438,8 +448,7 @@ async fn cast(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let id = parse_id(&id)?;
-    web.visible(&caller, &id).await?;
+    let id = web.visible_id(&caller, &id).await?;
     caller.require(Role::Auditor)?;
     web.audit(&caller, "export", Some(&id), None).await?;
     let manifest = reader::read_manifest(web.store.as_ref(), &id).await?;
@@ -474,18 +483,15 @@ async fn live(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let id = parse_id(&id)?;
-    web.visible(&caller, &id).await?;
+    let id = web.visible_id(&caller, &id).await?;
     let source = web.uploader.live(&id).ok_or_else(|| {
         ApiError::NotLive(format!("recording {id} is not being received by this node"))
     })?;
-    let file = source
-        .file()
-        .open_reader()
+    let tail = crate::spool::Tail::open(source.file())
         .await
         .map_err(|e| ApiError::NotLive(format!("recording {id}: {e}")))?;
     web.audit(&caller, "live", Some(&id), None).await?;
-    Ok(crate::live::follow(id, source, file).into_response())
+    Ok(crate::live::follow(id, source, tail).into_response())
 }
 
 /// Snapshot spans one window holds (about 2 MiB of output): with snapshots at most
@@ -517,8 +523,7 @@ async fn window(
     query: Result<axum::extract::Query<WindowQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let axum::extract::Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    let id = parse_id(&id)?;
-    web.visible(&caller, &id).await?;
+    let id = web.visible_id(&caller, &id).await?;
     let (audited, seekable) = tokio::join!(
         web.audit(
             &caller,
@@ -722,7 +727,7 @@ fn retime(line: &[u8], start: f64, out: &mut Vec<u8>) {
     out.push(b'\n');
 }
 
-fn tokio_stream_from<T: Send + 'static>(
+pub fn tokio_stream_from<T: Send + 'static>(
     rx: tokio::sync::mpsc::Receiver<T>,
 ) -> impl futures::Stream<Item = T> + Send {
     futures::stream::unfold(rx, |mut rx| async move {

@@ -177,6 +177,9 @@ struct Inner {
     metrics: Arc<Metrics>,
     /// Told about every catalog row written, so listing sees it at once.
     catalog: Option<Arc<Catalog>>,
+    /// The background runtime: catalog writes for new recordings go there, off ingest's
+    /// runtime and its blocking pool.
+    background: tokio::runtime::Handle,
 }
 
 /// A recording in the spool that a live viewer follows.
@@ -220,6 +223,7 @@ impl Uploader {
     ) -> Self {
         let inner = Arc::new(Inner {
             catalog,
+            background: background.clone(),
             store,
             config,
             registry: Mutex::new(HashMap::new()),
@@ -248,7 +252,7 @@ impl Uploader {
         if let Some(catalog) = self.inner.catalog.clone() {
             let header = CastHeader::from_value(meta.header.clone()).ok();
             let row = CatalogRow::live(&file.id, &meta.node_id, header.as_ref());
-            tokio::spawn(async move {
+            self.inner.background.spawn(async move {
                 if let Err(e) = catalog.upsert(vec![row]).await {
                     tracing::warn!(error = %error_chain(&e), "catalog update failed");
                 }

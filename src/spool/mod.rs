@@ -480,25 +480,85 @@ impl SpoolFile {
 
     /// Opens the data file for one operation. Holding no descriptor per recording keeps a node
     /// at one descriptor per stream (its socket), whatever the process limit.
-    /// Opens the data file for reading. The handle stays valid after the recording is
-    /// finalized and its spool directory removed, so a live viewer reads to the very end.
-    ///
-    /// # Errors
-    /// [`SpoolError::Io`] when the file cannot be opened.
-    pub async fn open_reader(self: &Arc<Self>) -> Result<File, SpoolError> {
-        let this = self.clone();
-        blocking(move || {
-            this.open_data(false)
-                .map_err(io_err("open data", &this.dir.join("data")))
-        })
-        .await
-    }
-
     fn open_data(&self, write: bool) -> io::Result<File> {
         OpenOptions::new()
             .read(!write)
             .write(write)
             .open(self.dir.join("data"))
+    }
+}
+
+/// Bytes a [`Tail`] reads at once.
+const TAIL_READ_BYTES: usize = 1 << 20;
+
+/// A partial line longer than this is dropped by a [`Tail`] (its reader never sees it; it is in
+/// the recording). Bounds a tail's memory.
+const TAIL_MAX_LINE: usize = 8 << 20;
+
+/// Reads a recording's data file as it grows, whole lines at a time (live view, live
+/// indexing). One open handle serves it to the end: it stays valid after the recording is
+/// finalized and its spool directory removed.
+pub struct Tail {
+    file: Arc<File>,
+    offset: u64,
+    carry: Vec<u8>,
+}
+
+impl Tail {
+    /// # Errors
+    /// [`SpoolError::Io`] when the data file cannot be opened.
+    pub async fn open(file: &Arc<SpoolFile>) -> Result<Self, SpoolError> {
+        let this = file.clone();
+        let data = blocking(move || {
+            this.open_data(false)
+                .map_err(io_err("open data", &this.dir.join("data")))
+        })
+        .await?;
+        Ok(Self {
+            file: Arc::new(data),
+            offset: 0,
+            carry: Vec::new(),
+        })
+    }
+
+    /// Bytes read so far: the lines handed out and the partial line held back.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// The next whole lines among the file's first `upto` bytes; `None` when no whole line
+    /// is left there yet.
+    ///
+    /// # Errors
+    /// Read errors.
+    pub async fn next_lines(&mut self, upto: u64) -> io::Result<Option<Vec<u8>>> {
+        while self.offset < upto {
+            let want = usize::try_from(upto - self.offset)
+                .unwrap_or(usize::MAX)
+                .min(TAIL_READ_BYTES);
+            let (file, at) = (self.file.clone(), self.offset);
+            let bytes = tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0; want];
+                let n = file.read_at(&mut buf, at)?;
+                buf.truncate(n);
+                Ok::<_, io::Error>(buf)
+            })
+            .await
+            .map_err(io::Error::other)??;
+            if bytes.is_empty() {
+                break;
+            }
+            self.offset += bytes.len() as u64;
+            self.carry.extend_from_slice(&bytes);
+            if let Some(end) = self.carry.iter().rposition(|&b| b == b'\n') {
+                let rest = self.carry.split_off(end + 1);
+                return Ok(Some(std::mem::replace(&mut self.carry, rest)));
+            }
+            if self.carry.len() > TAIL_MAX_LINE {
+                self.carry.clear();
+            }
+        }
+        Ok(None)
     }
 }
 
