@@ -20,8 +20,10 @@ use crate::audit::Audit;
 use crate::auth::Access;
 use crate::catalog::{self, Catalog};
 use crate::config::Config;
+use crate::health::Health;
 use crate::indexer;
 use crate::ingest::{self, Ingest};
+use crate::lease::Sweeper;
 use crate::listener;
 use crate::metrics::Metrics;
 use crate::playback::{self, Web};
@@ -55,8 +57,12 @@ pub async fn run(
     );
     let region = config.region().map_err(anyhow::Error::msg)?;
     let store_url = config.store_url();
-    let store = castvault_storage::store::open(&store_url, &config.store_options())
-        .context("opening the store")?;
+    let stores = config
+        .open_stores()
+        .map_err(anyhow::Error::msg)
+        .context("opening the stores")?;
+    let store = stores.home_store().clone();
+    let health = Arc::new(Health::new(&stores));
     let spool = Spool::open(config.spool_dir()).context("opening the spool")?;
     let metrics = Arc::new(Metrics {
         journal_commit: spool.commit_seconds(),
@@ -66,13 +72,15 @@ pub async fn run(
     let upload_stop = CancellationToken::new();
     let uploader = Uploader::start(
         background,
-        store.clone(),
+        stores.clone(),
+        health.clone(),
         UploadConfig {
             max_chunk_bytes: config.chunk.max_bytes,
             max_chunk_age: config.chunk.max_age,
             compression_level: config.chunk.compression_level,
             max_line_bytes: config.max_line_bytes,
-            region: region.to_string(),
+            node_id: config.node_id.clone(),
+            lease_ttl: config.lease_ttl,
         },
         metrics.clone(),
         Some(catalog.clone()),
@@ -80,11 +88,28 @@ pub async fn run(
     );
     background.spawn(catalog::keep_current(
         catalog.clone(),
-        store.clone(),
+        stores.clone(),
         upload_stop.clone(),
     ));
+    background.spawn(crate::health::probe(
+        health.clone(),
+        stores.clone(),
+        upload_stop.clone(),
+    ));
+    background.spawn(
+        Sweeper {
+            stores: stores.clone(),
+            uploader: uploader.clone(),
+            catalog: catalog.clone(),
+            health: health.clone(),
+            node_id: config.node_id.clone(),
+            zone: config.zone.clone(),
+            ttl: config.lease_ttl,
+        }
+        .run(upload_stop.clone()),
+    );
     background.spawn(indexer::run(
-        store.clone(),
+        stores.clone(),
         catalog.clone(),
         uploader.clone(),
         upload_stop.clone(),
@@ -95,10 +120,11 @@ pub async fn run(
     let access =
         Arc::new(Access::new(&config.access, &config.data_dir).context("setting up web access")?);
     let web = Arc::new(Web {
-        store: store.clone(),
+        stores: stores.clone(),
+        health: health.clone(),
         catalog: catalog.clone(),
         access,
-        audit: Audit::start(store.clone(), &config.node_id),
+        audit: Audit::start(store, &config.node_id),
         node_id: config.node_id.clone(),
         seek_cache: std::sync::Mutex::default(),
         uploader: uploader.clone(),
@@ -129,13 +155,18 @@ pub async fn run(
     let ingest = Arc::new(Ingest {
         spool,
         uploader: uploader.clone(),
-        store,
+        stores,
+        routing: config.routing.clone(),
+        failover: config
+            .regions
+            .iter()
+            .map(|(name, r)| (name.clone(), r.failover.clone()))
+            .collect(),
         metrics,
         ack: config.ack_level(),
         outage: config.storage_outage,
         node_id: config.node_id.clone(),
         zone: config.zone.clone(),
-        region,
         max_line_bytes: config.max_line_bytes,
         min_free_disk_bytes: config.min_free_disk_bytes,
         open_recordings: Arc::new(Semaphore::new(config.max_open_recordings)),

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use castvault_storage::keys::ObjectKey;
 use castvault_storage::manifest::{CatalogRow, RecordingStatus};
-use castvault_storage::store::DynStore;
+use castvault_storage::store::{DynStore, Stores};
 use futures::{StreamExt, TryStreamExt};
 use object_store::ObjectStoreExt;
 use rusqlite::{Connection, OptionalExtension, params, params_from_iter};
@@ -604,6 +604,7 @@ impl Catalog {
     /// Store listing errors; SQLite errors. Unreadable rows are skipped with a warning.
     pub async fn scan(
         self: &Arc<Self>,
+        region: &str,
         store: &DynStore,
         days: Option<&[OffsetDateTime]>,
     ) -> Result<usize, CatalogError> {
@@ -659,6 +660,7 @@ impl Catalog {
         total += batch.len();
         self.upsert(batch).await?;
         if days.is_none() {
+            let region = region.to_owned();
             self.write(move |conn| {
                 let tx = conn.transaction()?;
                 tx.execute_batch(
@@ -671,7 +673,10 @@ impl Catalog {
                     }
                 }
                 // Live rows may be this node's own, listed before the store has their row.
-                let gone = "SELECT id FROM recordings WHERE status != 'live' AND id NOT IN (SELECT id FROM seen)";
+                // Only this region's rows: another region's store was not listed.
+                tx.execute_batch("CREATE TEMP TABLE IF NOT EXISTS scanned (region TEXT); DELETE FROM scanned;")?;
+                tx.execute("INSERT INTO scanned (region) VALUES (?1)", params![region])?;
+                let gone = "SELECT id FROM recordings WHERE status != 'live' AND region IN (SELECT region FROM scanned) AND id NOT IN (SELECT id FROM seen)";
                 tx.execute(&format!("DELETE FROM tags WHERE id IN ({gone})"), [])?;
                 let nums: Vec<i64> = tx
                     .prepare(&format!("SELECT num FROM indexed WHERE id IN ({gone})"))?
@@ -905,18 +910,21 @@ impl Where {
 /// rows whose recordings are gone), then the recent days every [`RECENT_SCAN_EVERY`].
 pub async fn keep_current(
     catalog: Arc<Catalog>,
-    store: DynStore,
+    stores: Stores,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    let started = std::time::Instant::now();
-    match catalog.scan(&store, None).await {
-        Ok(rows) => tracing::info!(
-            rows,
-            seconds = started.elapsed().as_secs_f64(),
-            "catalog rebuilt from the store"
-        ),
-        Err(e) => {
-            tracing::warn!(error = %crate::upload::error_chain(&e), "catalog scan failed; retrying with the recent scans")
+    for (region, entry) in stores.iter() {
+        let started = std::time::Instant::now();
+        match catalog.scan(region.as_str(), &entry.store, None).await {
+            Ok(rows) => tracing::info!(
+                %region,
+                rows,
+                seconds = started.elapsed().as_secs_f64(),
+                "catalog rebuilt from the store"
+            ),
+            Err(e) => {
+                tracing::warn!(%region, error = %crate::upload::error_chain(&e), "catalog scan failed; retrying with the recent scans")
+            }
         }
     }
     loop {
@@ -926,8 +934,13 @@ pub async fn keep_current(
         }
         let now = OffsetDateTime::now_utc();
         let days = [now - time::Duration::days(1), now];
-        if let Err(e) = catalog.scan(&store, Some(&days)).await {
-            tracing::warn!(error = %crate::upload::error_chain(&e), "recent catalog scan failed");
+        for (region, entry) in stores.iter() {
+            if let Err(e) = catalog
+                .scan(region.as_str(), &entry.store, Some(&days))
+                .await
+            {
+                tracing::warn!(%region, error = %crate::upload::error_chain(&e), "recent catalog scan failed");
+            }
         }
     }
 }

@@ -5,17 +5,18 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use castvault_storage::keys::RecordingId;
 use castvault_storage::reader;
-use castvault_storage::store::DynStore;
+use castvault_storage::store::Stores;
 use tokio::io::AsyncWriteExt;
 
 use crate::config::Config;
 
-/// Where an offline command finds the store: `--store` wins, then `--data-dir`, then the config.
+/// Where an offline command finds the stores: `--store` (this region's) wins, then
+/// `--data-dir`, then the config, which names every region's.
 pub fn open_store(
     config: Option<&Path>,
     data_dir: Option<PathBuf>,
     store: Option<String>,
-) -> anyhow::Result<DynStore> {
+) -> anyhow::Result<Stores> {
     let mut cfg = Config::load(config)?;
     if let Some(dir) = data_dir {
         cfg.data_dir = dir;
@@ -26,14 +27,22 @@ pub fn open_store(
     if let Some(url) = store {
         cfg.store = Some(url);
     }
-    let url = cfg.store_url();
-    castvault_storage::store::open(&url, &cfg.store_options())
-        .with_context(|| format!("opening store {url}"))
+    cfg.open_stores()
+        .map_err(anyhow::Error::msg)
+        .context("opening the stores")
 }
 
 /// `castvault recordings list`.
-pub async fn list(store: DynStore, json: bool) -> anyhow::Result<()> {
-    let rows = reader::list_catalog(store.as_ref()).await?;
+pub async fn list(stores: Stores, json: bool) -> anyhow::Result<()> {
+    let mut rows = Vec::new();
+    for (region, entry) in stores.iter() {
+        rows.extend(
+            reader::list_catalog(entry.store.as_ref())
+                .await
+                .with_context(|| format!("listing region {region}"))?,
+        );
+    }
+    rows.sort_by(|a, b| a.id.cmp(&b.id));
     let mut out = tokio::io::stdout();
     if json {
         let mut text = serde_json::to_vec_pretty(&rows)?;
@@ -70,8 +79,9 @@ pub async fn list(store: DynStore, json: bool) -> anyhow::Result<()> {
 }
 
 /// `castvault export ID --format cast`: the recording exactly as received, verified.
-pub async fn export(store: DynStore, id: &str, output: Option<&Path>) -> anyhow::Result<()> {
+pub async fn export(stores: Stores, id: &str, output: Option<&Path>) -> anyhow::Result<()> {
     let id = RecordingId::parse(id)?;
+    let store = stores.for_id(&id)?;
     let manifest = reader::read_manifest(store.as_ref(), &id).await?;
     match output {
         Some(path) => {

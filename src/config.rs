@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use castvault_storage::keys::Region;
-use castvault_storage::store::StoreUrl;
+use castvault_storage::routing::Rule;
+use castvault_storage::store::{RegionStore, StoreUrl, Stores};
 use serde::{Deserialize, Serialize};
 
 /// When an ack may count a byte (shared DESIGN.md, "Durability contract").
@@ -126,6 +127,43 @@ pub struct Config {
     /// The catalog database (a cache; it grows with the transcripts of the recordings, so it
     /// may live on another disk than the spool); default `{data_dir}/catalog.sqlite`.
     pub catalog: Option<PathBuf>,
+    /// Other regions' stores (and optionally this region's, instead of `store`): this node
+    /// lists, plays and exports every region's recordings and may receive recordings whose
+    /// home is another region (see `routing`).
+    pub regions: BTreeMap<String, RegionConfig>,
+    /// Rules choosing a recording's home region from its header; first match wins, else this
+    /// node's region (see `castvault_storage::routing`).
+    pub routing: Vec<Rule>,
+    /// How long a recording's lease lasts unless renewed; a peer finalizes an orphan once its
+    /// lease has gone unrenewed this long. Renewed every third of it.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+}
+
+/// One region's store.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RegionConfig {
+    /// Store URL (`az://container`, `file:///abs`, `memory://`).
+    pub store: String,
+    #[serde(default)]
+    pub store_options: BTreeMap<String, Secret>,
+    /// Regions that may hold this region's new recordings while its store is unreachable,
+    /// where data residency allows; tried in order.
+    #[serde(default)]
+    pub failover: Vec<String>,
+}
+
+fn exposed(options: &BTreeMap<String, Secret>) -> BTreeMap<String, String> {
+    options
+        .iter()
+        .map(|(k, v)| (k.clone(), v.expose().to_owned()))
+        .collect()
+}
+
+/// An error and its sources on one line.
+fn error_text(e: &dyn std::error::Error) -> String {
+    crate::upload::error_chain(e)
 }
 
 fn default_node_id() -> String {
@@ -170,6 +208,9 @@ impl Default for Config {
             upload_grace: Duration::from_secs(10),
             access: crate::auth::AccessConfig::default(),
             catalog: None,
+            regions: BTreeMap::new(),
+            routing: Vec::new(),
+            lease_ttl: Duration::from_secs(30),
         }
     }
 }
@@ -193,8 +234,12 @@ impl Config {
         })
     }
 
-    /// The store URL, defaulting to `{data_dir}/store` on local disk.
+    /// This region's store URL: `store`, else `[regions.{region}]`, else `{data_dir}/store` on
+    /// local disk.
     pub fn store_url(&self) -> String {
+        if let (None, Some(own)) = (&self.store, self.regions.get(&self.region)) {
+            return own.store.clone();
+        }
         match &self.store {
             Some(url) => url.clone(),
             None => {
@@ -206,10 +251,48 @@ impl Config {
     }
 
     pub fn store_options(&self) -> BTreeMap<String, String> {
-        self.store_options
-            .iter()
-            .map(|(k, v)| (k.clone(), v.expose().to_owned()))
-            .collect()
+        let options = match (&self.store, self.regions.get(&self.region)) {
+            (None, Some(own)) => &own.store_options,
+            _ => &self.store_options,
+        };
+        exposed(options)
+    }
+
+    /// Every region this node knows, with its store URL and options; this node's own first.
+    pub fn region_stores(&self) -> Vec<(String, String, BTreeMap<String, String>)> {
+        let mut all = vec![(self.region.clone(), self.store_url(), self.store_options())];
+        for (name, region) in &self.regions {
+            if *name != self.region {
+                all.push((
+                    name.clone(),
+                    region.store.clone(),
+                    exposed(&region.store_options),
+                ));
+            }
+        }
+        all
+    }
+
+    /// Opens every region's store.
+    ///
+    /// # Errors
+    /// The first region whose name or store is invalid.
+    pub fn open_stores(&self) -> Result<Stores, String> {
+        let mut regions = BTreeMap::new();
+        for (name, url, options) in self.region_stores() {
+            let region = Region::new(&name).map_err(|e| e.to_string())?;
+            let store = RegionStore::open(&url, &options)
+                .map_err(|e| format!("region {name}: {}", error_text(&e)))?;
+            regions.insert(region, store);
+        }
+        Stores::new(self.region()?, regions).map_err(|e| e.to_string())
+    }
+
+    /// The regions that may take `region`'s new recordings while its store is down.
+    pub fn failover(&self, region: &str) -> &[String] {
+        self.regions
+            .get(region)
+            .map_or(&[][..], |r| r.failover.as_slice())
     }
 
     pub fn spool_dir(&self) -> PathBuf {
@@ -249,12 +332,7 @@ impl Config {
                 self.node_id
             ));
         }
-        if let Err(e) = StoreUrl::parse(&self.store_url()) {
-            problems.push(e.to_string());
-        }
-        if let Err(e) = castvault_storage::store::open(&self.store_url(), &self.store_options()) {
-            problems.push(format!("store: {e}"));
-        }
+        problems.extend(self.validate_regions());
         if !(1 << 10..=64 << 20).contains(&self.chunk.max_bytes) {
             problems.push(format!(
                 "chunk.max_bytes {} must be between 1 KiB and 64 MiB",
@@ -285,7 +363,66 @@ impl Config {
                 self.ingest_listen
             ));
         }
+        if self.lease_ttl < Duration::from_secs(3) || self.lease_ttl > Duration::from_secs(600) {
+            problems.push("lease_ttl must be between 3s and 10m".to_owned());
+        }
         problems.extend(self.access.validate());
+        problems
+    }
+
+    /// Regions, their stores and credentials, failover lists and routing rules.
+    fn validate_regions(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.store.is_some() && self.regions.contains_key(&self.region) {
+            problems.push(format!(
+                "this node's region {:?} has a store both in `store` and in [regions.{}]",
+                self.region, self.region
+            ));
+        }
+        for (name, url, options) in self.region_stores() {
+            if name != self.region
+                && let Err(e) = Region::new(&name)
+            {
+                problems.push(e.to_string());
+            }
+            match RegionStore::open(&url, &options) {
+                Err(e) => problems.push(format!("region {name}: store: {}", error_text(&e))),
+                Ok(_) => {
+                    if let Some(missing) =
+                        castvault_storage::store::missing_credentials(&url, &options)
+                    {
+                        problems.push(format!("region {name}: {missing}"));
+                    }
+                }
+            }
+        }
+        let known = |r: &str| r == self.region || self.regions.contains_key(r);
+        for (name, region) in &self.regions {
+            for f in &region.failover {
+                if !known(f) {
+                    problems.push(format!(
+                        "region {name}: failover region {f:?} is not configured"
+                    ));
+                } else if f == name {
+                    problems.push(format!("region {name}: fails over to itself"));
+                }
+            }
+        }
+        for (i, rule) in self.routing.iter().enumerate() {
+            if !known(&rule.region) {
+                problems.push(format!(
+                    "routing rule {}: region {:?} is not configured (known: {})",
+                    i + 1,
+                    rule.region,
+                    self.region_stores()
+                        .iter()
+                        .map(|(n, ..)| n.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+        }
+        problems.extend(castvault_storage::routing::unreachable_rules(&self.routing));
         problems
     }
 }
@@ -300,6 +437,57 @@ mod tests {
         assert_eq!(c.ack_level(), AckLevel::Spool);
         assert!(c.store_url().starts_with("file:///"));
         assert_eq!(c.chunk.max_bytes, 4 << 20);
+    }
+
+    #[test]
+    fn regions_rules_failover_and_credentials_are_checked() {
+        let c: Config = toml::from_str(
+            r#"region = "eu"
+[regions.eu]
+store = "memory://"
+failover = ["nowhere", "eu"]
+[regions.us]
+store = "az://recordings"
+store_options = { account_name = "acct" }
+[[routing]]
+region = "mars"
+src_node_tags = ["tag:mars"]
+[[routing]]
+region = "us"
+[[routing]]
+region = "eu"
+ssh_user = ["root"]
+"#,
+        )
+        .unwrap();
+        let problems = c.validate().join("\n");
+        for expected in [
+            "failover region \"nowhere\" is not configured",
+            "region eu: fails over to itself",
+            "region us: missing credentials",
+            "routing rule 1: region \"mars\" is not configured",
+            "routing rule 3 (region \"eu\") is unreachable",
+        ] {
+            assert!(
+                problems.contains(expected),
+                "{expected:?} not in:\n{problems}"
+            );
+        }
+        let ok: Config = toml::from_str(
+            r#"region = "eu"
+[regions.eu]
+store = "memory://"
+[regions.us]
+store = "az://recordings"
+store_options = { account_name = "acct", credential_type = "managed_identity" }
+[[routing]]
+region = "us"
+src_node_tags = ["tag:us"]
+"#,
+        )
+        .unwrap();
+        assert!(ok.validate().is_empty(), "{:?}", ok.validate());
+        assert_eq!(ok.open_stores().unwrap().iter().count(), 2);
     }
 
     #[test]

@@ -22,7 +22,7 @@ use castvault_storage::cast::CastHeader;
 use castvault_storage::keys::{ObjectKey, RecordingId};
 use castvault_storage::manifest::Manifest;
 use castvault_storage::reader::{self, ReadError};
-use castvault_storage::store::DynStore;
+use castvault_storage::store::{DynStore, Stores};
 use futures::TryStreamExt;
 use object_store::{ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
@@ -455,7 +455,7 @@ async fn index_live(
 
 /// Runs the indexer until `stop`.
 pub async fn run(
-    store: DynStore,
+    stores: Stores,
     catalog: Arc<Catalog>,
     uploader: Uploader,
     stop: CancellationToken,
@@ -478,7 +478,10 @@ pub async fn run(
                 continue;
             };
             let started = std::time::Instant::now();
-            match index_recording(&store, &catalog, &rid).await {
+            let Ok(store) = stores.for_id(&rid) else {
+                continue;
+            };
+            match index_recording(store, &catalog, &rid).await {
                 Ok(()) => {
                     tracing::debug!(recording_id = %id, seconds = started.elapsed().as_secs_f64(), "indexed")
                 }

@@ -18,6 +18,7 @@
 //! hand and, until the header line ends, the header; queued frames count against the journal's
 //! byte budget, which pushes back on every stream when the disk falls behind.
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -31,7 +32,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{head, post};
 use castvault_storage::cast::CastHeader;
 use castvault_storage::keys::{ObjectKey, RecordingId, Region};
-use castvault_storage::store::{DynStore, put_create};
+use castvault_storage::routing::{self, Rule};
+use castvault_storage::store::{Stores, put_create};
 use futures::StreamExt;
 use time::OffsetDateTime;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
@@ -65,13 +67,15 @@ pub struct Peer(pub SocketAddr);
 pub struct Ingest {
     pub spool: Spool,
     pub uploader: Uploader,
-    pub store: DynStore,
+    pub stores: Stores,
+    /// Home-region rules, and each region's failover regions (see `castvault_storage::routing`).
+    pub routing: Vec<Rule>,
+    pub failover: BTreeMap<String, Vec<String>>,
     pub metrics: Arc<Metrics>,
     pub ack: AckLevel,
     pub outage: OutagePolicy,
     pub node_id: String,
     pub zone: String,
-    pub region: Region,
     pub max_line_bytes: usize,
     pub min_free_disk_bytes: u64,
     /// One permit per open recording.
@@ -134,6 +138,31 @@ fn refuse(status: StatusCode, message: &str) -> Response {
 }
 
 impl Ingest {
+    /// A recording's home region: the first routing rule its header matches, else this node's
+    /// region; if that region's store is down, its first failover region whose store is up.
+    fn home_region(&self, header: &CastHeader) -> Region {
+        let home = routing::route(&self.routing, header)
+            .and_then(|rule| Region::new(&rule.region).ok())
+            .unwrap_or_else(|| self.stores.home().clone());
+        if self.uploader.region_up(home.as_str()) {
+            return home;
+        }
+        let fallback = self
+            .failover
+            .get(home.as_str())
+            .into_iter()
+            .flatten()
+            .find(|r| self.uploader.region_up(r))
+            .and_then(|r| Region::new(r).ok());
+        match fallback {
+            Some(region) => {
+                tracing::warn!(home = %home, failover = %region, "home region's store is down; recording in the failover region");
+                region
+            }
+            None => home,
+        }
+    }
+
     /// Admission: capacity, draining and disk space. Refusal is a 503 before the body is read.
     fn admit(&self) -> Result<OwnedSemaphorePermit, Box<Response>> {
         let refused = |message: &str| {
@@ -296,6 +325,9 @@ impl Active {
         if let Some(reason) = self.file.failure() {
             return Err(format!("recorder cannot store the recording: {reason}"));
         }
+        if let Some(lost) = &self.progress.borrow().lost {
+            return Err(format!("recorder lost the recording: {lost}"));
+        }
         let durable = *self.durable.borrow();
         match level {
             AckLevel::Spool => Ok(durable),
@@ -360,9 +392,10 @@ async fn receive(
     Metrics::add(&ingest.metrics.streams_open, 1);
     Metrics::add(&ingest.metrics.streams_total, 1);
     let received_at = OffsetDateTime::now_utc();
-    let id = RecordingId::new(&ingest.region, unix_ms(received_at), rand::random());
-    let span = tracing::info_span!("stream", recording_id = %id, protocol, peer = ?peer);
-    receive_recording(ingest, body, id, protocol, peer, received_at, acks)
+    // The id names the home region, which the header decides: it is recorded once known.
+    let span =
+        tracing::info_span!("stream", recording_id = tracing::field::Empty, protocol, peer = ?peer);
+    receive_recording(ingest, body, protocol, peer, received_at, acks)
         .instrument(span)
         .await
 }
@@ -370,7 +403,6 @@ async fn receive(
 async fn receive_recording(
     ingest: &Ingest,
     body: Body,
-    id: RecordingId,
     protocol: &str,
     peer: Option<SocketAddr>,
     received_at: OffsetDateTime,
@@ -405,7 +437,7 @@ async fn receive_recording(
                     } else {
                         header_line.extend_from_slice(&data);
                         if let Some(pos) = memchr::memchr(b'\n', &header_line) {
-                            match open_recording(ingest, &id, protocol, peer, received_at, &header_line[..pos]).await {
+                            match open_recording(ingest, protocol, peer, received_at, &header_line[..pos]).await {
                                 Ok(opened) => {
                                     if let Err(e) = ingest.spool.append(&opened.file, Bytes::from(std::mem::take(&mut header_line))).await {
                                         active = Some(opened);
@@ -436,7 +468,7 @@ async fn receive_recording(
                 if let Some(a) = &mut active {
                     match a.ack(ingest.ack, ingest.outage) {
                         Ok(acked) => {
-                            if acks.send_if_modified(|s| std::mem::replace(&mut s.acked, acked) != acked) {
+                            if acks.send_if_modified(|s| raise_ack(s, acked)) {
                                 a.acked(acked, &ingest.metrics);
                             }
                         }
@@ -457,7 +489,7 @@ async fn receive_recording(
     // A body that ended inside its first line: the whole body is the header, or it is refused.
     if active.is_none() {
         if outcome == StreamOutcome::Complete && !header_line.is_empty() {
-            match open_recording(ingest, &id, protocol, peer, received_at, &header_line).await {
+            match open_recording(ingest, protocol, peer, received_at, &header_line).await {
                 Ok(opened) => {
                     if let Err(e) = ingest
                         .spool
@@ -493,7 +525,7 @@ async fn receive_recording(
         ended_at: OffsetDateTime::now_utc(),
     };
     let finish_error = ingest.spool.finish(&active.file, &end).await.err();
-    ingest.uploader.end_stream(&id, end);
+    ingest.uploader.end_stream(&active.file.id, end);
     Metrics::sub(&ingest.metrics.streams_open, 1);
     if let Some(e) = finish_error {
         return StreamResult::Failed(format!(
@@ -517,7 +549,7 @@ async fn receive_recording(
         loop {
             match active.ack(ingest.ack, ingest.outage) {
                 Ok(acked) => {
-                    acks.send_if_modified(|s| std::mem::replace(&mut s.acked, acked) != acked);
+                    acks.send_if_modified(|s| raise_ack(s, acked));
                     if acked >= target {
                         return Ok(());
                     }
@@ -550,6 +582,17 @@ async fn receive_recording(
     }
 }
 
+/// Acks never go back: bytes acked at spool level during a storage outage (`degrade`) stay
+/// acked when acks return to storage level and the store has not caught up yet.
+fn raise_ack(state: &mut AckState, acked: u64) -> bool {
+    if acked > state.acked {
+        state.acked = acked;
+        true
+    } else {
+        false
+    }
+}
+
 fn finish_refused(ingest: &Ingest, result: StreamResult) -> StreamResult {
     Metrics::sub(&ingest.metrics.streams_open, 1);
     if let StreamResult::Rejected(status, message) = &result {
@@ -561,7 +604,6 @@ fn finish_refused(ingest: &Ingest, result: StreamResult) -> StreamResult {
 /// Validates the header line and opens the recording's spool files and upload.
 async fn open_recording(
     ingest: &Ingest,
-    id: &RecordingId,
     protocol: &str,
     peer: Option<SocketAddr>,
     received_at: OffsetDateTime,
@@ -573,6 +615,9 @@ async fn open_recording(
             format!("invalid asciicast header: {e}"),
         )
     })?;
+    let region = ingest.home_region(&header);
+    let id = &RecordingId::new(&region, unix_ms(received_at), rand::random());
+    tracing::Span::current().record("recording_id", tracing::field::display(id));
     let meta = RecordingMeta {
         recording_id: id.to_string(),
         node_id: ingest.node_id.clone(),
@@ -595,7 +640,12 @@ async fn open_recording(
             tracing::error!(error = %error_chain(&e), "cannot open spool for a recording");
             StreamResult::Rejected(status, format!("recorder cannot store the recording: {e}"))
         })?;
-    let progress = ingest.uploader.register(file.clone(), meta);
+    let progress = ingest.uploader.register(file.clone(), meta).map_err(|e| {
+        StreamResult::Rejected(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("recorder cannot store the recording: {e}"),
+        )
+    })?;
     Ok(Active {
         unacked: std::collections::VecDeque::with_capacity(ACK_LATENCY_SAMPLES),
         durable: file.durable(),
@@ -623,7 +673,7 @@ async fn event(
         );
     };
     let now = OffsetDateTime::now_utc();
-    let id = RecordingId::new(&ingest.region, unix_ms(now), rand::random());
+    let id = RecordingId::new(ingest.stores.home(), unix_ms(now), rand::random());
     event.insert("id".to_owned(), serde_json::Value::String(id.to_string()));
     // Without tailnet identity (WhoIs) the uploader is known by its address.
     let destination = event
@@ -645,7 +695,7 @@ async fn event(
     }
     let bytes = Bytes::from(serde_json::to_vec(&event).unwrap_or_default());
     let path = ObjectKey::event(&id);
-    match put_create(ingest.store.as_ref(), &path, bytes).await {
+    match put_create(ingest.stores.home_store().as_ref(), &path, bytes).await {
         Ok(()) => {
             Metrics::add(&ingest.metrics.events_stored, 1);
             StatusCode::OK.into_response()

@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use castvault_storage::keys::RecordingId;
 use castvault_storage::reader::{self, ReadError};
-use castvault_storage::store::DynStore;
+use castvault_storage::store::{DynStore, Stores, UnknownRegion};
 use futures::StreamExt;
 use object_store::ObjectStoreExt;
 use tokio_util::sync::CancellationToken;
@@ -32,7 +32,8 @@ use castvault_storage::manifest::CatalogRow;
 const EXPORT_CHUNKS_IN_FLIGHT: usize = 2;
 
 pub struct Web {
-    pub store: DynStore,
+    pub stores: Stores,
+    pub health: Arc<crate::health::Health>,
     pub catalog: Arc<Catalog>,
     pub access: Arc<Access>,
     pub audit: Audit,
@@ -210,7 +211,22 @@ pub struct Seekable {
 /// of output: 2 MB for a 500 MB recording), so seeking within one costs its chunks only.
 const SEEK_CACHE: usize = 16;
 
+/// A recording id whose region has no store on this node is unknown here.
+impl From<UnknownRegion> for ApiError {
+    fn from(e: UnknownRegion) -> Self {
+        Self::NotFound(e.to_string())
+    }
+}
+
 impl Web {
+    /// The store holding a recording: its home region's.
+    ///
+    /// # Errors
+    /// [`ApiError::NotFound`] for a region not configured here.
+    pub fn store(&self, id: &RecordingId) -> Result<&DynStore, ApiError> {
+        Ok(self.stores.for_id(id)?)
+    }
+
     /// A recording's manifest and index, from the cache or the store. Manifests never change
     /// once written; an entry without its index (not indexed yet) is read again next time.
     ///
@@ -226,9 +242,10 @@ impl Web {
                 return Ok(hit.clone());
             }
         }
+        let store = self.store(id)?;
         let (manifest, index) = tokio::join!(
-            reader::read_manifest(self.store.as_ref(), id),
-            crate::indexer::read_index(&self.store, id)
+            reader::read_manifest(store.as_ref(), id),
+            crate::indexer::read_index(store, id)
         );
         let manifest = manifest?;
         let index = index
@@ -335,15 +352,20 @@ async fn events(
     web.audit(&caller, "events", None, query.day.clone())
         .await?;
     let prefix = castvault_storage::keys::ObjectKey::events_day(day);
-    let mut metas: Vec<_> =
-        futures::TryStreamExt::try_collect::<Vec<_>>(web.store.list(Some(&prefix)))
+    let mut metas = Vec::new();
+    for (region, entry) in web.stores.iter() {
+        let listed = futures::TryStreamExt::try_collect::<Vec<_>>(entry.store.list(Some(&prefix)))
             .await
-            .map_err(|e| ApiError::Unavailable(format!("listing events: {e}")))?;
-    metas.sort_by(|a, b| a.location.cmp(&b.location));
+            .map_err(|e| {
+                ApiError::Unavailable(format!("listing events of region {region}: {e}"))
+            })?;
+        metas.extend(listed.into_iter().map(|m| (entry.store.clone(), m)));
+    }
+    metas.sort_by(|a, b| a.1.location.filename().cmp(&b.1.location.filename()));
     metas.truncate(MAX_EVENTS);
     let mut out = Vec::with_capacity(metas.len());
-    for meta in metas {
-        let bytes = async { web.store.get(&meta.location).await?.bytes().await }
+    for (store, meta) in metas {
+        let bytes = async { store.get(&meta.location).await?.bytes().await }
             .await
             .map_err(|e| ApiError::Unavailable(format!("reading {}: {e}", meta.location)))?;
         if let Ok(event) = serde_json::from_slice::<serde_json::Value>(&bytes) {
@@ -375,17 +397,42 @@ async fn audit_log(
         .assume_utc(),
     };
     web.audit(&caller, "audit", None, query.day.clone()).await?;
-    let records = crate::audit::read_day(&web.store, day)
-        .await
-        .map_err(|e| ApiError::Unavailable(format!("reading the audit log: {e}")))?;
+    let mut records = Vec::new();
+    for (region, entry) in web.stores.iter() {
+        records.extend(
+            crate::audit::read_day(&entry.store, day)
+                .await
+                .map_err(|e| {
+                    ApiError::Unavailable(format!("reading the audit log of region {region}: {e}"))
+                })?,
+        );
+    }
     Ok(axum::Json(records).into_response())
 }
 
+/// Ready means: started, not draining, and this node's region's store answers. A node that
+/// cannot reach it still records (`degrade`) or refuses (`fail`), but a load balancer or
+/// orchestrator should prefer a peer that can. Other regions' stores being down does not make
+/// this node unready (it would take every region's nodes out for one region's outage); they
+/// show in `castvault_store_up` and `/api/v1/uploads`.
 async fn readyz(State(web): State<Arc<Web>>) -> Response {
+    let home = web.stores.home().as_str();
+    let down: Vec<_> = web
+        .health
+        .down_regions()
+        .into_iter()
+        .filter(|(region, _)| region == home)
+        .collect();
     if web.draining.is_cancelled() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
     } else if !web.ready.is_cancelled() {
         (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response()
+    } else if !down.is_empty() {
+        let text: String = down
+            .iter()
+            .map(|(region, error)| format!("store of region {region} unreachable: {error}\n"))
+            .collect();
+        (StatusCode::SERVICE_UNAVAILABLE, text).into_response()
     } else {
         "ready\n".into_response()
     }
@@ -393,6 +440,7 @@ async fn readyz(State(web): State<Arc<Web>>) -> Response {
 
 async fn metrics(State(web): State<Arc<Web>>) -> Response {
     let mut text = web.metrics.render();
+    web.health.render(&mut text);
     if let Ok((rows, indexed)) = web.catalog.counts().await {
         use crate::metrics::{CATALOG_INDEXED, CATALOG_RECORDINGS};
         use std::fmt::Write as _;
@@ -438,7 +486,7 @@ async fn manifest(
 ) -> Result<Response, ApiError> {
     let id = web.visible_id(&caller, &id).await?;
     web.audit(&caller, "view", Some(&id), None).await?;
-    Ok(axum::Json(reader::read_manifest(web.store.as_ref(), &id).await?).into_response())
+    Ok(axum::Json(reader::read_manifest(web.store(&id)?.as_ref(), &id).await?).into_response())
 }
 
 /// The recording exactly as received, streamed and verified chunk by chunk. A failed check
@@ -451,10 +499,10 @@ async fn cast(
     let id = web.visible_id(&caller, &id).await?;
     caller.require(Role::Auditor)?;
     web.audit(&caller, "export", Some(&id), None).await?;
-    let manifest = reader::read_manifest(web.store.as_ref(), &id).await?;
+    let store = web.store(&id)?.clone();
+    let manifest = reader::read_manifest(store.as_ref(), &id).await?;
     let (tx, rx) =
         tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(EXPORT_CHUNKS_IN_FLIGHT);
-    let store = web.store.clone();
     tokio::spawn(async move {
         let chunks = reader::body_chunks(store.as_ref(), &manifest);
         futures::pin_mut!(chunks);
@@ -536,7 +584,7 @@ async fn window(
     audited?;
     let seekable = seekable?;
     let doc = build_window(
-        &web.store,
+        web.store(&id)?,
         &id,
         &seekable.manifest,
         seekable.index.as_ref(),

@@ -548,11 +548,14 @@ async fn play_page(
     // before and without the player script), its events for the player to start on.
     let start = (query.t.unwrap_or(0.0).max(0.0) * 1000.0).round() / 1000.0;
     let first_window = match &seekable {
-        Some(s) if s.index.is_some() => {
-            crate::playback::build_window(&web.store, &rid, &s.manifest, s.index.as_ref(), start)
-                .await
-                .ok()
-        }
+        Some(s) if s.index.is_some() => match web.store(&rid) {
+            Ok(store) => {
+                crate::playback::build_window(store, &rid, &s.manifest, s.index.as_ref(), start)
+                    .await
+                    .ok()
+            }
+            Err(_) => None,
+        },
         _ => None,
     };
     let first_screen = first_window

@@ -26,7 +26,9 @@ use castvault_storage::manifest::{
     CatalogRow, ChunkEntry, HashChain, MANIFEST_FORMAT, Manifest, RecordingStatus,
 };
 use castvault_storage::reader::read_manifest;
-use castvault_storage::store::{DynStore, ErrorKind, error_kind, put_create, put_overwrite};
+use castvault_storage::store::{
+    DynStore, ErrorKind, Stores, UnknownRegion, error_kind, put_create, put_overwrite,
+};
 use object_store::ObjectStoreExt;
 use rand::Rng;
 use serde::Serialize;
@@ -37,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::catalog::Catalog;
+use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::spool::{RecordingMeta, Recovered, SpoolError, SpoolFile, StreamEnd, StreamOutcome};
 
@@ -72,6 +75,8 @@ pub enum UploadError {
     Spool(#[from] SpoolError),
     #[error("recording {recording_id}: {what}")]
     Corrupt { recording_id: String, what: String },
+    #[error(transparent)]
+    Lease(#[from] crate::lease::LeaseError),
 }
 
 impl UploadError {
@@ -82,6 +87,15 @@ impl UploadError {
         let path = path.to_string();
         move |source| Self::Store { op, path, source }
     }
+
+    /// True when the store did not answer (worth marking the region down).
+    fn transient(&self) -> bool {
+        match self {
+            Self::Store { source, .. } => error_kind(source) == ErrorKind::Transient,
+            Self::Lease(e) => e.transient(),
+            _ => false,
+        }
+    }
 }
 
 /// Chunking settings.
@@ -91,7 +105,10 @@ pub struct UploadConfig {
     pub max_chunk_age: Duration,
     pub compression_level: i32,
     pub max_line_bytes: usize,
-    pub region: String,
+    /// This node, as named in leases.
+    pub node_id: String,
+    /// Lease lifetime (see `crate::lease`).
+    pub lease_ttl: Duration,
 }
 
 /// What a recording's stream can see of its upload.
@@ -102,23 +119,36 @@ pub struct Progress {
     pub finalized: bool,
     /// The last upload failure, cleared by the next success.
     pub error: Option<String>,
+    /// Set when another node took the recording over: the stream must end, whatever the
+    /// outage policy.
+    pub lost: Option<String>,
 }
 
 /// Upload state of one recording, as the API shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct UploadStatus {
     pub recording_id: String,
+    /// The recording's home region, whose store it goes to.
+    pub region: String,
+    /// Whether that store answers right now.
+    pub store_up: bool,
     pub received: u64,
     pub committed: u64,
     pub chunks: u32,
     pub stream_ended: bool,
     pub attempts: u32,
     pub last_error: Option<String>,
+    /// Set when another node took the recording over; the spool keeps its bytes.
+    pub lease_lost: Option<String>,
 }
 
 struct Upload {
     file: Arc<SpoolFile>,
     meta: RecordingMeta,
+    /// The store of the recording's home region.
+    store: DynStore,
+    /// Whether that store takes leases (conditional updates).
+    leased: bool,
     state: Mutex<UploadState>,
     progress: watch::Sender<Progress>,
 }
@@ -140,6 +170,10 @@ struct UploadState {
     end: Option<StreamEnd>,
     busy: bool,
     retry_at: Option<Instant>,
+    /// The lease while held (stores with conditional updates only).
+    lease: Option<crate::lease::Held>,
+    /// Why the lease was lost; uploading stops for good.
+    lease_lost: Option<String>,
     attempts: u32,
     last_error: Option<String>,
 }
@@ -167,7 +201,8 @@ impl Upload {
 }
 
 struct Inner {
-    store: DynStore,
+    stores: Stores,
+    health: Arc<Health>,
     config: UploadConfig,
     registry: Mutex<HashMap<RecordingId, Arc<Upload>>>,
     wake: Arc<Notify>,
@@ -215,7 +250,8 @@ impl Uploader {
     /// threads that read bodies and send acks (see `crate::background`).
     pub fn start(
         background: &tokio::runtime::Handle,
-        store: DynStore,
+        stores: Stores,
+        health: Arc<Health>,
         config: UploadConfig,
         metrics: Arc<Metrics>,
         catalog: Option<Arc<Catalog>>,
@@ -224,7 +260,8 @@ impl Uploader {
         let inner = Arc::new(Inner {
             catalog,
             background: background.clone(),
-            store,
+            stores,
+            health,
             config,
             registry: Mutex::new(HashMap::new()),
             wake: Arc::new(Notify::new()),
@@ -233,7 +270,8 @@ impl Uploader {
             encoders: Mutex::new(Vec::new()),
             metrics,
         });
-        background.spawn(run_scheduler(inner.clone(), stop));
+        background.spawn(run_scheduler(inner.clone(), stop.clone()));
+        background.spawn(retry_when_back(inner.clone(), stop));
         Self { inner }
     }
 
@@ -245,7 +283,14 @@ impl Uploader {
     }
 
     /// Starts uploading a new recording; returns its progress.
-    pub fn register(&self, file: Arc<SpoolFile>, meta: RecordingMeta) -> watch::Receiver<Progress> {
+    ///
+    /// # Errors
+    /// [`UnknownRegion`] when the id names a region without a store here.
+    pub fn register(
+        &self,
+        file: Arc<SpoolFile>,
+        meta: RecordingMeta,
+    ) -> Result<watch::Receiver<Progress>, UnknownRegion> {
         let state = UploadState::new(&file.id, false);
         // This node's catalog lists the recording at once, so it can be watched live; the
         // store's row follows with the first chunk (see `needs_live_row`).
@@ -259,6 +304,11 @@ impl Uploader {
             });
         }
         self.insert(file, meta, state)
+    }
+
+    /// Whether the store of `region` answers.
+    pub fn region_up(&self, region: &str) -> bool {
+        self.inner.health.is_up(region)
     }
 
     /// Resumes a recording found in the spool at start.
@@ -298,7 +348,11 @@ impl Uploader {
             bytes: file.received(),
             ended_at: OffsetDateTime::now_utc(),
         }));
-        self.insert(file, meta, state);
+        self.insert(file, meta, state)
+            .map_err(|e| UploadError::Corrupt {
+                recording_id: e.region.clone(),
+                what: e.to_string(),
+            })?;
         Ok(())
     }
 
@@ -307,7 +361,15 @@ impl Uploader {
         file: Arc<SpoolFile>,
         meta: RecordingMeta,
         state: UploadState,
-    ) -> watch::Receiver<Progress> {
+    ) -> Result<watch::Receiver<Progress>, UnknownRegion> {
+        let region = self
+            .inner
+            .stores
+            .region(file.id.region())
+            .ok_or_else(|| UnknownRegion {
+                region: file.id.region().to_owned(),
+            })?;
+        let (store, leased) = (region.store.clone(), region.conditional_updates);
         let (progress, rx) = watch::channel(Progress {
             committed: state.committed,
             ..Progress::default()
@@ -316,13 +378,15 @@ impl Uploader {
         let upload = Arc::new(Upload {
             file,
             meta,
+            store,
+            leased,
             state: Mutex::new(state),
             progress,
         });
         self.registry().insert(id, upload);
         Metrics::add(&self.inner.metrics.recordings_pending, 1);
         self.inner.wake.notify_one();
-        rx
+        Ok(rx)
     }
 
     /// Marks a recording's stream as ended; the rest is cut and the recording finalized.
@@ -367,6 +431,9 @@ impl Uploader {
                 let s = u.state();
                 UploadStatus {
                     recording_id: u.file.id.to_string(),
+                    region: u.file.id.region().to_owned(),
+                    store_up: self.inner.health.is_up(u.file.id.region()),
+                    lease_lost: s.lease_lost.clone(),
                     received: u.file.received(),
                     committed: s.committed,
                     chunks: s.next_seq,
@@ -405,6 +472,8 @@ impl UploadState {
             end: None,
             busy: false,
             retry_at: None,
+            lease: None,
+            lease_lost: None,
             attempts: 0,
             last_error: None,
         }
@@ -450,6 +519,29 @@ async fn run_scheduler(inner: Arc<Inner>, stop: CancellationToken) {
     }
 }
 
+/// When a region's store comes back, retries every upload waiting on it at once: the spool
+/// drains now, not after each recording's backoff, and leases are renewed before peers could
+/// take them over.
+async fn retry_when_back(inner: Arc<Inner>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = inner.health.some_region_back() => {}
+            () = stop.cancelled() => return,
+        }
+        let registry = inner
+            .registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for upload in registry.values() {
+            if inner.health.is_up(upload.file.id.region()) {
+                upload.state().retry_at = None;
+            }
+        }
+        drop(registry);
+        inner.wake.notify_one();
+    }
+}
+
 /// When bytes pending since `now` are due for a time-based cut: somewhere in the last half of
 /// `max_age`, never later. Streams that started together (a fleet reconnecting after a node
 /// restart) would otherwise cut, compress and put in the same instant, every `max_age`, and
@@ -461,15 +553,17 @@ fn age_cut_due(now: Instant, max_age: Duration) -> Instant {
 /// Marks the upload busy and returns true when it has work to do now.
 fn take_if_due(upload: &Upload, now: Instant, config: &UploadConfig) -> bool {
     let mut s = upload.state();
-    if s.busy || s.retry_at.is_some_and(|at| at > now) {
+    if s.busy || s.lease_lost.is_some() || s.retry_at.is_some_and(|at| at > now) {
         return false;
     }
+    let lease_due = s.lease.as_ref().is_some_and(|l| now >= l.renew_at);
     let pending = upload.file.written().saturating_sub(s.committed);
     if pending > 0 && s.cut_due.is_none() {
         s.cut_due = Some(age_cut_due(now, config.max_chunk_age));
     }
     let aged = s.cut_due.is_some_and(|due| now >= due);
     let due = !s.reconciled
+        || lease_due
         || s.end.is_some()
         || pending >= config.max_chunk_bytes as u64
         || (pending > 0 && aged);
@@ -479,8 +573,10 @@ fn take_if_due(upload: &Upload, now: Instant, config: &UploadConfig) -> bool {
 
 impl Inner {
     async fn process(&self, upload: &Upload) {
+        let region = upload.file.id.region();
         match self.try_process(upload).await {
             Ok(()) => {
+                self.health.up(region);
                 let mut s = upload.state();
                 s.attempts = 0;
                 s.retry_at = None;
@@ -488,8 +584,21 @@ impl Inner {
                     upload.progress.send_modify(|p| p.error = None);
                 }
             }
+            Err(UploadError::Lease(crate::lease::LeaseError::Lost { holder, .. })) => {
+                let message = format!(
+                    "another node took the recording over ({holder}); the spool keeps its bytes"
+                );
+                tracing::error!(recording_id = %upload.file.id, %message, "lease lost; uploading stops");
+                upload.state().lease_lost = Some(message.clone());
+                upload.progress.send_modify(|p| p.lost = Some(message));
+            }
             Err(e) => {
                 Metrics::add(&self.metrics.upload_failures, 1);
+                self.health.failed(region);
+                self.health.retried(region);
+                if e.transient() {
+                    self.health.down(region, &error_chain(&e));
+                }
                 let mut s = upload.state();
                 s.attempts += 1;
                 let backoff = RETRY_BACKOFF_FIRST
@@ -521,12 +630,13 @@ impl Inner {
 
     async fn try_process(&self, upload: &Upload) -> Result<(), UploadError> {
         let id = &upload.file.id;
+        self.hold_lease(upload).await?;
         let needs_live_row = upload.state().needs_live_row();
         if needs_live_row {
             let header = CastHeader::from_value(upload.meta.header.clone()).ok();
             let row = CatalogRow::live(id, &upload.meta.node_id, header.as_ref());
             let path = ObjectKey::catalog(id);
-            put_overwrite(self.store.as_ref(), &path, json_bytes(&row))
+            put_overwrite(upload.store.as_ref(), &path, json_bytes(&row))
                 .await
                 .map_err(UploadError::store("put", &path))?;
             self.note_row(row).await;
@@ -592,7 +702,7 @@ impl Inner {
                 return self.reconcile(upload).await;
             }
             let path = ObjectKey::chunk(&upload.file.id, prepared.seq);
-            let store = self.store.clone();
+            let store = upload.store.clone();
             let bytes = prepared.compressed.clone();
             in_flight = Some((
                 prepared,
@@ -785,7 +895,7 @@ impl Inner {
                 (s.next_seq, s.committed)
             };
             let path = ObjectKey::chunk(id, seq);
-            let stored = match self.store.get(&path).await {
+            let stored = match upload.store.get(&path).await {
                 Ok(got) => got
                     .bytes()
                     .await
@@ -847,7 +957,7 @@ impl Inner {
         let manifest = Manifest {
             format: MANIFEST_FORMAT.to_owned(),
             recording_id: id.to_string(),
-            region: self.config.region.clone(),
+            region: id.region().to_owned(),
             zone: upload.meta.zone.clone(),
             node_id: upload.meta.node_id.clone(),
             status,
@@ -871,11 +981,11 @@ impl Inner {
             chunks,
         };
         let path = ObjectKey::manifest(id);
-        let manifest = match put_create(self.store.as_ref(), &path, json_bytes(&manifest)).await {
+        let manifest = match put_create(upload.store.as_ref(), &path, json_bytes(&manifest)).await {
             Ok(()) => manifest,
             // Finalized before a restart: the stored manifest stands, and the row follows it.
             Err(e) if error_kind(&e) == ErrorKind::AlreadyExists => {
-                read_manifest(self.store.as_ref(), id)
+                read_manifest(upload.store.as_ref(), id)
                     .await
                     .map_err(|e| UploadError::Corrupt {
                         recording_id: id.to_string(),
@@ -884,13 +994,31 @@ impl Inner {
             }
             Err(e) => return Err(UploadError::store("put", &path)(e)),
         };
+        if manifest.bytes < bytes {
+            // Another node finalized it from fewer bytes than the spool holds (it took the
+            // lease over while this node was away): keep the spool, say so, stop.
+            let message = format!(
+                "the stored manifest ({}, by {}) holds {} of the spool's {bytes} bytes; the spool keeps them",
+                serde_json::to_value(manifest.status).unwrap_or_default(),
+                manifest.end_reason.as_deref().unwrap_or("another node"),
+                manifest.bytes
+            );
+            return Err(crate::lease::LeaseError::Lost {
+                id: id.to_string(),
+                holder: message,
+            }
+            .into());
+        }
         let status = manifest.status;
         if let Some(row) = CatalogRow::from_manifest(&manifest) {
             let path = ObjectKey::catalog(id);
-            put_overwrite(self.store.as_ref(), &path, json_bytes(&row))
+            put_overwrite(upload.store.as_ref(), &path, json_bytes(&row))
                 .await
                 .map_err(UploadError::store("put", &path))?;
             self.note_row(row).await;
+        }
+        if upload.leased {
+            crate::lease::release(&upload.store, id).await?;
         }
         upload.file.remove().await?;
         self.registry
@@ -901,6 +1029,26 @@ impl Inner {
         Metrics::add(&self.metrics.recordings_finalized, 1);
         upload.progress.send_modify(|p| p.finalized = true);
         tracing::info!(recording_id = %id, ?status, bytes, chunks = manifest.chunks.len(), "recording finalized");
+        Ok(())
+    }
+
+    /// Creates the recording's lease before its first put, and renews it when due.
+    async fn hold_lease(&self, upload: &Upload) -> Result<(), UploadError> {
+        if !upload.leased {
+            return Ok(());
+        }
+        let held = upload.state().lease.clone();
+        let ttl = self.config.lease_ttl;
+        let id = &upload.file.id;
+        let node = &self.config.node_id;
+        let held = match held {
+            None => crate::lease::acquire(&upload.store, id, &upload.meta, node, ttl).await?,
+            Some(held) if Instant::now() >= held.renew_at => {
+                crate::lease::keep(&upload.store, id, &upload.meta, node, &held, ttl).await?
+            }
+            Some(_) => return Ok(()),
+        };
+        upload.state().lease = Some(held);
         Ok(())
     }
 
@@ -917,7 +1065,7 @@ impl Inner {
         let mut offset = 0;
         for seq in 0..chunks {
             let path = ObjectKey::chunk(id, seq);
-            let stored = async { self.store.get(&path).await?.bytes().await }
+            let stored = async { upload.store.get(&path).await?.bytes().await }
                 .await
                 .map_err(UploadError::store("get", &path))?;
             let raw = chunk::decode(&stored, MAX_DECODED_CHUNK_BYTES).map_err(|e| {

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use castvault::health::Health;
 use castvault::metrics::Metrics;
 use castvault::spool::{RecordingMeta, Spool};
 use castvault::upload::{UploadConfig, Uploader};
@@ -18,7 +19,7 @@ use castvault_storage::chunk::ChunkEncoder;
 use castvault_storage::keys::{ObjectKey, RecordingId, Region};
 use castvault_storage::manifest::RecordingStatus;
 use castvault_storage::reader;
-use castvault_storage::store::{self, DynStore, put_create};
+use castvault_storage::store::{self, DynStore, Stores, put_create};
 use object_store::ObjectStoreExt;
 use tokio_util::sync::CancellationToken;
 
@@ -78,11 +79,14 @@ async fn restart(setup: &Setup) -> Uploader {
         max_chunk_age: Duration::from_millis(100),
         compression_level: 1,
         max_line_bytes: 1 << 20,
-        region: "local".into(),
+        node_id: "node-a".into(),
+        lease_ttl: Duration::from_secs(30),
     };
+    let stores = Stores::single(Region::new("local").unwrap(), setup.store.clone());
     let uploader = Uploader::start(
         &tokio::runtime::Handle::current(),
-        setup.store.clone(),
+        stores.clone(),
+        Arc::new(Health::new(&stores)),
         config,
         Arc::new(Metrics::default()),
         None,

@@ -9,7 +9,8 @@
 //! v1/rec/{yyyy}/{mm}/{dd}/{recording_id}/chunk-{seq:08}.zst
 //! v1/rec/{yyyy}/{mm}/{dd}/{recording_id}/manifest.json
 //! v1/rec/{yyyy}/{mm}/{dd}/{recording_id}/index.json
-//! v1/live/{recording_id}.json
+//! v1/live/{recording_id}.json                    the receiving node's lease
+//! v1/probe                                         never written; read by health probes
 //! v1/catalog/{yyyy}/{mm}/{dd}/{recording_id}.json
 //! v1/events/{yyyy}/{mm}/{dd}/{event_id}.json
 //! ```
@@ -160,6 +161,21 @@ impl ObjectKey {
 
     pub fn live(id: &RecordingId) -> Path {
         Path::from(format!("v1/live/{id}.json"))
+    }
+
+    pub fn live_prefix() -> Path {
+        Path::from("v1/live")
+    }
+
+    /// The recording id a lease key names, if it is one.
+    pub fn live_id(path: &Path) -> Option<RecordingId> {
+        let name = path.filename()?.strip_suffix(".json")?;
+        RecordingId::parse(name).ok()
+    }
+
+    /// A key that is never written: reading it tells whether the store answers.
+    pub fn probe() -> Path {
+        Path::from("v1/probe")
     }
 
     pub fn catalog(id: &RecordingId) -> Path {

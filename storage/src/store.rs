@@ -22,6 +22,8 @@ use object_store::memory::InMemory;
 use object_store::path::Path;
 use object_store::{BackoffConfig, ObjectStore, PutMode, PutPayload, RetryConfig};
 
+use crate::keys::{RecordingId, Region};
+
 pub type DynStore = Arc<dyn ObjectStore>;
 
 /// Retries inside one request to the store; the uploader retries on top with its own, visible
@@ -181,6 +183,158 @@ pub fn open(url: &str, options: &BTreeMap<String, String>) -> Result<DynStore, S
             Ok(Arc::new(store))
         }
     }
+}
+
+/// One region's store.
+#[derive(Clone)]
+pub struct RegionStore {
+    pub store: DynStore,
+    /// The URL it was opened from (no secrets: options are kept apart).
+    pub url: String,
+    /// Conditional updates on ETags work (Azure, memory); the local disk has none, so leases
+    /// there are single-node (see `castvault::lease`).
+    pub conditional_updates: bool,
+}
+
+impl RegionStore {
+    /// Opens the store `url` names.
+    ///
+    /// # Errors
+    /// As [`open`].
+    pub fn open(url: &str, options: &BTreeMap<String, String>) -> Result<Self, StoreError> {
+        let conditional_updates = !matches!(StoreUrl::parse(url)?, StoreUrl::File(_));
+        Ok(Self {
+            store: open(url, options)?,
+            url: url.to_owned(),
+            conditional_updates,
+        })
+    }
+}
+
+/// Why a recording's store could not be found.
+#[derive(Debug, thiserror::Error)]
+#[error("region {region:?} is not configured on this node")]
+pub struct UnknownRegion {
+    pub region: String,
+}
+
+/// Every configured region's store, and which region is this node's own. Cheap to clone.
+#[derive(Clone)]
+pub struct Stores {
+    home: Region,
+    regions: Arc<BTreeMap<Region, RegionStore>>,
+}
+
+impl Stores {
+    /// # Errors
+    /// [`UnknownRegion`] when `home` has no store.
+    pub fn new(
+        home: Region,
+        regions: BTreeMap<Region, RegionStore>,
+    ) -> Result<Self, UnknownRegion> {
+        if !regions.contains_key(&home) {
+            return Err(UnknownRegion {
+                region: home.to_string(),
+            });
+        }
+        Ok(Self {
+            home,
+            regions: Arc::new(regions),
+        })
+    }
+
+    /// One region, one store: tests and single-region tools.
+    pub fn single(home: Region, store: DynStore) -> Self {
+        let entry = RegionStore {
+            store,
+            url: "memory://".to_owned(),
+            conditional_updates: true,
+        };
+        Self {
+            regions: Arc::new(BTreeMap::from([(home.clone(), entry)])),
+            home,
+        }
+    }
+
+    /// This node's own region.
+    pub fn home(&self) -> &Region {
+        &self.home
+    }
+
+    /// This node's own region's store.
+    pub fn home_store(&self) -> &DynStore {
+        &self.regions[&self.home].store
+    }
+
+    pub fn region(&self, region: &str) -> Option<&RegionStore> {
+        self.regions
+            .iter()
+            .find(|(r, _)| r.as_str() == region)
+            .map(|(_, s)| s)
+    }
+
+    /// The store of the region a recording (or event) id names.
+    ///
+    /// # Errors
+    /// [`UnknownRegion`] when that region is not configured here.
+    pub fn for_id(&self, id: &RecordingId) -> Result<&DynStore, UnknownRegion> {
+        self.region(id.region())
+            .map(|s| &s.store)
+            .ok_or_else(|| UnknownRegion {
+                region: id.region().to_owned(),
+            })
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&Region, &RegionStore)> {
+        self.regions.iter()
+    }
+}
+
+/// For an `az://` store: what is missing for it to authenticate without falling back to the
+/// machine's managed identity (account name and one credential, from `options` or the
+/// `AZURE_*` environment). `None` when nothing is missing or the store is not Azure. A region
+/// that does use the machine's managed identity says so (`credential_type =
+/// "managed_identity"`, or `client_id` for a user-assigned identity).
+pub fn missing_credentials(url: &str, options: &BTreeMap<String, String>) -> Option<String> {
+    if !matches!(StoreUrl::parse(url), Ok(StoreUrl::Azure { .. })) {
+        return None;
+    }
+    let mut keys: Vec<AzureConfigKey> = options
+        .keys()
+        .filter_map(|k| AzureConfigKey::from_str(k).ok())
+        .collect();
+    keys.extend(std::env::vars().filter_map(|(k, _)| {
+        k.starts_with("AZURE_")
+            .then(|| AzureConfigKey::from_str(&k.to_ascii_lowercase()).ok())
+            .flatten()
+    }));
+    let has = |key: AzureConfigKey| keys.contains(&key);
+    if has(AzureConfigKey::UseEmulator) {
+        return None;
+    }
+    if !has(AzureConfigKey::AccountName) {
+        return Some("missing credentials: no account_name".to_owned());
+    }
+    let credential = [
+        AzureConfigKey::AccessKey,
+        AzureConfigKey::SasKey,
+        AzureConfigKey::Token,
+        AzureConfigKey::ClientSecret,
+        AzureConfigKey::FederatedTokenFile,
+        AzureConfigKey::UseAzureCli,
+        AzureConfigKey::ClientId,
+        AzureConfigKey::MsiResourceId,
+        AzureConfigKey::ObjectId,
+        AzureConfigKey::CredentialType,
+    ]
+    .into_iter()
+    .any(has);
+    (!credential).then(|| {
+        "missing credentials: none of access_key, sas_key, client_secret, federated_token_file \
+         or client_id (user-assigned identity); set credential_type = \"managed_identity\" \
+         to use the machine's identity"
+            .to_owned()
+    })
 }
 
 /// Installs ring as rustls' process-wide provider (idempotent).

@@ -139,9 +139,16 @@ impl Node {
 
     /// Runs a CLI subcommand against this node's store.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
-        let store_args: Vec<String> = match self.args.iter().position(|a| a == "--store") {
-            Some(i) => vec!["--store".into(), self.args[i + 1].clone()],
-            None => vec!["--data-dir".into(), self.data_dir.display().to_string()],
+        let flag = |name: &str| self.args.iter().position(|a| a == name);
+        let store_args: Vec<String> = match (flag("--store"), flag("--config")) {
+            (Some(i), _) => vec!["--store".into(), self.args[i + 1].clone()],
+            (None, Some(i)) => vec![
+                "--config".into(),
+                self.args[i + 1].clone(),
+                "--data-dir".into(),
+                self.data_dir.display().to_string(),
+            ],
+            (None, None) => vec!["--data-dir".into(), self.data_dir.display().to_string()],
         };
         let mut cmd = Command::new(BIN);
         cmd.args(args).args(&store_args);
@@ -588,9 +595,10 @@ pub async fn connect_and_upload(
 
 /// Real Azurite, started from the test tools' npm lockfile, on a free loopback port.
 pub struct Azurite {
-    child: Child,
+    child: Option<Child>,
     pub url: String,
-    _dir: tempfile::TempDir,
+    port: u16,
+    dir: tempfile::TempDir,
 }
 
 /// Azurite's public, well-known account key.
@@ -602,6 +610,45 @@ const AZURITE_SAS: &str = "sv=2020-08-04&ss=b&srt=sco&sp=rwdlac&st=2020-01-01T00
 
 impl Azurite {
     pub async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut azurite = Self {
+            child: None,
+            url: format!("http://127.0.0.1:{port}"),
+            port,
+            dir,
+        };
+        azurite.resume().await;
+        azurite
+    }
+
+    /// Stops the emulator (its data stays on disk), as a storage outage.
+    /// SIGTERM: Azurite saves its metadata on the way out (a SIGKILL can roll back its last
+    /// writes, which real Azure never does).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port and data.
+    pub async fn resume(&mut self) {
         let bin = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/tools/node_modules/.bin/azurite-blob");
         assert!(
@@ -609,12 +656,7 @@ impl Azurite {
             "Azurite is missing at {}: run the README's test command (it installs tests/tools with npm ci)",
             bin.display()
         );
-        let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = self.port;
         let child = Command::new(bin)
             .args([
                 "--blobHost",
@@ -623,25 +665,43 @@ impl Azurite {
                 &port.to_string(),
                 "--location",
             ])
-            .arg(dir.path())
+            .arg(self.dir.path())
             .args(["--disableTelemetry", "--silent"])
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn azurite");
-        let url = format!("http://127.0.0.1:{port}");
-        let azurite = Self {
-            child,
-            url,
-            _dir: dir,
-        };
+        self.child = Some(child);
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         while http_get(addr, "/").await.is_err() {
             assert!(Instant::now() < deadline, "Azurite did not start");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        azurite
+    }
+
+    /// `store_options` reaching this emulator by its endpoint (not `use_emulator`, which reads
+    /// one global variable), so one node can use several.
+    pub fn store_options(&self) -> std::collections::BTreeMap<String, String> {
+        [
+            ("account_name", "devstoreaccount1".to_owned()),
+            ("access_key", AZURITE_KEY.to_owned()),
+            ("endpoint", format!("{}/devstoreaccount1", self.url)),
+            ("allow_http", "true".to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    }
+
+    /// [`Self::store_options`] as an inline TOML table.
+    pub fn store_options_toml(&self) -> String {
+        let pairs: Vec<String> = self
+            .store_options()
+            .iter()
+            .map(|(k, v)| format!("{k} = {v:?}"))
+            .collect();
+        format!("{{ {} }}", pairs.join(", "))
     }
 
     /// Creates a container (object_store cannot).
@@ -674,8 +734,7 @@ impl Azurite {
 
 impl Drop for Azurite {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }
 

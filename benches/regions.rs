@@ -1,0 +1,195 @@
+//! Failure figures for regions and zones, on the release binary with real Azurite.
+//!
+//! `cargo bench --bench regions` runs both; `-- orphans` or `-- drain` runs one.
+//! - orphans: two nodes of one region, 50 streams on the first; SIGKILL it and time until the
+//!   second has finalized all 50 from the store (every catalog row `interrupted`), as a multiple
+//!   of `lease_ttl`. Target ≤ 2.
+//! - drain: a node with `storage_outage = "degrade"` records 100 streams while its Azurite is
+//!   stopped (acked from the spool), then Azurite comes back and the spool drains. The drain's
+//!   rate in stored (compressed) bytes per second is compared with Azurite's own put rate for
+//!   the same number of objects of the same mean size at the uploader's concurrency (16), put
+//!   straight through object_store in the same run. Target ≥ 0.8.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use castvault_storage::store::RegionStore;
+use common::{Azurite, Node, corpus, start_v2};
+use futures::StreamExt;
+use object_store::ObjectStoreExt;
+
+const LEASE_TTL_SECS: u64 = 10;
+const ORPHAN_STREAMS: usize = 50;
+const DRAIN_STREAMS: usize = 100;
+/// Raw bytes per drain stream: 100 × 2 MiB = 200 MiB of terminal output.
+const DRAIN_BYTES: usize = 2 << 20;
+/// The uploader's concurrency (`upload::UPLOAD_CONCURRENCY`).
+const PUT_CONCURRENCY: usize = 16;
+
+fn main() {
+    if std::env::args().any(|a| a == "--test" || a == "--list") {
+        return;
+    }
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let wants = |name: &str| filter.is_empty() || filter.iter().any(|f| name == f);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        if wants("orphans") {
+            orphans().await;
+        }
+        if wants("drain") {
+            drain().await;
+        }
+    });
+}
+
+fn config(dir: &Path, node: &str, zone: &str, azurite: &Azurite) -> String {
+    let text = format!(
+        r#"node_id = "{node}"
+region = "eu"
+zone = "{zone}"
+ack = "storage"
+lease_ttl = "{LEASE_TTL_SECS}s"
+
+[regions.eu]
+store = "az://recordings"
+store_options = {}
+"#,
+        azurite.store_options_toml()
+    );
+    let path = dir.join("castvault.toml");
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+async fn metric(node: &Node, name: &str) -> u64 {
+    let (_, body) = common::http_get(node.web, "/metrics").await.unwrap();
+    String::from_utf8(body)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn finalized(node: &Node) -> usize {
+    node.list().iter().filter(|r| r["status"] != "live").count()
+}
+
+async fn orphans() {
+    let azurite = Azurite::start().await;
+    azurite.create_container("recordings").await;
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (c1, c2) = (
+        config(d1.path(), "eu-1", "a", &azurite),
+        config(d2.path(), "eu-2", "b", &azurite),
+    );
+    let mut a = Node::start(d1.path(), &["--config", &c1], &[]).await;
+    let b = Node::start(d2.path(), &["--config", &c2], &[]).await;
+    let mut uploads = Vec::new();
+    for i in 0..ORPHAN_STREAMS {
+        let mut upload = start_v2(a.ingest).await.unwrap();
+        let body = corpus::generate(i as u64, 64 << 10);
+        upload.send(&body).await.unwrap();
+        uploads.push((upload, body.len() as u64));
+    }
+    for (upload, len) in &uploads {
+        assert!(upload.wait_ack(*len, Duration::from_secs(60)).await);
+    }
+    let killed = Instant::now();
+    a.kill9();
+    while finalized(&b) < ORPHAN_STREAMS {
+        assert!(killed.elapsed() < Duration::from_secs(LEASE_TTL_SECS * 10));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let took = killed.elapsed();
+    let takeovers = metric(&b, "castvault_lease_takeovers_total{region=\"eu\"}").await;
+    println!(
+        "orphans: {ORPHAN_STREAMS} recordings finalized by the peer {:.1} s after SIGKILL; lease_ttl {LEASE_TTL_SECS} s: {:.2} x lease expiry (target <= 2); takeovers {takeovers}",
+        took.as_secs_f64(),
+        took.as_secs_f64() / LEASE_TTL_SECS as f64
+    );
+}
+
+async fn drain() {
+    let mut azurite = Azurite::start().await;
+    azurite.create_container("recordings").await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "eu-1", "a", &azurite);
+    let node = Node::start(dir.path(), &["--config", &cfg], &[]).await;
+    azurite.stop();
+    // Wait until the node has noticed, so every stream is acked from the spool.
+    while common::http_get(node.web, "/readyz").await.unwrap().0 != 503 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let bodies: Vec<Vec<u8>> = (0..DRAIN_STREAMS)
+        .map(|i| corpus::generate(100 + i as u64, DRAIN_BYTES))
+        .collect();
+    let raw: usize = bodies.iter().map(Vec::len).sum();
+    let tasks: Vec<_> = bodies
+        .into_iter()
+        .map(|body| {
+            let addr = node.ingest;
+            tokio::spawn(async move {
+                let mut upload = start_v2(addr).await.unwrap();
+                for piece in body.chunks(32 << 10) {
+                    upload.send(piece).await.unwrap();
+                }
+                let (result, _) = upload.finish().await;
+                result.unwrap();
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let stored_before = metric(&node, "castvault_bytes_stored_total").await;
+    let chunks_before = metric(&node, "castvault_chunks_committed_total").await;
+    azurite.resume().await;
+    let back = Instant::now();
+    while metric(&node, "castvault_recordings_finalized_total").await < DRAIN_STREAMS as u64 {
+        assert!(back.elapsed() < Duration::from_secs(600), "drain stalled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let took = back.elapsed();
+    let stored = metric(&node, "castvault_bytes_stored_total").await - stored_before;
+    let chunks = metric(&node, "castvault_chunks_committed_total").await - chunks_before;
+    let drain_rate = stored as f64 / took.as_secs_f64();
+
+    // Azurite's own put rate for the same objects, straight through object_store.
+    let store = RegionStore::open("az://recordings", &azurite.store_options())
+        .unwrap()
+        .store;
+    let size = (stored / chunks.max(1)) as usize;
+    let payload = bytes::Bytes::from(corpus::generate(7, size));
+    let started = Instant::now();
+    let mut puts = futures::stream::iter((0..chunks).map(|i| {
+        let store = store.clone();
+        let payload = payload.clone();
+        async move {
+            let path = object_store::path::Path::from(format!("bench/put-{i:08}"));
+            store.put(&path, payload.into()).await.unwrap();
+        }
+    }))
+    .buffer_unordered(PUT_CONCURRENCY);
+    while puts.next().await.is_some() {}
+    let put_rate = (size as u64 * chunks) as f64 / started.elapsed().as_secs_f64();
+    println!(
+        "drain: {DRAIN_STREAMS} recordings, {:.0} MiB raw, {:.1} MiB stored in {chunks} chunks, drained in {:.1} s: {:.1} MiB/s; Azurite puts of the same objects at concurrency {PUT_CONCURRENCY}: {:.1} MiB/s; ratio {:.2} (target >= 0.8)",
+        raw as f64 / 1048576.0,
+        stored as f64 / 1048576.0,
+        took.as_secs_f64(),
+        drain_rate / 1048576.0,
+        put_rate / 1048576.0,
+        drain_rate / put_rate
+    );
+}
