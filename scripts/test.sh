@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test. Installs what the tests need: from apt if missing, curl, Node.js/npm and
 # Chromium; from tests/tools' npm lockfile, Azurite and playwright-core; from ui's lockfile,
-# asciinema-player (to check the vendored copy the binary embeds). Each test starts and stops
+# asciinema-player (to check the vendored copy the binary embeds); from PyPI (in a venv under
+# target/), the checkers of deploy/ (scripts/check-deploy.sh). Each test starts and stops
 # its own components (castvault nodes, Azurite, Chromium) on 127.0.0.1 and stops only the
 # processes it started.
 set -euo pipefail
@@ -11,6 +12,7 @@ missing=()
 command -v curl >/dev/null || missing+=(curl)
 command -v npm >/dev/null || missing+=(nodejs npm)
 [[ -x /usr/bin/chromium ]] || missing+=(chromium)
+command -v systemd-analyze >/dev/null || missing+=(systemd)
 if ((${#missing[@]})); then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi
@@ -20,3 +22,4 @@ fi
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace
+scripts/check-deploy.sh

@@ -81,6 +81,8 @@ pub async fn run(
             max_line_bytes: config.max_line_bytes,
             node_id: config.node_id.clone(),
             lease_ttl: config.lease_ttl,
+            acks_from_spool: config.ack_level() == crate::config::AckLevel::Spool
+                || config.storage_outage == crate::config::OutagePolicy::Degrade,
         },
         metrics.clone(),
         Some(catalog.clone()),

@@ -468,7 +468,7 @@ async fn receive_recording(
                 if let Some(a) = &mut active {
                     match a.ack(ingest.ack, ingest.outage) {
                         Ok(acked) => {
-                            if acks.send_if_modified(|s| raise_ack(s, acked)) {
+                            if acks.send_if_modified(|s| raise_ack(s, acked, &ingest.metrics)) {
                                 a.acked(acked, &ingest.metrics);
                             }
                         }
@@ -549,7 +549,7 @@ async fn receive_recording(
         loop {
             match active.ack(ingest.ack, ingest.outage) {
                 Ok(acked) => {
-                    acks.send_if_modified(|s| raise_ack(s, acked));
+                    acks.send_if_modified(|s| raise_ack(s, acked, &ingest.metrics));
                     if acked >= target {
                         return Ok(());
                     }
@@ -571,7 +571,7 @@ async fn receive_recording(
             match (ingest.ack, ingest.outage) {
                 (AckLevel::Storage, OutagePolicy::Degrade) if durable >= target => {
                     tracing::warn!(bytes = target, "store is slow; final ack at spool level");
-                    acks.send_modify(|s| s.acked = durable);
+                    acks.send_if_modified(|s| raise_ack(s, durable, &ingest.metrics));
                     StreamResult::Stored
                 }
                 _ => StreamResult::Failed(
@@ -584,8 +584,9 @@ async fn receive_recording(
 
 /// Acks never go back: bytes acked at spool level during a storage outage (`degrade`) stay
 /// acked when acks return to storage level and the store has not caught up yet.
-fn raise_ack(state: &mut AckState, acked: u64) -> bool {
+fn raise_ack(state: &mut AckState, acked: u64, metrics: &Metrics) -> bool {
     if acked > state.acked {
+        Metrics::add(&metrics.bytes_acked, acked - state.acked);
         state.acked = acked;
         true
     } else {

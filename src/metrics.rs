@@ -8,6 +8,8 @@ pub const STREAMS_OPEN: &str = "castvault_streams_open";
 pub const STREAMS_TOTAL: &str = "castvault_streams_total";
 pub const STREAMS_REFUSED: &str = "castvault_streams_refused_total";
 pub const BYTES_RECEIVED: &str = "castvault_bytes_received_total";
+pub const BYTES_ACKED: &str = "castvault_bytes_acked_total";
+pub const SPOOL_BYTES: &str = "castvault_spool_bytes";
 pub const CHUNKS_COMMITTED: &str = "castvault_chunks_committed_total";
 pub const BYTES_COMMITTED: &str = "castvault_bytes_committed_total";
 pub const BYTES_STORED: &str = "castvault_bytes_stored_total";
@@ -66,6 +68,8 @@ pub struct Metrics {
     pub streams_total: AtomicU64,
     pub streams_refused: AtomicU64,
     pub bytes_received: AtomicU64,
+    /// Bytes covered by acks sent (at the node's ack level; spool level in a `degrade` outage).
+    pub bytes_acked: AtomicU64,
     pub chunks_committed: AtomicU64,
     pub bytes_committed: AtomicU64,
     pub bytes_stored: AtomicU64,
@@ -91,11 +95,12 @@ impl Metrics {
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
-        let rows: [(&str, &str, &AtomicU64); 11] = [
+        let rows: [(&str, &str, &AtomicU64); 12] = [
             (STREAMS_OPEN, "gauge", &self.streams_open),
             (STREAMS_TOTAL, "counter", &self.streams_total),
             (STREAMS_REFUSED, "counter", &self.streams_refused),
             (BYTES_RECEIVED, "counter", &self.bytes_received),
+            (BYTES_ACKED, "counter", &self.bytes_acked),
             (CHUNKS_COMMITTED, "counter", &self.chunks_committed),
             (BYTES_COMMITTED, "counter", &self.bytes_committed),
             (BYTES_STORED, "counter", &self.bytes_stored),

@@ -441,6 +441,15 @@ async fn readyz(State(web): State<Arc<Web>>) -> Response {
 async fn metrics(State(web): State<Arc<Web>>) -> Response {
     let mut text = web.metrics.render();
     web.health.render(&mut text);
+    {
+        use crate::metrics::SPOOL_BYTES;
+        use std::fmt::Write as _;
+        let _ = writeln!(
+            text,
+            "# TYPE {SPOOL_BYTES} gauge\n{SPOOL_BYTES} {}",
+            web.uploader.spool_bytes()
+        );
+    }
     if let Ok((rows, indexed)) = web.catalog.counts().await {
         use crate::metrics::{CATALOG_INDEXED, CATALOG_RECORDINGS};
         use std::fmt::Write as _;

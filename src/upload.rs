@@ -109,6 +109,10 @@ pub struct UploadConfig {
     pub node_id: String,
     /// Lease lifetime (see `crate::lease`).
     pub lease_ttl: Duration,
+    /// True when an ack may count bytes that are only in the spool (`ack = "spool"`, or
+    /// `storage_outage = "degrade"` during an outage): spool bytes past a manifest another
+    /// node wrote may then have been acked, and are kept.
+    pub acks_from_spool: bool,
 }
 
 /// What a recording's stream can see of its upload.
@@ -174,6 +178,8 @@ struct UploadState {
     lease: Option<crate::lease::Held>,
     /// Why the lease was lost; uploading stops for good.
     lease_lost: Option<String>,
+    /// A manifest found in the store at reconciliation: another node finalized the recording.
+    stored_manifest: Option<Manifest>,
     attempts: u32,
     last_error: Option<String>,
 }
@@ -417,6 +423,11 @@ impl Uploader {
         self.inner.wake.notify_one();
     }
 
+    /// Bytes in the spool's data files of recordings not yet finalized.
+    pub fn spool_bytes(&self) -> u64 {
+        self.registry().values().map(|u| u.file.received()).sum()
+    }
+
     /// Recordings not yet finalized.
     pub fn pending(&self) -> usize {
         self.registry().len()
@@ -474,6 +485,7 @@ impl UploadState {
             retry_at: None,
             lease: None,
             lease_lost: None,
+            stored_manifest: None,
             attempts: 0,
             last_error: None,
         }
@@ -644,6 +656,10 @@ impl Inner {
         }
         if !upload.state().reconciled {
             self.reconcile(upload).await?;
+        }
+        let finalized_elsewhere = upload.state().stored_manifest.is_some();
+        if finalized_elsewhere {
+            return self.finalize(upload).await;
         }
         // Two-stage pipeline: chunk n+1 is cut and compressed while chunk n is being put.
         let (mut offset, mut seq, mut body) = {
@@ -923,12 +939,37 @@ impl Inner {
                 .await?;
             self.apply_commit(upload, prepared).await?;
         }
+        // Finalized elsewhere while this node was away (a peer took its lease over): no more
+        // chunks go next to that manifest; the recording only concludes.
+        match read_manifest(upload.store.as_ref(), id).await {
+            Ok(stored) => {
+                let mut s = upload.state();
+                s.stored_manifest = Some(stored);
+                s.end.get_or_insert_with(|| StreamEnd {
+                    outcome: StreamOutcome::Interrupted,
+                    reason: Some("finalized by another node".to_owned()),
+                    bytes: upload.file.received(),
+                    ended_at: OffsetDateTime::now_utc(),
+                });
+            }
+            Err(castvault_storage::reader::ReadError::NotFound { .. }) => {}
+            Err(e) => {
+                return Err(UploadError::Corrupt {
+                    recording_id: id.to_string(),
+                    what: format!("cannot read its manifest: {}", error_chain(&e)),
+                });
+            }
+        }
         upload.state().reconciled = true;
         Ok(())
     }
 
     async fn finalize(&self, upload: &Upload) -> Result<(), UploadError> {
         let id = &upload.file.id;
+        let stored = upload.state().stored_manifest.clone();
+        if let Some(stored) = stored {
+            return self.conclude(upload, stored).await;
+        }
         let mut chunks = upload.file.chunk_log().await;
         let (end, recovered, chain_head, body_sha256, next_seq) = {
             let s = upload.state();
@@ -994,7 +1035,19 @@ impl Inner {
             }
             Err(e) => return Err(UploadError::store("put", &path)(e)),
         };
-        if manifest.bytes < bytes {
+        self.conclude(upload, manifest).await
+    }
+
+    /// Ends a recording whose manifest is stored (by this node or, after a lease takeover, by
+    /// another): its catalog row, its lease, its spool files.
+    async fn conclude(&self, upload: &Upload, manifest: Manifest) -> Result<(), UploadError> {
+        let id = &upload.file.id;
+        let bytes = upload.file.written();
+        if manifest.bytes < bytes && !self.config.acks_from_spool {
+            // Only acks at storage level were ever sent, and the manifest holds every chunk
+            // this node committed, so the spool's tail was never acked.
+            tracing::warn!(recording_id = %id, stored = manifest.bytes, spool = bytes, "another node finalized this recording; dropping the spool's unacked tail");
+        } else if manifest.bytes < bytes {
             // Another node finalized it from fewer bytes than the spool holds (it took the
             // lease over while this node was away): keep the spool, say so, stop.
             let message = format!(

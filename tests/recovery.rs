@@ -81,6 +81,7 @@ async fn restart(setup: &Setup) -> Uploader {
         max_line_bytes: 1 << 20,
         node_id: "node-a".into(),
         lease_ttl: Duration::from_secs(30),
+        acks_from_spool: true,
     };
     let stores = Stores::single(Region::new("local").unwrap(), setup.store.clone());
     let uploader = Uploader::start(

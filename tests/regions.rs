@@ -362,6 +362,47 @@ async fn sigkill_a_node_its_peer_finalizes_the_orphans() {
     let (used, _, _) = connect_and_upload(&addrs, &body, 64).await.unwrap();
     assert_eq!(used, c.eu2.ingest);
     stop.cancel();
+
+    // The dead node comes back: it finds the manifests its peer wrote, adds no chunk beside
+    // them, and keeps (and shows) any spool tail those manifests do not hold.
+    c.eu1.restart().await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, uploads) = c.eu1.api("/api/v1/uploads").await;
+        let uploads: Vec<Value> = serde_json::from_slice(&uploads).unwrap();
+        if uploads.iter().all(|u| u["lease_lost"].is_string()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "restarted node never settled: {uploads:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for row in &rows {
+        let id = row["id"].as_str().unwrap();
+        let (status, manifest) = c.eu1.api(&format!("/api/v1/recordings/{id}")).await;
+        assert_eq!(status, 200);
+        let manifest: Value = serde_json::from_slice(&manifest).unwrap();
+        let chunk_keys = eu
+            .store
+            .list(None)
+            .try_filter(|m| {
+                futures::future::ready(
+                    m.location.as_ref().contains(id) && m.location.as_ref().ends_with(".zst"),
+                )
+            })
+            .try_collect::<Vec<_>>()
+            .await
+            .unwrap()
+            .len();
+        assert_eq!(
+            chunk_keys,
+            manifest["chunks"].as_array().unwrap().len(),
+            "{id}: chunks beside the manifest"
+        );
+        assert_eq!(manifest["status"], "interrupted");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
