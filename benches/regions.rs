@@ -4,7 +4,7 @@
 //! - orphans: two nodes of one region, 50 streams on the first; SIGKILL it and time until the
 //!   second has finalized all 50 from the store (every catalog row `interrupted`), as a multiple
 //!   of `lease_ttl`. Target ≤ 2.
-//! - drain: a node with `storage_outage = "degrade"` records 100 streams while its Azurite is
+//! - drain: a node with `storage_outage = "degrade"` records 20 streams of 16 MiB while its Azurite is
 //!   stopped (acked from the spool), then Azurite comes back and the spool drains. The drain's
 //!   rate in stored (compressed) bytes per second is compared with Azurite's own put rate for
 //!   the same number of objects of the same mean size at the uploader's concurrency (16), put
@@ -24,9 +24,10 @@ use object_store::ObjectStoreExt;
 
 const LEASE_TTL_SECS: u64 = 10;
 const ORPHAN_STREAMS: usize = 50;
-const DRAIN_STREAMS: usize = 100;
-/// Raw bytes per drain stream: 100 × 2 MiB = 200 MiB of terminal output.
-const DRAIN_BYTES: usize = 2 << 20;
+const DRAIN_STREAMS: usize = 20;
+/// Raw bytes per drain stream: 20 × 16 MiB = 320 MiB of terminal output, four 4 MiB chunks
+/// each (a spool that filled during an outage holds long recordings, not only short ones).
+const DRAIN_BYTES: usize = 16 << 20;
 /// The uploader's concurrency (`upload::UPLOAD_CONCURRENCY`).
 const PUT_CONCURRENCY: usize = 16;
 

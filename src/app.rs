@@ -24,6 +24,7 @@ use crate::health::Health;
 use crate::indexer;
 use crate::ingest::{self, Ingest};
 use crate::lease::Sweeper;
+use castvault_storage::signing::NodeKey;
 use crate::listener;
 use crate::metrics::Metrics;
 use crate::playback::{self, Web};
@@ -63,6 +64,13 @@ pub async fn run(
         .context("opening the stores")?;
     let store = stores.home_store().clone();
     let health = Arc::new(Health::new(&stores));
+    let signer = Arc::new(
+        NodeKey::load_or_create(&config.data_dir.join("keys")).context("loading the signing key")?,
+    );
+    background.spawn(crate::keys::publish(
+        stores.clone(),
+        signer.public_record(&config.node_id),
+    ));
     let spool = Spool::open(config.spool_dir()).context("opening the spool")?;
     let metrics = Arc::new(Metrics {
         journal_commit: spool.commit_seconds(),
@@ -83,6 +91,7 @@ pub async fn run(
             lease_ttl: config.lease_ttl,
             acks_from_spool: config.ack_level() == crate::config::AckLevel::Spool
                 || config.storage_outage == crate::config::OutagePolicy::Degrade,
+            signer: signer.clone(),
         },
         metrics.clone(),
         Some(catalog.clone()),
@@ -107,6 +116,7 @@ pub async fn run(
             node_id: config.node_id.clone(),
             zone: config.zone.clone(),
             ttl: config.lease_ttl,
+            signer: signer.clone(),
         }
         .run(upload_stop.clone()),
     );

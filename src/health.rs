@@ -22,9 +22,13 @@ pub const REGION_UP: &str = "castvault_store_up";
 pub const LEASE_TAKEOVERS: &str = "castvault_lease_takeovers_total";
 pub const UPLOAD_FAILURES_REGION: &str = "castvault_region_upload_failures_total";
 
-/// How often each store is probed. Bounds how long an outage goes unnoticed when nothing is
-/// uploading, and how late a drain starts after the store returns.
+/// How often each store is probed while every store is up. Bounds how long an outage goes
+/// unnoticed when nothing is uploading.
 pub const PROBE_EVERY: Duration = Duration::from_secs(2);
+
+/// How often while some store is down: bounds how late the spool starts draining after the
+/// store returns (one cheap HEAD per down region).
+pub const PROBE_EVERY_WHILE_DOWN: Duration = Duration::from_millis(250);
 
 /// Longest a probe may take before the store counts as down.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -173,9 +177,14 @@ pub async fn probe(health: std::sync::Arc<Health>, stores: Stores, stop: Cancell
                 Err(_) => health.down(region.as_str(), "probe timed out"),
             }
         }
+        let every = if health.down_regions().is_empty() {
+            PROBE_EVERY
+        } else {
+            PROBE_EVERY_WHILE_DOWN
+        };
         tokio::select! {
             () = stop.cancelled() => return,
-            () = tokio::time::sleep(PROBE_EVERY) => {}
+            () = tokio::time::sleep(every) => {}
         }
     }
 }

@@ -32,6 +32,7 @@ use castvault_storage::keys::{ObjectKey, RecordingId};
 use castvault_storage::manifest::{
     CatalogRow, ChunkEntry, HashChain, MANIFEST_FORMAT, Manifest, RecordingStatus,
 };
+use castvault_storage::signing::NodeKey;
 use castvault_storage::store::{
     DynStore, ErrorKind, Stores, error_kind, put_create, put_overwrite,
 };
@@ -265,6 +266,8 @@ pub struct Sweeper {
     pub node_id: String,
     pub zone: String,
     pub ttl: Duration,
+    /// Seals the manifests of orphans this node finalizes.
+    pub signer: Arc<NodeKey>,
 }
 
 /// One lease as a sweeper saw it.
@@ -403,7 +406,7 @@ impl Sweeper {
             "node {previous} stopped renewing its lease; finalized by {} from the committed chunks",
             self.node_id
         );
-        let manifest = finalize_orphan(store, id, &lease, &reason).await?;
+        let manifest = finalize_orphan(store, id, &lease, &reason, &self.signer, &self.node_id).await?;
         if let Some(row) = CatalogRow::from_manifest(&manifest) {
             let row_path = ObjectKey::catalog(id);
             let bytes = Bytes::from(serde_json::to_vec_pretty(&row).unwrap_or_default());
@@ -430,6 +433,8 @@ pub async fn finalize_orphan(
     id: &RecordingId,
     lease: &Lease,
     reason: &str,
+    signer: &NodeKey,
+    node_id: &str,
 ) -> Result<Manifest, String> {
     let manifest_path = ObjectKey::manifest(id);
     if let Ok(existing) = castvault_storage::reader::read_manifest(store.as_ref(), id).await {
@@ -493,8 +498,17 @@ pub async fn finalize_orphan(
         chunks: table,
     };
     let bytes = Bytes::from(serde_json::to_vec_pretty(&manifest).unwrap_or_default());
-    match put_create(store.as_ref(), &manifest_path, bytes).await {
-        Ok(()) => Ok(manifest),
+    match put_create(store.as_ref(), &manifest_path, bytes.clone()).await {
+        Ok(()) => {
+            let seal = signer.seal(node_id, id.as_str(), &bytes);
+            let seal_path = ObjectKey::seal(id);
+            let seal_bytes = Bytes::from(serde_json::to_vec_pretty(&seal).unwrap_or_default());
+            match put_create(store.as_ref(), &seal_path, seal_bytes).await {
+                Ok(()) => Ok(manifest),
+                Err(e) if error_kind(&e) == ErrorKind::AlreadyExists => Ok(manifest),
+                Err(e) => Err(format!("put {seal_path}: {}", error_chain(&e))),
+            }
+        }
         Err(e) if error_kind(&e) == ErrorKind::AlreadyExists => {
             castvault_storage::reader::read_manifest(store.as_ref(), id)
                 .await

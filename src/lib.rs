@@ -25,6 +25,7 @@ pub mod config;
 pub mod health;
 pub mod indexer;
 pub mod ingest;
+pub mod keys;
 pub mod lease;
 pub mod listener;
 pub mod live;

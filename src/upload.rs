@@ -39,6 +39,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::catalog::Catalog;
+use castvault_storage::signing::{CHECKPOINT_EVERY, NodeKey};
+
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::spool::{RecordingMeta, Recovered, SpoolError, SpoolFile, StreamEnd, StreamOutcome};
@@ -113,6 +115,8 @@ pub struct UploadConfig {
     /// `storage_outage = "degrade"` during an outage): spool bytes past a manifest another
     /// node wrote may then have been acked, and are kept.
     pub acks_from_spool: bool,
+    /// Signs chain checkpoints and manifest seals (see `castvault_storage::signing`).
+    pub signer: Arc<NodeKey>,
 }
 
 /// What a recording's stream can see of its upload.
@@ -180,6 +184,9 @@ struct UploadState {
     lease_lost: Option<String>,
     /// A manifest found in the store at reconciliation: another node finalized the recording.
     stored_manifest: Option<Manifest>,
+    /// Chunks covered by the last signed checkpoint, and when it was written.
+    checkpointed: u32,
+    checkpoint_at: Instant,
     attempts: u32,
     last_error: Option<String>,
 }
@@ -486,6 +493,8 @@ impl UploadState {
             lease: None,
             lease_lost: None,
             stored_manifest: None,
+            checkpointed: 0,
+            checkpoint_at: Instant::now(),
             attempts: 0,
             last_error: None,
         }
@@ -569,6 +578,8 @@ fn take_if_due(upload: &Upload, now: Instant, config: &UploadConfig) -> bool {
         return false;
     }
     let lease_due = s.lease.as_ref().is_some_and(|l| now >= l.renew_at);
+    let checkpoint_due =
+        s.next_seq > s.checkpointed && s.checkpoint_at.elapsed() >= CHECKPOINT_EVERY;
     let pending = upload.file.written().saturating_sub(s.committed);
     if pending > 0 && s.cut_due.is_none() {
         s.cut_due = Some(age_cut_due(now, config.max_chunk_age));
@@ -576,6 +587,7 @@ fn take_if_due(upload: &Upload, now: Instant, config: &UploadConfig) -> bool {
     let aged = s.cut_due.is_some_and(|due| now >= due);
     let due = !s.reconciled
         || lease_due
+        || checkpoint_due
         || s.end.is_some()
         || pending >= config.max_chunk_bytes as u64
         || (pending > 0 && aged);
@@ -729,6 +741,13 @@ impl Inner {
             && !self.publish(upload, previous, put).await?
         {
             return self.reconcile(upload).await;
+        }
+        let checkpoint_due = {
+            let s = upload.state();
+            s.next_seq > s.checkpointed && s.checkpoint_at.elapsed() >= CHECKPOINT_EVERY
+        };
+        if checkpoint_due {
+            self.checkpoint(upload).await?;
         }
         let (ended, committed) = {
             let s = upload.state();
@@ -1021,9 +1040,16 @@ impl Inner {
             chain_head: hex::encode(chain_head),
             chunks,
         };
+        if upload.state().checkpointed < next_seq || next_seq == 0 {
+            self.checkpoint(upload).await?;
+        }
         let path = ObjectKey::manifest(id);
-        let manifest = match put_create(upload.store.as_ref(), &path, json_bytes(&manifest)).await {
-            Ok(()) => manifest,
+        let manifest_bytes = json_bytes(&manifest);
+        let manifest = match put_create(upload.store.as_ref(), &path, manifest_bytes.clone()).await {
+            Ok(()) => {
+                self.seal(upload, &manifest_bytes).await?;
+                manifest
+            }
             // Finalized before a restart: the stored manifest stands, and the row follows it.
             Err(e) if error_kind(&e) == ErrorKind::AlreadyExists => {
                 read_manifest(upload.store.as_ref(), id)
@@ -1083,6 +1109,45 @@ impl Inner {
         upload.progress.send_modify(|p| p.finalized = true);
         tracing::info!(recording_id = %id, ?status, bytes, chunks = manifest.chunks.len(), "recording finalized");
         Ok(())
+    }
+
+    /// Signs and stores a checkpoint of every chunk committed so far.
+    async fn checkpoint(&self, upload: &Upload) -> Result<(), UploadError> {
+        let id = &upload.file.id;
+        let (chunks, bytes, head) = {
+            let s = upload.state();
+            (s.next_seq, s.committed, s.chain.head())
+        };
+        let cp = self
+            .config
+            .signer
+            .checkpoint(&self.config.node_id, id.as_str(), chunks, bytes, &head);
+        let path = ObjectKey::checkpoint(id, chunks);
+        match put_create(upload.store.as_ref(), &path, json_bytes(&cp)).await {
+            // The same chunks were checkpointed before a restart.
+            Ok(()) => {}
+            Err(e) if error_kind(&e) == ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(UploadError::store("put", &path)(e)),
+        }
+        let mut s = upload.state();
+        s.checkpointed = chunks;
+        s.checkpoint_at = Instant::now();
+        Ok(())
+    }
+
+    /// Stores the seal over a manifest's exact bytes (kept if one is there already).
+    async fn seal(&self, upload: &Upload, manifest: &[u8]) -> Result<(), UploadError> {
+        let id = &upload.file.id;
+        let seal = self
+            .config
+            .signer
+            .seal(&self.config.node_id, id.as_str(), manifest);
+        let path = ObjectKey::seal(id);
+        match put_create(upload.store.as_ref(), &path, json_bytes(&seal)).await {
+            Ok(()) => Ok(()),
+            Err(e) if error_kind(&e) == ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(UploadError::store("put", &path)(e)),
+        }
     }
 
     /// Creates the recording's lease before its first put, and renews it when due.

@@ -19,6 +19,7 @@ use castvault_storage::chunk::ChunkEncoder;
 use castvault_storage::keys::{ObjectKey, RecordingId, Region};
 use castvault_storage::manifest::RecordingStatus;
 use castvault_storage::reader;
+use castvault_storage::signing::NodeKey;
 use castvault_storage::store::{self, DynStore, Stores, put_create};
 use object_store::ObjectStoreExt;
 use tokio_util::sync::CancellationToken;
@@ -82,6 +83,7 @@ async fn restart(setup: &Setup) -> Uploader {
         node_id: "node-a".into(),
         lease_ttl: Duration::from_secs(30),
         acks_from_spool: true,
+        signer: Arc::new(NodeKey::load_or_create(&setup.spool_dir.join("../keys")).unwrap()),
     };
     let stores = Stores::single(Region::new("local").unwrap(), setup.store.clone());
     let uploader = Uploader::start(

@@ -9,6 +9,9 @@
 //! v1/rec/{yyyy}/{mm}/{dd}/{recording_id}/chunk-{seq:08}.zst
 //! v1/rec/{yyyy}/{mm}/{dd}/{recording_id}/manifest.json
 //! v1/rec/{yyyy}/{mm}/{dd}/{recording_id}/index.json
+//! v1/rec/{yyyy}/{mm}/{dd}/{recording_id}/checkpoint-{chunks:08}.json   signed chain checkpoint
+//! v1/rec/{yyyy}/{mm}/{dd}/{recording_id}/manifest.sig.json             seal over the manifest
+//! v1/keys/{key_id}.json                                                a node's public key
 //! v1/live/{recording_id}.json                    the receiving node's lease
 //! v1/probe                                         never written; read by health probes
 //! v1/catalog/{yyyy}/{mm}/{dd}/{recording_id}.json
@@ -161,6 +164,29 @@ impl ObjectKey {
 
     pub fn live(id: &RecordingId) -> Path {
         Path::from(format!("v1/live/{id}.json"))
+    }
+
+    /// A signed checkpoint of the first `chunks` chunks' chain.
+    pub fn checkpoint(id: &RecordingId, chunks: u32) -> Path {
+        Path::from(format!(
+            "v1/rec/{}/{id}/checkpoint-{chunks:08}.json",
+            id.date_path()
+        ))
+    }
+
+    /// The seal over the manifest's bytes.
+    pub fn seal(id: &RecordingId) -> Path {
+        Path::from(format!("v1/rec/{}/{id}/manifest.sig.json", id.date_path()))
+    }
+
+    /// The seal over the indexer's outputs (index and transcript).
+    pub fn index_seal(id: &RecordingId) -> Path {
+        Path::from(format!("v1/rec/{}/{id}/index.sig.json", id.date_path()))
+    }
+
+    /// A node's published public key.
+    pub fn public_key(key_id: &str) -> Path {
+        Path::from(format!("v1/keys/{key_id}.json"))
     }
 
     pub fn live_prefix() -> Path {

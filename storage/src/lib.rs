@@ -6,6 +6,7 @@
 //! - [`chunk`]: the chunk codec (one zstd frame of whole lines), where chunks are cut, line statistics.
 //! - [`manifest`]: the manifest, its hash chain, and the catalog row written beside it.
 //! - [`store`]: opening a store from a URL (`file://`, `az://`, `memory://`) and classifying its errors.
+//! - [`signing`]: node keys, signed chain checkpoints and the manifest seal.
 //! - [`routing`]: region routing rules over asciicast header fields.
 //! - [`reader`]: reading a recording back, verifying every chunk against its manifest.
 
@@ -15,4 +16,5 @@ pub mod keys;
 pub mod manifest;
 pub mod reader;
 pub mod routing;
+pub mod signing;
 pub mod store;
