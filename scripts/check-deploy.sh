@@ -6,11 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-venv=target/deploy-check-venv
+venv=target/test-venv
 if [[ ! -x $venv/bin/kubernetes-validate ]]; then
   python3 -m venv "$venv"
-  "$venv/bin/pip" install -q --disable-pip-version-check \
-    kubernetes-validate==1.37.0 dockerfile-parse==2.0.1 PyYAML==6.0.3
+  "$venv/bin/pip" install -q --disable-pip-version-check -r scripts/test-requirements.txt
 fi
 
 "$venv/bin/kubernetes-validate" --strict deploy/kubernetes/*.yaml

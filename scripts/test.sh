@@ -2,7 +2,7 @@
 # Runs every test. Installs what the tests need: from apt if missing, curl, Node.js/npm and
 # Chromium; from tests/tools' npm lockfile, Azurite and playwright-core; from ui's lockfile,
 # asciinema-player (to check the vendored copy the binary embeds); from PyPI (in a venv under
-# target/), the checkers of deploy/ (scripts/check-deploy.sh). Each test starts and stops
+# target/), the asciinema CLI and the checkers of deploy/ (scripts/check-deploy.sh). Each test starts and stops
 # its own components (castvault nodes, Azurite, Chromium) on 127.0.0.1 and stops only the
 # processes it started.
 set -euo pipefail
@@ -17,6 +17,14 @@ if ((${#missing[@]})); then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi
 (cd tests/tools && npm ci --no-audit --no-fund --loglevel=error)
+# Python tools, pinned, in a venv: the asciinema CLI (exports must play in it) and the checkers
+# of deploy/.
+venv=target/test-venv
+if [[ ! -x $venv/bin/asciinema || ! -x $venv/bin/kubernetes-validate ]]; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check -r scripts/test-requirements.txt
+fi
+export PATH="$PWD/$venv/bin:$PATH"
 (cd ui && npm ci --no-audit --no-fund --loglevel=error)
 
 cargo fmt --all --check

@@ -24,12 +24,12 @@ use crate::health::Health;
 use crate::indexer;
 use crate::ingest::{self, Ingest};
 use crate::lease::Sweeper;
-use castvault_storage::signing::NodeKey;
 use crate::listener;
 use crate::metrics::Metrics;
 use crate::playback::{self, Web};
 use crate::spool::Spool;
 use crate::upload::{self, UploadConfig, Uploader};
+use castvault_storage::signing::NodeKey;
 
 /// After the drain deadline, how long closed streams get to send their final frame.
 const CLOSE_STREAMS_WAIT: Duration = Duration::from_secs(3);
@@ -65,7 +65,8 @@ pub async fn run(
     let store = stores.home_store().clone();
     let health = Arc::new(Health::new(&stores));
     let signer = Arc::new(
-        NodeKey::load_or_create(&config.data_dir.join("keys")).context("loading the signing key")?,
+        NodeKey::load_or_create(&config.data_dir.join("keys"))
+            .context("loading the signing key")?,
     );
     background.spawn(crate::keys::publish(
         stores.clone(),
@@ -92,6 +93,7 @@ pub async fn run(
             acks_from_spool: config.ack_level() == crate::config::AckLevel::Spool
                 || config.storage_outage == crate::config::OutagePolicy::Degrade,
             signer: signer.clone(),
+            checkpoint_every: config.checkpoint_every,
         },
         metrics.clone(),
         Some(catalog.clone()),
@@ -124,6 +126,10 @@ pub async fn run(
         stores.clone(),
         catalog.clone(),
         uploader.clone(),
+        indexer::Signer {
+            key: signer.clone(),
+            node_id: config.node_id.clone(),
+        },
         upload_stop.clone(),
     ));
     let ready = CancellationToken::new();

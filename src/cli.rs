@@ -102,6 +102,36 @@ pub async fn export(stores: Stores, id: &str, output: Option<&Path>) -> anyhow::
     Ok(())
 }
 
+/// `castvault verify ID`: prints every check; exit 1 on the first failure.
+pub async fn verify(stores: &Stores, id: &str) -> anyhow::Result<std::process::ExitCode> {
+    let id = RecordingId::parse(id)?;
+    let store = stores.for_id(&id)?;
+    let report = castvault_storage::verify::verify_stored(
+        store.as_ref(),
+        &id,
+        castvault_storage::verify::KeyRing::default(),
+    )
+    .await;
+    let mut out = String::new();
+    for line in &report.checked {
+        out.push_str(&format!("ok: {line}\n"));
+    }
+    print!("{out}");
+    match &report.failure {
+        None => {
+            println!(
+                "verified: recording {id} ({})",
+                report.status.as_deref().unwrap_or("unknown status")
+            );
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Some(failure) => {
+            println!("FAILED: recording {id}: {failure}");
+            Ok(std::process::ExitCode::FAILURE)
+        }
+    }
+}
+
 /// `castvault config check`: prints every problem; the caller exits non-zero if any.
 pub fn check(config: Option<&Path>) -> Vec<String> {
     match Config::load(config) {

@@ -138,6 +138,10 @@ pub struct Config {
     /// lease has gone unrenewed this long. Renewed every third of it.
     #[serde(with = "humantime_serde")]
     pub lease_ttl: Duration,
+    /// A recording being received gets a signed checkpoint of its chain this often (at most a
+    /// minute, so a recording cut short by a crash verifies up to a recent point).
+    #[serde(with = "humantime_serde")]
+    pub checkpoint_every: Duration,
 }
 
 /// One region's store.
@@ -211,6 +215,7 @@ impl Default for Config {
             regions: BTreeMap::new(),
             routing: Vec::new(),
             lease_ttl: Duration::from_secs(30),
+            checkpoint_every: castvault_storage::signing::CHECKPOINT_EVERY,
         }
     }
 }
@@ -365,6 +370,11 @@ impl Config {
         }
         if self.lease_ttl < Duration::from_secs(3) || self.lease_ttl > Duration::from_secs(600) {
             problems.push("lease_ttl must be between 3s and 10m".to_owned());
+        }
+        if self.checkpoint_every < Duration::from_secs(1)
+            || self.checkpoint_every > castvault_storage::signing::CHECKPOINT_EVERY
+        {
+            problems.push("checkpoint_every must be between 1s and 1m".to_owned());
         }
         problems.extend(self.access.validate());
         problems

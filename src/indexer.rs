@@ -22,7 +22,9 @@ use castvault_storage::cast::CastHeader;
 use castvault_storage::keys::{ObjectKey, RecordingId};
 use castvault_storage::manifest::Manifest;
 use castvault_storage::reader::{self, ReadError};
+use castvault_storage::signing::{INDEX_SEAL_FORMAT, NodeKey};
 use castvault_storage::store::{DynStore, Stores};
+use castvault_storage::verify::index_digest;
 use futures::TryStreamExt;
 use object_store::{ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
@@ -356,6 +358,7 @@ pub async fn index_recording(
     store: &DynStore,
     catalog: &Arc<Catalog>,
     id: &RecordingId,
+    signer: &Signer,
 ) -> Result<(), IndexError> {
     let stored = match read_index(store, id).await? {
         Some(_) => read_transcript(store, id).await?,
@@ -373,15 +376,27 @@ pub async fn index_recording(
                 }
             }
             // The transcript first: an index without its transcript would be loaded as done.
+            let json = serde_json::to_vec(&index).unwrap_or_default();
+            // Sealed last: `castvault verify` checks both outputs against the seal.
+            let seal = signer.key.seal_digest(
+                INDEX_SEAL_FORMAT,
+                &signer.node_id,
+                id.as_str(),
+                index_digest(&json, &text),
+            );
             let path = ObjectKey::transcript(id);
             store
                 .put(&path, PutPayload::from(Bytes::from(text)))
                 .await
                 .map_err(store_err(&path))?;
             let path = ObjectKey::index(id);
-            let json = serde_json::to_vec(&index).unwrap_or_default();
             store
                 .put(&path, PutPayload::from(Bytes::from(json)))
+                .await
+                .map_err(store_err(&path))?;
+            let path = ObjectKey::index_seal(id);
+            store
+                .put(&path, PutPayload::from(Bytes::from(seal.to_bytes())))
                 .await
                 .map_err(store_err(&path))?;
             lines
@@ -453,11 +468,18 @@ async fn index_live(
     }
 }
 
+/// Who seals the indexer's outputs.
+pub struct Signer {
+    pub key: Arc<NodeKey>,
+    pub node_id: String,
+}
+
 /// Runs the indexer until `stop`.
 pub async fn run(
     stores: Stores,
     catalog: Arc<Catalog>,
     uploader: Uploader,
+    signer: Signer,
     stop: CancellationToken,
 ) {
     let mut live = HashMap::new();
@@ -481,7 +503,7 @@ pub async fn run(
             let Ok(store) = stores.for_id(&rid) else {
                 continue;
             };
-            match index_recording(store, &catalog, &rid).await {
+            match index_recording(store, &catalog, &rid, &signer).await {
                 Ok(()) => {
                     tracing::debug!(recording_id = %id, seconds = started.elapsed().as_secs_f64(), "indexed")
                 }

@@ -16,12 +16,17 @@ const PUBLISH_RETRY: Duration = Duration::from_secs(5);
 pub async fn publish(stores: Stores, record: PublicKeyRecord) {
     let path = ObjectKey::public_key(&record.key_id);
     let bytes = Bytes::from(serde_json::to_vec_pretty(&record).unwrap_or_default());
-    let mut pending: Vec<_> = stores.iter().map(|(r, s)| (r.clone(), s.store.clone())).collect();
+    let mut pending: Vec<_> = stores
+        .iter()
+        .map(|(r, s)| (r.clone(), s.store.clone()))
+        .collect();
     while !pending.is_empty() {
         let mut left = Vec::new();
         for (region, store) in pending {
             match put_create(store.as_ref(), &path, bytes.clone()).await {
-                Ok(()) => tracing::info!(%region, key_id = %record.key_id, "published the signing key"),
+                Ok(()) => {
+                    tracing::info!(%region, key_id = %record.key_id, "published the signing key")
+                }
                 Err(e) if error_kind(&e) == ErrorKind::AlreadyExists => {}
                 Err(e) => {
                     tracing::warn!(%region, error = %crate::upload::error_chain(&e), "cannot publish the signing key yet");

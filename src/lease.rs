@@ -9,8 +9,8 @@
 //! ETag this node has seen unchanged for a whole `lease_ttl` on its own monotonic clock (so no
 //! two nodes' clocks are compared), and whose `renewed_at` is also more than `lease_ttl` old, is
 //! taken over: the sweeper overwrites it on that ETag, naming itself. Only one node can win that
-//! conditional update, so one node finalizes: it reads the committed chunks back (a contiguous
-//! prefix: a recording's chunk `n+1` is only put once chunk `n` is stored), writes the manifest
+//! conditional update, so one node finalizes: it reads the committed chunks back (the contiguous
+//! prefix from chunk 0; chunks stored past a gap were never acked and are removed), writes the manifest
 //! with status `interrupted` (a conditional create, so a manifest written meanwhile wins), the
 //! catalog row, and deletes the lease. A node that cannot list a region forgets what it had
 //! seen there, so a store outage never counts towards an expiry.
@@ -406,7 +406,8 @@ impl Sweeper {
             "node {previous} stopped renewing its lease; finalized by {} from the committed chunks",
             self.node_id
         );
-        let manifest = finalize_orphan(store, id, &lease, &reason, &self.signer, &self.node_id).await?;
+        let manifest =
+            finalize_orphan(store, id, &lease, &reason, &self.signer, &self.node_id).await?;
         if let Some(row) = CatalogRow::from_manifest(&manifest) {
             let row_path = ObjectKey::catalog(id);
             let bytes = Bytes::from(serde_json::to_vec_pretty(&row).unwrap_or_default());
@@ -449,7 +450,23 @@ pub async fn finalize_orphan(
         let path = ObjectKey::chunk(id, seq);
         let stored = match async { store.get(&path).await?.bytes().await }.await {
             Ok(bytes) => bytes,
-            Err(e) if error_kind(&e) == ErrorKind::NotFound => break,
+            Err(e) if error_kind(&e) == ErrorKind::NotFound => {
+                // Chunks past the first gap were never acked (acks count the committed prefix):
+                // puts that landed while an earlier one failed. They are not the recording's.
+                for stray in seq + 1..seq + crate::upload::PUTS_IN_FLIGHT as u32 {
+                    match store.delete(&ObjectKey::chunk(id, stray)).await {
+                        Ok(()) => {}
+                        Err(e) if error_kind(&e) == ErrorKind::NotFound => {}
+                        Err(e) => {
+                            return Err(format!(
+                                "removing chunk {stray} past the gap: {}",
+                                error_chain(&e)
+                            ));
+                        }
+                    }
+                }
+                break;
+            }
             Err(e) => return Err(format!("get {path}: {}", error_chain(&e))),
         };
         let raw = chunk::decode(&stored, MAX_DECODED_CHUNK_BYTES)
@@ -502,7 +519,7 @@ pub async fn finalize_orphan(
         Ok(()) => {
             let seal = signer.seal(node_id, id.as_str(), &bytes);
             let seal_path = ObjectKey::seal(id);
-            let seal_bytes = Bytes::from(serde_json::to_vec_pretty(&seal).unwrap_or_default());
+            let seal_bytes = Bytes::from(seal.to_bytes());
             match put_create(store.as_ref(), &seal_path, seal_bytes).await {
                 Ok(()) => Ok(manifest),
                 Err(e) if error_kind(&e) == ErrorKind::AlreadyExists => Ok(manifest),

@@ -34,6 +34,14 @@ enum Command {
     },
     /// Write a recording out exactly as it was received (verified against its manifest).
     Export(ExportArgs),
+    /// Check a stored recording: every chunk, the hash chain, the seal and checkpoint
+    /// signatures, the event stream, and that nothing was added. Exits 1 on any failure.
+    Verify(VerifyArgs),
+    /// Signing keys.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
     /// Configuration tools.
     Config {
         #[command(subcommand)]
@@ -43,6 +51,24 @@ enum Command {
     Token {
         #[command(subcommand)]
         command: TokenCommand,
+    },
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    /// Recording id.
+    id: String,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Make a new signing key current (earlier keys stay valid for verification). Takes effect
+    /// when the node next starts.
+    Rotate {
+        #[arg(long, default_value = "./castvault-data")]
+        data_dir: PathBuf,
     },
 }
 
@@ -190,6 +216,24 @@ async fn run(
             cli::export(store, &args.id, args.output.as_deref())
                 .await
                 .map(|()| ExitCode::SUCCESS)
+        }
+        Command::Verify(args) => {
+            let stores = cli::open_store(
+                args.store.config.as_deref(),
+                args.store.data_dir,
+                args.store.store,
+            )?;
+            cli::verify(&stores, &args.id).await
+        }
+        Command::Key {
+            command: KeyCommand::Rotate { data_dir },
+        } => {
+            let key = castvault_storage::signing::NodeKey::rotate(&data_dir.join("keys"))?;
+            println!(
+                "new signing key {} is current; restart the node to use it",
+                key.key_id()
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Command::Token {
             command: TokenCommand::New { name },

@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::catalog::Catalog;
-use castvault_storage::signing::{CHECKPOINT_EVERY, NodeKey};
+use castvault_storage::signing::NodeKey;
 
 use crate::health::Health;
 use crate::metrics::Metrics;
@@ -53,6 +53,12 @@ pub const UPLOAD_CONCURRENCY: usize = 16;
 /// its cut until it is committed. 96 MiB lets 16 uploads pipeline 4 MiB chunks, and keeps the
 /// uploader's worst case a quarter of a 10,000-stream node's 400 MiB budget.
 pub const UPLOAD_BUFFER_KIB: u32 = 96 << 10;
+
+/// Chunk puts one recording keeps in flight while it has a backlog (a drain after an outage,
+/// a fast stream). Commits still happen in order; after a crash, a stored chunk past a gap is
+/// adopted by reconciliation or removed by the orphan finalizer (it was never acked: acks
+/// count the committed prefix only). Memory stays within [`UPLOAD_BUFFER_KIB`].
+pub const PUTS_IN_FLIGHT: usize = 4;
 
 /// How often the scheduler looks for due recordings when nobody wakes it; bounds how late a
 /// time-based cut can be.
@@ -117,6 +123,8 @@ pub struct UploadConfig {
     pub acks_from_spool: bool,
     /// Signs chain checkpoints and manifest seals (see `castvault_storage::signing`).
     pub signer: Arc<NodeKey>,
+    /// A recording with chunks past its last checkpoint gets a new one this often.
+    pub checkpoint_every: Duration,
 }
 
 /// What a recording's stream can see of its upload.
@@ -182,6 +190,9 @@ struct UploadState {
     lease: Option<crate::lease::Held>,
     /// Why the lease was lost; uploading stops for good.
     lease_lost: Option<String>,
+    /// Lengths of chunks cut but not yet committed, by sequence number (at most
+    /// [`PUTS_IN_FLIGHT`]); dropped as they commit.
+    planned: std::collections::BTreeMap<u32, u64>,
     /// A manifest found in the store at reconciliation: another node finalized the recording.
     stored_manifest: Option<Manifest>,
     /// Chunks covered by the last signed checkpoint, and when it was written.
@@ -492,6 +503,7 @@ impl UploadState {
             retry_at: None,
             lease: None,
             lease_lost: None,
+            planned: std::collections::BTreeMap::new(),
             stored_manifest: None,
             checkpointed: 0,
             checkpoint_at: Instant::now(),
@@ -579,7 +591,7 @@ fn take_if_due(upload: &Upload, now: Instant, config: &UploadConfig) -> bool {
     }
     let lease_due = s.lease.as_ref().is_some_and(|l| now >= l.renew_at);
     let checkpoint_due =
-        s.next_seq > s.checkpointed && s.checkpoint_at.elapsed() >= CHECKPOINT_EVERY;
+        s.next_seq > s.checkpointed && s.checkpoint_at.elapsed() >= config.checkpoint_every;
     let pending = upload.file.written().saturating_sub(s.committed);
     if pending > 0 && s.cut_due.is_none() {
         s.cut_due = Some(age_cut_due(now, config.max_chunk_age));
@@ -678,10 +690,10 @@ impl Inner {
             let s = upload.state();
             (s.committed, s.next_seq, s.body.clone())
         };
-        let mut in_flight: Option<(
+        let mut in_flight: std::collections::VecDeque<(
             Prepared,
             tokio::task::JoinHandle<Result<(), object_store::Error>>,
-        )> = None;
+        )> = std::collections::VecDeque::with_capacity(PUTS_IN_FLIGHT);
         loop {
             let (ended, aged) = {
                 let s = upload.state();
@@ -700,14 +712,14 @@ impl Inner {
             let want_kib = u32::try_from(want_kib)
                 .unwrap_or(u32::MAX)
                 .clamp(1, UPLOAD_BUFFER_KIB);
-            // Never wait for budget while holding some: publish the chunk in flight first.
+            // Never wait for budget while holding some: publish the chunks in flight first.
             let buffer = match self.buffers.clone().try_acquire_many_owned(want_kib) {
                 Ok(buffer) => buffer,
                 Err(_) => {
-                    if let Some((previous, put)) = in_flight.take()
-                        && !self.publish(upload, previous, put).await?
-                    {
-                        return self.reconcile(upload).await;
+                    while let Some((previous, put)) = in_flight.pop_front() {
+                        if !self.publish(upload, previous, put).await? {
+                            return self.reconcile(upload).await;
+                        }
                     }
                     let Ok(buffer) = self.buffers.clone().acquire_many_owned(want_kib).await else {
                         break;
@@ -715,15 +727,26 @@ impl Inner {
                     buffer
                 }
             };
-            let Some(raw) = self.cut(upload, offset, pending, ended).await? else {
+            // A chunk cut before (its put failed while later ones were in flight) is cut again
+            // at the same place, so a later chunk that did land is found identical and adopted.
+            let planned = upload.state().planned.get(&seq).copied();
+            let raw = match planned {
+                Some(len) if len <= pending => {
+                    Some(upload.file.read_at(offset, len as usize).await?)
+                }
+                _ => self.cut(upload, offset, pending, ended).await?,
+            };
+            let Some(raw) = raw else {
                 break;
             };
+            upload.state().planned.insert(seq, raw.len() as u64);
             let mut prepared = self.prepare(upload, seq, offset, raw, body, None).await?;
             prepared.buffer = Some(buffer);
             body = prepared.body_after.clone();
             offset += prepared.raw_len;
             seq += 1;
-            if let Some((previous, put)) = in_flight.take()
+            if in_flight.len() >= PUTS_IN_FLIGHT
+                && let Some((previous, put)) = in_flight.pop_front()
                 && !self.publish(upload, previous, put).await?
             {
                 // Someone else's chunk holds the key: check it, then start over from state.
@@ -732,19 +755,20 @@ impl Inner {
             let path = ObjectKey::chunk(&upload.file.id, prepared.seq);
             let store = upload.store.clone();
             let bytes = prepared.compressed.clone();
-            in_flight = Some((
+            in_flight.push_back((
                 prepared,
                 tokio::spawn(async move { put_create(store.as_ref(), &path, bytes).await }),
             ));
         }
-        if let Some((previous, put)) = in_flight.take()
-            && !self.publish(upload, previous, put).await?
-        {
-            return self.reconcile(upload).await;
+        // Commits happen in order: chunk n+1 counts only once chunk n is stored.
+        while let Some((previous, put)) = in_flight.pop_front() {
+            if !self.publish(upload, previous, put).await? {
+                return self.reconcile(upload).await;
+            }
         }
         let checkpoint_due = {
             let s = upload.state();
-            s.next_seq > s.checkpointed && s.checkpoint_at.elapsed() >= CHECKPOINT_EVERY
+            s.next_seq > s.checkpointed && s.checkpoint_at.elapsed() >= self.config.checkpoint_every
         };
         if checkpoint_due {
             self.checkpoint(upload).await?;
@@ -893,6 +917,7 @@ impl Inner {
         let entry = {
             let mut s = upload.state();
             let link = s.chain.push(&digest, seq, offset, raw_len);
+            s.planned.remove(&seq);
             s.body = body_after;
             s.next_seq = seq + 1;
             s.committed = offset + raw_len;
@@ -935,7 +960,10 @@ impl Inner {
                     .bytes()
                     .await
                     .map_err(UploadError::store("get", &path))?,
-                Err(e) if error_kind(&e) == ErrorKind::NotFound => break,
+                Err(e) if error_kind(&e) == ErrorKind::NotFound => {
+                    self.remove_past_gap(upload, seq).await?;
+                    break;
+                }
                 Err(e) => return Err(UploadError::store("get", &path)(e)),
             };
             let corrupt = |what: String| UploadError::Corrupt {
@@ -1045,7 +1073,8 @@ impl Inner {
         }
         let path = ObjectKey::manifest(id);
         let manifest_bytes = json_bytes(&manifest);
-        let manifest = match put_create(upload.store.as_ref(), &path, manifest_bytes.clone()).await {
+        let manifest = match put_create(upload.store.as_ref(), &path, manifest_bytes.clone()).await
+        {
             Ok(()) => {
                 self.seal(upload, &manifest_bytes).await?;
                 manifest
@@ -1111,6 +1140,26 @@ impl Inner {
         Ok(())
     }
 
+    /// Removes chunks stored past `gap`, the first missing sequence number: puts that landed
+    /// while an earlier one failed (up to [`PUTS_IN_FLIGHT`] - 1 of them). They were never acked,
+    /// since acks count only the committed prefix, and were cut at places a retry may not cut.
+    async fn remove_past_gap(&self, upload: &Upload, gap: u32) -> Result<(), UploadError> {
+        let planned = !upload.state().planned.is_empty();
+        if planned {
+            // Same process: the retry cuts at the same places and adopts them instead.
+            return Ok(());
+        }
+        for seq in gap + 1..gap + PUTS_IN_FLIGHT as u32 {
+            let path = ObjectKey::chunk(&upload.file.id, seq);
+            match upload.store.delete(&path).await {
+                Ok(()) => {}
+                Err(e) if error_kind(&e) == ErrorKind::NotFound => {}
+                Err(e) => return Err(UploadError::store("delete", &path)(e)),
+            }
+        }
+        Ok(())
+    }
+
     /// Signs and stores a checkpoint of every chunk committed so far.
     async fn checkpoint(&self, upload: &Upload) -> Result<(), UploadError> {
         let id = &upload.file.id;
@@ -1118,12 +1167,12 @@ impl Inner {
             let s = upload.state();
             (s.next_seq, s.committed, s.chain.head())
         };
-        let cp = self
-            .config
-            .signer
-            .checkpoint(&self.config.node_id, id.as_str(), chunks, bytes, &head);
+        let cp =
+            self.config
+                .signer
+                .checkpoint(&self.config.node_id, id.as_str(), chunks, bytes, &head);
         let path = ObjectKey::checkpoint(id, chunks);
-        match put_create(upload.store.as_ref(), &path, json_bytes(&cp)).await {
+        match put_create(upload.store.as_ref(), &path, Bytes::from(cp.to_bytes())).await {
             // The same chunks were checkpointed before a restart.
             Ok(()) => {}
             Err(e) if error_kind(&e) == ErrorKind::AlreadyExists => {}
@@ -1143,7 +1192,7 @@ impl Inner {
             .signer
             .seal(&self.config.node_id, id.as_str(), manifest);
         let path = ObjectKey::seal(id);
-        match put_create(upload.store.as_ref(), &path, json_bytes(&seal)).await {
+        match put_create(upload.store.as_ref(), &path, Bytes::from(seal.to_bytes())).await {
             Ok(()) => Ok(()),
             Err(e) if error_kind(&e) == ErrorKind::AlreadyExists => Ok(()),
             Err(e) => Err(UploadError::store("put", &path)(e)),

@@ -84,6 +84,7 @@ async fn restart(setup: &Setup) -> Uploader {
         lease_ttl: Duration::from_secs(30),
         acks_from_spool: true,
         signer: Arc::new(NodeKey::load_or_create(&setup.spool_dir.join("../keys")).unwrap()),
+        checkpoint_every: Duration::from_secs(60),
     };
     let stores = Stores::single(Region::new("local").unwrap(), setup.store.clone());
     let uploader = Uploader::start(

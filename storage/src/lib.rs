@@ -7,6 +7,7 @@
 //! - [`manifest`]: the manifest, its hash chain, and the catalog row written beside it.
 //! - [`store`]: opening a store from a URL (`file://`, `az://`, `memory://`) and classifying its errors.
 //! - [`signing`]: node keys, signed chain checkpoints and the manifest seal.
+//! - [`verify`]: checking a recording's chunks, chain, seal, checkpoints and objects.
 //! - [`routing`]: region routing rules over asciicast header fields.
 //! - [`reader`]: reading a recording back, verifying every chunk against its manifest.
 
@@ -18,3 +19,4 @@ pub mod reader;
 pub mod routing;
 pub mod signing;
 pub mod store;
+pub mod verify;

@@ -29,6 +29,8 @@ pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(60);
 
 pub const CHECKPOINT_FORMAT: &str = "castvault-checkpoint/1";
 pub const SEAL_FORMAT: &str = "castvault-seal/1";
+/// The indexer's seal over its outputs (`index.sig.json`).
+pub const INDEX_SEAL_FORMAT: &str = "castvault-index-seal/1";
 pub const KEY_FORMAT: &str = "castvault-key/1";
 
 /// Why a key could not be loaded or made.
@@ -52,7 +54,9 @@ pub struct NodeKey {
 
 impl std::fmt::Debug for NodeKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NodeKey").field("key_id", &self.key_id).finish_non_exhaustive()
+        f.debug_struct("NodeKey")
+            .field("key_id", &self.key_id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -112,10 +116,23 @@ fn rfc3339(t: OffsetDateTime) -> String {
 }
 
 impl Checkpoint {
+    /// The stored form: compact JSON in field order. A verifier re-serializes what it parsed
+    /// and requires the same bytes, so no byte of the object can change unnoticed.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Parses a stored checkpoint, refusing any form but [`Self::to_bytes`]'s.
+    pub fn parse_canonical(bytes: &[u8]) -> Option<Self> {
+        let parsed: Self = serde_json::from_slice(bytes).ok()?;
+        (parsed.to_bytes() == bytes).then_some(parsed)
+    }
+
     /// The exact bytes the signature covers.
     pub fn message(&self) -> Vec<u8> {
         format!(
-            "castvault-checkpoint-v1\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n",
+            "castvault-checkpoint-v1\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n",
+            self.format,
             self.recording_id,
             self.chunks,
             self.bytes,
@@ -129,10 +146,22 @@ impl Checkpoint {
 }
 
 impl Seal {
+    /// The stored form (see [`Checkpoint::to_bytes`]).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Parses a stored seal, refusing any form but [`Self::to_bytes`]'s.
+    pub fn parse_canonical(bytes: &[u8]) -> Option<Self> {
+        let parsed: Self = serde_json::from_slice(bytes).ok()?;
+        (parsed.to_bytes() == bytes).then_some(parsed)
+    }
+
     /// The exact bytes the signature covers.
     pub fn message(&self) -> Vec<u8> {
         format!(
-            "castvault-seal-v1\n{}\n{}\n{}\n{}\n{}\n",
+            "castvault-seal-v1\n{}\n{}\n{}\n{}\n{}\n{}\n",
+            self.format,
             self.recording_id,
             self.manifest_sha256,
             rfc3339(self.signed.signed_at),
@@ -281,10 +310,26 @@ impl NodeKey {
 
     /// Seals a manifest's exact bytes.
     pub fn seal(&self, node_id: &str, recording_id: &str, manifest: &[u8]) -> Seal {
+        self.seal_digest(
+            SEAL_FORMAT,
+            node_id,
+            recording_id,
+            hex::encode(Sha256::digest(manifest)),
+        )
+    }
+
+    /// Signs a digest (hex) as a seal of the given format.
+    pub fn seal_digest(
+        &self,
+        format: &str,
+        node_id: &str,
+        recording_id: &str,
+        digest: String,
+    ) -> Seal {
         let mut seal = Seal {
-            format: SEAL_FORMAT.to_owned(),
+            format: format.to_owned(),
             recording_id: recording_id.to_owned(),
-            manifest_sha256: hex::encode(Sha256::digest(manifest)),
+            manifest_sha256: digest,
             signed: Signed {
                 node_id: String::new(),
                 key_id: String::new(),
@@ -341,7 +386,11 @@ mod tests {
         assert!(verify(&public, &back.message(), &back.signed.signature));
         let mut forged = back.clone();
         forged.bytes += 1;
-        assert!(!verify(&public, &forged.message(), &forged.signed.signature));
+        assert!(!verify(
+            &public,
+            &forged.message(),
+            &forged.signed.signature
+        ));
         let seal = key.seal("n1", "rec", b"manifest bytes");
         assert!(verify(&public, &seal.message(), &seal.signed.signature));
         let rotated = NodeKey::rotate(dir.path()).unwrap();

@@ -1,0 +1,348 @@
+//! Tamper evidence: recordings on the real binary verify, and every flipped, removed or appended
+//! byte in any of their stored objects, and any reordered or added chunk, is caught. A recording
+//! whose node was killed verifies up to its last checkpoint and reads as interrupted.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use castvault_storage::keys::RecordingId;
+use castvault_storage::store;
+use castvault_storage::verify::{KeyRing, verify_stored};
+use common::{Node, corpus, start_v2};
+use rand::{Rng, SeedableRng};
+
+/// Single-byte flips across all stored objects, as the issue asks (at least 1,000).
+const FLIPS: usize = 1_000;
+
+fn config(dir: &Path) -> String {
+    let path = dir.join("castvault.toml");
+    std::fs::write(
+        &path,
+        "checkpoint_every = \"1s\"\n[chunk]\nmax_bytes = 16384\nmax_age = \"200ms\"\n",
+    )
+    .unwrap();
+    path.display().to_string()
+}
+
+/// Every object of a recording in a local store, by path.
+fn objects(store_dir: &Path, id: &str) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut dirs = vec![store_dir.join("v1/rec")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.to_string_lossy().contains(id) {
+                found.push(path);
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+async fn verify(store: &store::DynStore, id: &RecordingId) -> castvault_storage::verify::Report {
+    verify_stored(store.as_ref(), id, KeyRing::default()).await
+}
+
+/// Records `n` recordings of several chunks (over a few seconds, so checkpoints are signed
+/// while they run) and waits until each is finalized and indexed.
+async fn record(node: &Node, n: usize) -> Vec<String> {
+    for i in 0..n {
+        let body = corpus::generate(500 + i as u64, 96 << 10);
+        let mut upload = start_v2(node.ingest).await.unwrap();
+        for piece in body.chunks(8 << 10) {
+            upload.send(piece).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+        let (result, _) = upload.finish().await;
+        result.unwrap();
+    }
+    let rows = node.wait_finalized(n).await;
+    let ids: Vec<String> = rows
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_owned())
+        .collect();
+    // The indexer's outputs are part of what is verified: wait for their seals.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for id in &ids {
+        while !objects(&node.data_dir.join("store"), id)
+            .iter()
+            .any(|p| p.ends_with("index.sig.json"))
+        {
+            assert!(Instant::now() < deadline, "{id} never indexed");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_changed_byte_is_caught_and_untouched_recordings_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let node = Node::start(dir.path(), &["--config", &cfg], &[]).await;
+    let ids = record(&node, 3).await;
+    let store_dir = dir.path().join("store");
+    let store = store::open(
+        &format!("file://{}", store_dir.display()),
+        &Default::default(),
+    )
+    .unwrap();
+
+    // The CLI verifies each, naming what it checked.
+    for id in &ids {
+        let out = node.cli(&["verify", id]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{id}: {text}");
+        assert!(text.contains("manifest seal: signature by"), "{text}");
+        assert!(text.contains("checkpoint of"), "{text}");
+        assert!(text.contains("index seal"), "{text}");
+        assert!(text.contains("verified: recording"), "{text}");
+    }
+
+    let parsed: Vec<RecordingId> = ids.iter().map(|i| RecordingId::parse(i).unwrap()).collect();
+    let files: Vec<(usize, PathBuf)> = ids
+        .iter()
+        .enumerate()
+        .flat_map(|(i, id)| objects(&store_dir, id).into_iter().map(move |p| (i, p)))
+        .collect();
+    for kind in [
+        "chunk-",
+        "manifest.json",
+        "manifest.sig.json",
+        "checkpoint-",
+        "index.json",
+        "transcript.jsonl",
+        "index.sig.json",
+    ] {
+        assert!(
+            files
+                .iter()
+                .any(|(_, p)| p.file_name().unwrap().to_string_lossy().starts_with(kind)),
+            "no {kind} object to tamper with"
+        );
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut missed = Vec::new();
+    // Single-byte flips, anywhere in any object.
+    for _ in 0..FLIPS {
+        let (i, path) = &files[rng.random_range(0..files.len())];
+        let original = std::fs::read(path).unwrap();
+        let at = rng.random_range(0..original.len());
+        let mut changed = original.clone();
+        changed[at] ^= rng.random_range(1..=255u8);
+        std::fs::write(path, &changed).unwrap();
+        if verify(&store, &parsed[*i]).await.ok() {
+            missed.push(format!("flip {}:{at}", path.display()));
+        }
+        std::fs::write(path, &original).unwrap();
+    }
+    // A removed byte and an appended byte in every object.
+    for (i, path) in &files {
+        let original = std::fs::read(path).unwrap();
+        let at = rng.random_range(0..original.len());
+        let mut removed = original.clone();
+        removed.remove(at);
+        let mut appended = original.clone();
+        appended.push(b'\n');
+        for (what, bytes) in [("remove", removed), ("append", appended)] {
+            std::fs::write(path, &bytes).unwrap();
+            if verify(&store, &parsed[*i]).await.ok() {
+                missed.push(format!("{what} {}:{at}", path.display()));
+            }
+        }
+        std::fs::write(path, &original).unwrap();
+    }
+    // Two chunks of a recording swapped, and a chunk added after the last.
+    let chunks: Vec<&PathBuf> = files
+        .iter()
+        .filter(|(i, p)| {
+            *i == 0
+                && p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("chunk-")
+        })
+        .map(|(_, p)| p)
+        .collect();
+    assert!(chunks.len() >= 3, "{chunks:?}");
+    let (a, b) = (
+        std::fs::read(chunks[0]).unwrap(),
+        std::fs::read(chunks[1]).unwrap(),
+    );
+    std::fs::write(chunks[0], &b).unwrap();
+    std::fs::write(chunks[1], &a).unwrap();
+    if verify(&store, &parsed[0]).await.ok() {
+        missed.push("swapped chunks 0 and 1".to_owned());
+    }
+    std::fs::write(chunks[0], &a).unwrap();
+    std::fs::write(chunks[1], &b).unwrap();
+    let extra = chunks[0].with_file_name(format!("chunk-{:08}.zst", chunks.len()));
+    std::fs::write(&extra, &a).unwrap();
+    let report = verify(&store, &parsed[0]).await;
+    if report.ok() {
+        missed.push("appended chunk".to_owned());
+    }
+    std::fs::remove_file(&extra).unwrap();
+    assert!(
+        missed.is_empty(),
+        "{} changes not caught: {missed:?}",
+        missed.len()
+    );
+
+    // Restored, everything verifies again.
+    for id in &parsed {
+        let report = verify(&store, id).await;
+        assert!(report.ok(), "{id}: {:?}", report.failure);
+    }
+    // The CLI exits 1 and names the first bad chunk.
+    let path = chunks[1];
+    let original = std::fs::read(path).unwrap();
+    let mut changed = original.clone();
+    let last = changed.len() - 1;
+    changed[last] ^= 1;
+    std::fs::write(path, &changed).unwrap();
+    let out = node.cli(&["verify", &ids[0]]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("FAILED") && text.contains("chunk 1"),
+        "{text}"
+    );
+    std::fs::write(path, &original).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recording_cut_short_by_sigkill_verifies_to_its_last_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let mut node = Node::start(dir.path(), &["--config", &cfg], &[]).await;
+    let body = corpus::generate(900, 256 << 10);
+    let mut upload = start_v2(node.ingest).await.unwrap();
+    for piece in body.chunks(8 << 10).take(24) {
+        upload.send(piece).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    // Wait for a checkpoint past the first chunk, then kill the node mid-stream.
+    let store_dir = dir.path().join("store");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let id = loop {
+        let checkpoints: Vec<PathBuf> = objects(&store_dir, "")
+            .into_iter()
+            .filter(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("checkpoint-")
+            })
+            .collect();
+        if let Some(p) = checkpoints
+            .iter()
+            .find(|p| !p.ends_with("checkpoint-00000000.json"))
+        {
+            break p
+                .parent()
+                .unwrap()
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+        }
+        assert!(Instant::now() < deadline, "no checkpoint was written");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    node.kill9();
+    let rid = RecordingId::parse(&id).unwrap();
+    let store = store::open(
+        &format!("file://{}", store_dir.display()),
+        &Default::default(),
+    )
+    .unwrap();
+    let report = verify(&store, &rid).await;
+    assert!(report.ok(), "{:?} {:?}", report.failure, report.checked);
+    assert!(
+        report
+            .status
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("interrupted"),
+        "{:?}",
+        report.status
+    );
+    // A flipped byte in a checkpointed chunk is still caught.
+    let chunk0 = objects(&store_dir, &id)
+        .into_iter()
+        .find(|p| p.ends_with("chunk-00000000.zst"))
+        .unwrap();
+    let original = std::fs::read(&chunk0).unwrap();
+    let mut changed = original.clone();
+    changed[original.len() / 2] ^= 0x40;
+    std::fs::write(&chunk0, &changed).unwrap();
+    assert!(!verify(&store, &rid).await.ok());
+    std::fs::write(&chunk0, &original).unwrap();
+    // Restarted, the node finalizes it from the spool; it verifies as interrupted.
+    node.restart().await;
+    node.wait_finalized(1).await;
+    let out = node.cli(&["verify", &id]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("(interrupted)"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exported_cast_plays_in_the_asciinema_cli_and_is_what_was_sent() {
+    let asciinema = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|dir| dir.join("asciinema"))
+        .find(|p| p.is_file())
+        .expect("the asciinema CLI is not on PATH: run the README's test command (it installs it)");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let node = Node::start(dir.path(), &["--config", &cfg], &[]).await;
+    let mut body = b"{\"version\":2,\"width\":80,\"height\":24,\"timestamp\":1700000000,\"srcNode\":\"db-prod\",\"sshUser\":\"root\"}\n".to_vec();
+    for i in 0..200 {
+        body.extend_from_slice(
+            format!("[{}.5,\"o\",\"line {i} of the session\\r\\n\"]\n", i).as_bytes(),
+        );
+    }
+    common::connect_and_upload(&[node.ingest], &body, 1000)
+        .await
+        .unwrap();
+    let rows = node.wait_finalized(1).await;
+    let id = rows[0]["id"].as_str().unwrap();
+    let out_path = dir.path().join("exported.cast");
+    let out = node.cli(&[
+        "export",
+        id,
+        "--format",
+        "cast",
+        "--output",
+        out_path.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let exported = std::fs::read(&out_path).unwrap();
+    assert_eq!(common::sha256(&exported), common::sha256(&body));
+    let played = std::process::Command::new(asciinema)
+        .arg("cat")
+        .arg(&out_path)
+        .output()
+        .unwrap();
+    assert!(
+        played.status.success(),
+        "{}",
+        String::from_utf8_lossy(&played.stderr)
+    );
+    let text = String::from_utf8_lossy(&played.stdout);
+    assert!(
+        text.contains("line 0 of the session") && text.contains("line 199 of the session"),
+        "{text}"
+    );
+}
