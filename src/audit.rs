@@ -128,6 +128,26 @@ async fn writer(store: DynStore, node: String, mut rx: mpsc::Receiver<Pending>) 
     }
 }
 
+/// Stores one record on its own (offline commands, which have no writer task). Its key is
+/// unique by the time in nanoseconds.
+///
+/// # Errors
+/// Store errors.
+pub async fn write_one(store: &DynStore, record: &Record) -> Result<(), object_store::Error> {
+    let seq = u64::try_from(record.time.unix_timestamp_nanos()).unwrap_or(0);
+    let path = ObjectKey::audit(record.time, &sanitize(&record.node), seq);
+    let mut line = serde_json::to_vec(record).unwrap_or_default();
+    line.push(b'\n');
+    store
+        .put_opts(
+            &path,
+            PutPayload::from(line),
+            PutOptions::from(PutMode::Create),
+        )
+        .await
+        .map(|_| ())
+}
+
 /// Reads the audit records of one day (UTC), from every node, in key order.
 ///
 /// # Errors

@@ -112,6 +112,16 @@ pub async fn verify(stores: &Stores, id: &str) -> anyhow::Result<std::process::E
         castvault_storage::verify::KeyRing::default(),
     )
     .await;
+    Ok(print_report(&format!("recording {id}"), &report))
+}
+
+/// `castvault verify --bundle FILE`.
+pub fn verify_bundle(path: &Path) -> std::process::ExitCode {
+    let report = castvault_storage::bundle::verify_bundle(path);
+    print_report(&format!("bundle {}", path.display()), &report)
+}
+
+fn print_report(what: &str, report: &castvault_storage::verify::Report) -> std::process::ExitCode {
     let mut out = String::new();
     for line in &report.checked {
         out.push_str(&format!("ok: {line}\n"));
@@ -120,16 +130,58 @@ pub async fn verify(stores: &Stores, id: &str) -> anyhow::Result<std::process::E
     match &report.failure {
         None => {
             println!(
-                "verified: recording {id} ({})",
+                "verified: {what} ({})",
                 report.status.as_deref().unwrap_or("unknown status")
             );
-            Ok(std::process::ExitCode::SUCCESS)
+            std::process::ExitCode::SUCCESS
         }
         Some(failure) => {
-            println!("FAILED: recording {id}: {failure}");
-            Ok(std::process::ExitCode::FAILURE)
+            println!("FAILED: {what}: {failure}");
+            std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// `castvault export ID --format bundle`: the compliance bundle, to a file (written beside it
+/// and renamed when whole) or stdout. The export is written to the audit log first.
+pub async fn export_bundle(stores: &Stores, id: &str, output: Option<&Path>) -> anyhow::Result<()> {
+    let id = RecordingId::parse(id)?;
+    let store = stores.for_id(&id)?;
+    let actor = std::env::var("USER").unwrap_or_else(|_| "unknown".to_owned());
+    let record = crate::audit::Record {
+        time: time::OffsetDateTime::now_utc(),
+        node: "cli".to_owned(),
+        actor: actor.clone(),
+        via: "cli".to_owned(),
+        action: "export-bundle".to_owned(),
+        recording_id: Some(id.to_string()),
+        query: None,
+        remote: "local".to_owned(),
+    };
+    crate::audit::write_one(stores.home_store(), &record)
+        .await
+        .context("writing the audit record of this export")?;
+    let custody = crate::export::custody(stores, &id).await?;
+    let bundle =
+        crate::export::Bundle::gather(store, &id, &custody, &format!("{actor} (cli)")).await?;
+    match output {
+        Some(path) => {
+            let tmp = path.with_extension("partial");
+            let mut file = tokio::io::BufWriter::new(
+                tokio::fs::File::create(&tmp)
+                    .await
+                    .with_context(|| format!("creating {}", tmp.display()))?,
+            );
+            if let Err(e) = bundle.write(store, &mut file).await {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                return Err(e.into());
+            }
+            file.into_inner().sync_all().await?;
+            tokio::fs::rename(&tmp, path).await?;
+        }
+        None => bundle.write(store, &mut tokio::io::stdout()).await?,
+    }
+    Ok(())
 }
 
 /// `castvault config check`: prints every problem; the caller exits non-zero if any.

@@ -329,7 +329,7 @@ pub async fn read_index(store: &DynStore, id: &RecordingId) -> Result<Option<Ind
     }
 }
 
-async fn read_transcript(
+pub async fn read_transcript(
     store: &DynStore,
     id: &RecordingId,
 ) -> Result<Option<Vec<TranscriptLine>>, IndexError> {

@@ -480,7 +480,7 @@ pub async fn finalize_orphan(
             seq,
             offset,
             raw.len() as u64,
-            stored.len() as u64,
+            &stored,
             &stats,
             &digest,
             &link,

@@ -22,6 +22,7 @@ pub mod background;
 pub mod catalog;
 pub mod cli;
 pub mod config;
+pub mod export;
 pub mod health;
 pub mod indexer;
 pub mod ingest;

@@ -56,8 +56,12 @@ enum Command {
 
 #[derive(Args)]
 struct VerifyArgs {
-    /// Recording id.
-    id: String,
+    /// Recording id (in the configured stores).
+    #[arg(required_unless_present = "bundle")]
+    id: Option<String>,
+    /// An exported compliance bundle on disk instead.
+    #[arg(long, conflicts_with = "id")]
+    bundle: Option<PathBuf>,
     #[command(flatten)]
     store: StoreArgs,
 }
@@ -123,6 +127,9 @@ enum RecordingsCommand {
 enum ExportFormat {
     /// asciicast v2, byte for byte as received.
     Cast,
+    /// A compliance bundle (tar): the .cast, transcript, summary, manifest, seal, checkpoints,
+    /// public keys, chain of custody, SHA256SUMS and a README on verifying it.
+    Bundle,
 }
 
 #[derive(Args)]
@@ -207,24 +214,31 @@ async fn run(
             cli::list(store, json).await.map(|()| ExitCode::SUCCESS)
         }
         Command::Export(args) => {
-            let ExportFormat::Cast = args.format;
             let store = cli::open_store(
                 args.store.config.as_deref(),
                 args.store.data_dir,
                 args.store.store,
             )?;
-            cli::export(store, &args.id, args.output.as_deref())
-                .await
-                .map(|()| ExitCode::SUCCESS)
+            match args.format {
+                ExportFormat::Cast => cli::export(store, &args.id, args.output.as_deref()).await,
+                ExportFormat::Bundle => {
+                    cli::export_bundle(&store, &args.id, args.output.as_deref()).await
+                }
+            }
+            .map(|()| ExitCode::SUCCESS)
         }
-        Command::Verify(args) => {
-            let stores = cli::open_store(
-                args.store.config.as_deref(),
-                args.store.data_dir,
-                args.store.store,
-            )?;
-            cli::verify(&stores, &args.id).await
-        }
+        Command::Verify(args) => match (args.bundle, args.id) {
+            (Some(bundle), _) => Ok(cli::verify_bundle(&bundle)),
+            (None, Some(id)) => {
+                let stores = cli::open_store(
+                    args.store.config.as_deref(),
+                    args.store.data_dir,
+                    args.store.store,
+                )?;
+                cli::verify(&stores, &id).await
+            }
+            (None, None) => anyhow::bail!("name a recording id or --bundle FILE"),
+        },
         Command::Key {
             command: KeyCommand::Rotate { data_dir },
         } => {

@@ -101,6 +101,7 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/api/v1/recordings", get(list))
         .route("/api/v1/recordings/{id}", get(manifest))
         .route("/api/v1/recordings/{id}/cast", get(cast))
+        .route("/api/v1/recordings/{id}/bundle", get(bundle))
         .route("/api/v1/recordings/{id}/window", get(window))
         .route("/api/v1/recordings/{id}/live", get(live))
         .route("/api/v1/uploads", get(uploads))
@@ -219,6 +220,24 @@ impl From<UnknownRegion> for ApiError {
 }
 
 impl Web {
+    /// For an export: the recording, if the caller may see it and is an auditor, with its
+    /// store; the export is audited before anything is read.
+    ///
+    /// # Errors
+    /// Not found, forbidden, or the audit log unavailable.
+    async fn export_access(
+        &self,
+        caller: &Caller,
+        id: &str,
+        action: &str,
+    ) -> Result<(RecordingId, DynStore), ApiError> {
+        let id = self.visible_id(caller, id).await?;
+        caller.require(Role::Auditor)?;
+        self.audit(caller, action, Some(&id), None).await?;
+        let store = self.store(&id)?.clone();
+        Ok((id, store))
+    }
+
     /// The store holding a recording: its home region's.
     ///
     /// # Errors
@@ -505,10 +524,7 @@ async fn cast(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let id = web.visible_id(&caller, &id).await?;
-    caller.require(Role::Auditor)?;
-    web.audit(&caller, "export", Some(&id), None).await?;
-    let store = web.store(&id)?.clone();
+    let (id, store) = web.export_access(&caller, &id, "export").await?;
     let manifest = reader::read_manifest(store.as_ref(), &id).await?;
     let (tx, rx) =
         tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(EXPORT_CHUNKS_IN_FLIGHT);
@@ -530,6 +546,50 @@ async fn cast(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/x-asciicast"),
     );
+    Ok(response)
+}
+
+/// Bytes of a bundle buffered between its writer and the socket.
+const BUNDLE_PIPE_BYTES: usize = 256 << 10;
+
+/// The compliance bundle (tar) of a recording, for auditors; streamed, the recording last. A
+/// failure mid-stream cuts the archive short, so it cannot pass for whole.
+async fn bundle(
+    State(web): State<Arc<Web>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let (id, store) = web.export_access(&caller, &id, "export-bundle").await?;
+    let custody = crate::export::custody(&web.stores, &id)
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    let exported_by = format!(
+        "{} ({}) via {}",
+        caller.identity.name, caller.identity.via, web.node_id
+    );
+    let bundle = crate::export::Bundle::gather(&store, &id, &custody, &exported_by)
+        .await
+        .map_err(|e| match e {
+            crate::export::ExportError::Read(e) => ApiError::Read(e),
+            other => ApiError::Unavailable(other.to_string()),
+        })?;
+    let (mut writer, reader) = tokio::io::duplex(BUNDLE_PIPE_BYTES);
+    tokio::spawn(async move {
+        if let Err(e) = bundle.write(&store, &mut writer).await {
+            tracing::error!(recording_id = %bundle.id, error = %crate::upload::error_chain(&e), "bundle export failed mid-stream");
+        }
+    });
+    let mut response = Response::new(Body::from_stream(tokio_util::io::ReaderStream::new(reader)));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-tar"),
+    );
+    if let Ok(value) =
+        HeaderValue::from_str(&format!("attachment; filename=\"castvault-{id}.tar\""))
+    {
+        headers.insert(header::CONTENT_DISPOSITION, value);
+    }
     Ok(response)
 }
 

@@ -571,7 +571,8 @@ async fn play_page(
          <span id=\"pos\">{}</span> / {}</div>\
          <div id=\"player\" data-id=\"{}\" data-duration=\"{dur:.3}\" data-start=\"{t:.3}\" data-paused=\"{paused}\">{screen}</div>\
          <p class=\"keys\">Keys: space play/pause · ←/→ step · &lt; &gt; speed · 0–9 jump · f full screen</p>\
-         <p><a href=\"/api/v1/recordings/{}/cast\" download>Download .cast</a></p>",
+         <p><a href=\"/api/v1/recordings/{}/cast\" download>Download .cast</a> · \
+         <a id=\"bundle\" href=\"/api/v1/recordings/{}/bundle\" download>Download compliance bundle</a></p>",
         [0.25, 0.5, 1.0, 1.5, 2.0, 4.0, 8.0, 16.0]
             .iter()
             .map(|s| format!(
@@ -585,6 +586,7 @@ async fn play_page(
             .collect::<String>(),
         clock(query.t.unwrap_or(0.0)),
         clock(row.duration_seconds),
+        esc(&id),
         esc(&id),
         esc(&id),
         dur = row.duration_seconds,

@@ -923,15 +923,7 @@ impl Inner {
             s.committed = offset + raw_len;
             s.cut_due = (upload.file.written() > s.committed)
                 .then(|| age_cut_due(Instant::now(), self.config.max_chunk_age));
-            ChunkEntry::new(
-                seq,
-                offset,
-                raw_len,
-                compressed.len() as u64,
-                &stats,
-                &digest,
-                &link,
-            )
+            ChunkEntry::new(seq, offset, raw_len, &compressed, &stats, &digest, &link)
         };
         if let Err(e) = upload.file.log_chunk(&entry).await {
             // The store holds the chunk; the log is only a cache of its manifest entry.
@@ -1244,12 +1236,11 @@ impl Inner {
             let stats = ChunkStats::scan(&raw, seq == 0);
             let digest = chunk::digest(&raw);
             let link = chain.push(&digest, seq, offset, raw.len() as u64);
-            let (raw_len, compressed_len) = (raw.len() as u64, stored.len() as u64);
             table.push(ChunkEntry::new(
                 seq,
                 offset,
-                raw_len,
-                compressed_len,
+                raw.len() as u64,
+                &stored,
                 &stats,
                 &digest,
                 &link,

@@ -346,3 +346,103 @@ async fn exported_cast_plays_in_the_asciinema_cli_and_is_what_was_sent() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundles_pass_sha256sum_and_verify_and_every_changed_byte_is_caught() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let node = Node::start(dir.path(), &["--config", &cfg], &[]).await;
+    let id = record(&node, 1).await.remove(0);
+    // The API (as an auditor) and the CLI both export, and both exports are audited.
+    let (status, from_api) = node.api(&format!("/api/v1/recordings/{id}/bundle")).await;
+    assert_eq!(status, 200);
+    let bundle = dir.path().join("bundle.tar");
+    let out = node.cli(&[
+        "export",
+        &id,
+        "--format",
+        "bundle",
+        "--output",
+        bundle.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let api_bundle = dir.path().join("api.tar");
+    std::fs::write(&api_bundle, &from_api).unwrap();
+
+    for path in [&bundle, &api_bundle] {
+        let report = castvault_storage::bundle::verify_bundle(path);
+        assert!(report.ok(), "{}: {:?}", path.display(), report.failure);
+        // By hand: tar and sha256sum accept it.
+        let unpacked = tempfile::tempdir().unwrap();
+        let tar = std::process::Command::new("tar")
+            .arg("-xf")
+            .arg(path)
+            .arg("-C")
+            .arg(unpacked.path())
+            .status()
+            .unwrap();
+        assert!(tar.success());
+        let sums = std::process::Command::new("sha256sum")
+            .args(["-c", "--strict", "SHA256SUMS"])
+            .current_dir(unpacked.path().join(&id))
+            .output()
+            .unwrap();
+        assert!(
+            sums.status.success(),
+            "{}",
+            String::from_utf8_lossy(&sums.stdout)
+        );
+        let custody =
+            std::fs::read_to_string(unpacked.path().join(&id).join("custody.jsonl")).unwrap();
+        assert!(custody.contains("export-bundle"), "{custody}");
+    }
+    let out = node.cli(&["verify", "--bundle", bundle.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    let original = std::fs::read(&bundle).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut missed = Vec::new();
+    for _ in 0..FLIPS {
+        let at = rng.random_range(0..original.len());
+        let mut changed = original.clone();
+        changed[at] ^= rng.random_range(1..=255u8);
+        std::fs::write(&bundle, &changed).unwrap();
+        if castvault_storage::bundle::verify_bundle(&bundle).ok() {
+            missed.push(format!("flip at {at}"));
+        }
+    }
+    for _ in 0..50 {
+        let at = rng.random_range(0..original.len());
+        let mut removed = original.clone();
+        removed.remove(at);
+        let mut inserted = original.clone();
+        inserted.insert(at, b'x');
+        for (what, bytes) in [("remove", removed), ("insert", inserted)] {
+            std::fs::write(&bundle, &bytes).unwrap();
+            if castvault_storage::bundle::verify_bundle(&bundle).ok() {
+                missed.push(format!("{what} at {at}"));
+            }
+        }
+    }
+    let mut appended = original.clone();
+    appended.push(0);
+    std::fs::write(&bundle, &appended).unwrap();
+    if castvault_storage::bundle::verify_bundle(&bundle).ok() {
+        missed.push("appended byte".to_owned());
+    }
+    assert!(
+        missed.is_empty(),
+        "{} changes not caught: {missed:?}",
+        missed.len()
+    );
+    std::fs::write(&bundle, &original).unwrap();
+    assert!(castvault_storage::bundle::verify_bundle(&bundle).ok());
+}

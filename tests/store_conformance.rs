@@ -88,6 +88,7 @@ async fn conformance(store: DynStore) {
             offset: offset as u64,
             raw_len: raw.len() as u64,
             compressed_len: z.len() as u64,
+            stored_sha256: None,
             events: 0,
             malformed_lines: 0,
             first_event_time: None,

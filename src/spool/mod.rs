@@ -912,6 +912,7 @@ mod tests {
             offset: 0,
             raw_len: 1,
             compressed_len: 1,
+            stored_sha256: None,
             events: 0,
             malformed_lines: 0,
             first_event_time: None,

@@ -41,6 +41,10 @@ pub struct ChunkEntry {
     pub offset: u64,
     pub raw_len: u64,
     pub compressed_len: u64,
+    /// Hex SHA-256 of the stored (compressed) object, so no byte of it can change even where
+    /// the change would decode to the same raw bytes (a zstd frame header field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored_sha256: Option<String>,
     pub events: u64,
     pub malformed_lines: u64,
     pub first_event_time: Option<f64>,
@@ -52,12 +56,13 @@ pub struct ChunkEntry {
 }
 
 impl ChunkEntry {
-    /// The entry of a chunk at `offset` whose raw bytes hash to `digest`, with its chain link.
+    /// The entry of a chunk at `offset` whose raw bytes hash to `digest`, stored as `stored`,
+    /// with its chain link.
     pub fn new(
         seq: u32,
         offset: u64,
         raw_len: u64,
-        compressed_len: u64,
+        stored: &[u8],
         stats: &ChunkStats,
         digest: &[u8; 32],
         link: &[u8; 32],
@@ -66,7 +71,8 @@ impl ChunkEntry {
             seq,
             offset,
             raw_len,
-            compressed_len,
+            compressed_len: stored.len() as u64,
+            stored_sha256: Some(hex::encode(Sha256::digest(stored))),
             events: stats.events,
             malformed_lines: stats.malformed_lines,
             first_event_time: stats.first_event_time,

@@ -154,6 +154,14 @@ pub async fn read_chunk(
             entry.compressed_len
         )));
     }
+    if let Some(expected) = &entry.stored_sha256
+        && &hex::encode(Sha256::digest(&compressed)) != expected
+    {
+        return Err(corrupt(format!(
+            "chunk {}: the stored object's SHA-256 differs from the manifest",
+            entry.seq
+        )));
+    }
     let capacity = usize::try_from(entry.raw_len).unwrap_or(usize::MAX);
     let raw = chunk::decode(&compressed, capacity).map_err(|source| ReadError::Decode {
         id: id.to_string(),

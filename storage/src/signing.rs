@@ -361,7 +361,10 @@ pub fn verify(key: &PublicKeyRecord, message: &[u8], signature: &str) -> bool {
     let (Ok(public), Ok(sig)) = (hex::decode(&key.public_key), hex::decode(signature)) else {
         return false;
     };
+    // Only the lowercase hex this module writes: another spelling of the same bytes would be a
+    // changed object that still verifies.
     key.algorithm == "ed25519"
+        && hex::encode(&sig) == signature
         && key_id_of(&public) == key.key_id
         && UnparsedPublicKey::new(&ED25519, public)
             .verify(message, &sig)

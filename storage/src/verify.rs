@@ -207,11 +207,11 @@ impl<'m> BodyCheck<'m> {
         self.manifest.chunks.get(self.next)
     }
 
-    /// Checks the next chunk's raw bytes. `compressed_len` when the stored object was read.
+    /// Checks the next chunk's raw bytes. `stored` is the stored object, when it was read.
     ///
     /// # Errors
     /// The failure, naming the chunk.
-    pub fn chunk(&mut self, raw: &[u8], compressed_len: Option<u64>) -> Result<(), Fail> {
+    pub fn chunk(&mut self, raw: &[u8], stored: Option<&[u8]>) -> Result<(), Fail> {
         let Some(entry) = self.next_entry() else {
             return Err("more chunks than the manifest lists".to_owned());
         };
@@ -220,13 +220,19 @@ impl<'m> BodyCheck<'m> {
         if entry.seq as usize != self.next {
             return Err(bad("out of sequence in the manifest"));
         }
-        if let Some(len) = compressed_len
-            && len != entry.compressed_len
-        {
-            return Err(bad(&format!(
-                "stored size {len}, manifest says {}",
-                entry.compressed_len
-            )));
+        if let Some(stored) = stored {
+            if stored.len() as u64 != entry.compressed_len {
+                return Err(bad(&format!(
+                    "stored size {}, manifest says {}",
+                    stored.len(),
+                    entry.compressed_len
+                )));
+            }
+            if let Some(expected) = &entry.stored_sha256
+                && &hex::encode(Sha256::digest(stored)) != expected
+            {
+                return Err(bad("the stored object's SHA-256 differs from the manifest"));
+            }
         }
         if entry.offset != self.offset || raw.len() as u64 != entry.raw_len {
             return Err(bad("offset or length differs from the manifest"));
@@ -477,7 +483,7 @@ async fn verify_stored_inner(
             .ok_or_else(|| format!("chunk {}: missing", entry.seq))?;
         let raw = chunk::decode(&stored, MAX_DECODED_CHUNK_BYTES)
             .map_err(|e| format!("chunk {}: does not decode: {e}", entry.seq))?;
-        body.chunk(&raw, Some(stored.len() as u64))?;
+        body.chunk(&raw, Some(&stored))?;
     }
     body.finish(report)?;
     for cp in &checkpoints {

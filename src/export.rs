@@ -1,0 +1,304 @@
+//! Compliance bundles (see `castvault_storage::bundle` for the layout): gathered from a
+//! recording's stored objects and streamed as a tar archive, the recording itself last and one
+//! verified chunk at a time, so memory does not grow with the recording.
+
+use std::collections::BTreeSet;
+
+use bytes::Bytes;
+use castvault_storage::bundle::{self, END};
+use castvault_storage::keys::{ObjectKey, RecordingId};
+use castvault_storage::manifest::Manifest;
+use castvault_storage::reader;
+use castvault_storage::signing::{Checkpoint, Seal};
+use castvault_storage::store::{DynStore, ErrorKind, Stores, error_kind};
+use futures::{StreamExt, TryStreamExt};
+use object_store::ObjectStoreExt;
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+
+use crate::audit::Record;
+
+/// Audit days scanned for a recording's chain of custody, from its start day on.
+pub const CUSTODY_DAYS: i64 = 400;
+
+/// Why a bundle could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error(transparent)]
+    Read(#[from] reader::ReadError),
+    #[error("store: {0}")]
+    Store(String),
+    #[error("recording {0} has no sealed manifest")]
+    Unsealed(String),
+    #[error("writing the bundle")]
+    Write(#[source] std::io::Error),
+    #[error("indexing for the transcript: {0}")]
+    Transcript(String),
+}
+
+async fn get(
+    store: &DynStore,
+    path: &object_store::path::Path,
+) -> Result<Option<Bytes>, ExportError> {
+    match async { store.get(path).await?.bytes().await }.await {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if error_kind(&e) == ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(ExportError::Store(format!("{path}: {e}"))),
+    }
+}
+
+/// A bundle ready to stream: its small files, and the manifest the recording is read by.
+pub struct Bundle {
+    pub id: RecordingId,
+    pub manifest: Manifest,
+    /// Every file but the recording, with its contents, in archive order.
+    files: Vec<(String, Bytes)>,
+}
+
+/// The access records of one recording, from every region's audit log.
+pub async fn custody(stores: &Stores, id: &RecordingId) -> Result<Vec<Record>, ExportError> {
+    let mut records = Vec::new();
+    let start = id.started_at();
+    let today = OffsetDateTime::now_utc();
+    let days = ((today - start).whole_days() + 1).clamp(1, CUSTODY_DAYS);
+    for (_, region) in stores.iter() {
+        for d in 0..days {
+            let day = start + time::Duration::days(d);
+            let found = crate::audit::read_day(&region.store, day)
+                .await
+                .map_err(|e| ExportError::Store(e.to_string()))?;
+            records.extend(
+                found
+                    .into_iter()
+                    .filter(|r| r.recording_id.as_deref() == Some(id.as_str())),
+            );
+        }
+    }
+    records.sort_by_key(|r| r.time);
+    Ok(records)
+}
+
+const README: &str = "castvault compliance bundle
+===========================
+
+This archive holds one recorded session and what is needed to prove it complete and unaltered,
+without castvault running.
+
+  recording.cast      the session exactly as the client sent it (asciicast v2)
+  transcript.txt      what the screen showed, as text (derived; for reading and search)
+  summary.json        who, when, where, how long, how big
+  manifest.json       the recording's manifest: every chunk's offset, length, SHA-256, hash chain
+  manifest.sig.json   the recorder node's Ed25519 signature over the manifest's SHA-256
+  checkpoints/        signed checkpoints of the hash chain, written while the session ran
+  keys/               the public keys that made those signatures
+  custody.jsonl       every recorded access to this recording (audit log)
+  SHA256SUMS          the SHA-256 of every file above
+
+With castvault:  castvault verify --bundle THIS.tar
+  checks SHA256SUMS, the signature, every chunk's digest and the hash chain, the event stream
+  and every checkpoint, and exits non-zero naming the first failure.
+
+By hand:
+  1. sha256sum -c SHA256SUMS            (in this directory) every file is as exported.
+  2. sha256sum recording.cast           equals body_sha256 in manifest.json.
+  3. sha256sum manifest.json            equals manifest_sha256 in manifest.sig.json, and the
+     signature (hex, Ed25519) verifies with the public key named by key_id (keys/KEY_ID.json,
+     hex) over these lines, each ending in a newline:
+       castvault-seal-v1
+       <format>
+       <recording_id>
+       <manifest_sha256>
+       <signed_at>
+       <node_id>
+       <key_id>
+  4. For each chunk in manifest.json, the bytes of recording.cast from offset for raw_len have
+     SHA-256 sha256, and chain = SHA-256(previous chain || sha256 || seq || offset || raw_len),
+     the three numbers as 8-byte big-endian, starting from
+     SHA-256(\"castvault-chain-v1\" || 0x00 || recording_id). The last link is chain_head.
+";
+
+fn json_line<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    let mut line = serde_json::to_vec(value).unwrap_or_default();
+    line.push(b'\n');
+    line
+}
+
+impl Bundle {
+    /// Gathers everything but the recording's body.
+    ///
+    /// # Errors
+    /// [`ExportError`] for a missing or unsealed recording and store errors.
+    pub async fn gather(
+        store: &DynStore,
+        id: &RecordingId,
+        custody: &[Record],
+        exported_by: &str,
+    ) -> Result<Self, ExportError> {
+        let manifest = reader::read_manifest(store.as_ref(), id).await?;
+        let manifest_bytes = get(store, &ObjectKey::manifest(id))
+            .await?
+            .ok_or_else(|| ExportError::Unsealed(id.to_string()))?;
+        let seal_bytes = get(store, &ObjectKey::seal(id))
+            .await?
+            .ok_or_else(|| ExportError::Unsealed(id.to_string()))?;
+        let mut key_ids = BTreeSet::new();
+        if let Some(seal) = Seal::parse_canonical(&seal_bytes) {
+            key_ids.insert(seal.signed.key_id);
+        }
+        let prefix = ObjectKey::recording_prefix(id);
+        let mut names: Vec<String> = store
+            .list(Some(&prefix))
+            .map_ok(|m| m.location.filename().unwrap_or_default().to_owned())
+            .try_collect()
+            .await
+            .map_err(|e| ExportError::Store(e.to_string()))?;
+        names.retain(|n| n.starts_with("checkpoint-"));
+        names.sort();
+        let mut checkpoints = Vec::new();
+        for name in names {
+            if let Some(bytes) = get(store, &prefix.clone().join(name.as_str())).await? {
+                if let Some(cp) = Checkpoint::parse_canonical(&bytes) {
+                    key_ids.insert(cp.signed.key_id);
+                }
+                checkpoints.push((format!("checkpoints/{name}"), bytes));
+            }
+        }
+        let mut keys = Vec::new();
+        for key_id in key_ids {
+            if let Some(bytes) = get(store, &ObjectKey::public_key(&key_id)).await? {
+                keys.push((format!("keys/{key_id}.json"), bytes));
+            }
+        }
+        let transcript = transcript(store, id, &manifest).await?;
+        let header = |k: &str| manifest.header.get(k).cloned().unwrap_or_default();
+        let summary = serde_json::json!({
+            "recording_id": id.as_str(),
+            "status": manifest.status,
+            "region": manifest.region,
+            "zone": manifest.zone,
+            "recorded_by": manifest.node_id,
+            "received_at": manifest.received_at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+            "ended_at": manifest.ended_at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+            "end_reason": manifest.end_reason,
+            "duration_seconds": manifest.duration_seconds,
+            "bytes": manifest.bytes,
+            "events": manifest.events,
+            "sha256": manifest.body_sha256,
+            "srcNode": header("srcNode"),
+            "srcNodeUser": header("srcNodeUser"),
+            "srcNodeTags": header("srcNodeTags"),
+            "sshUser": header("sshUser"),
+            "localUser": header("localUser"),
+            "connectionID": header("connectionID"),
+            "exported_at": OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+            "exported_by": exported_by,
+        });
+        let custody: Vec<u8> = custody.iter().flat_map(json_line).collect();
+        let mut files: Vec<(String, Bytes)> = vec![
+            (
+                "README.txt".to_owned(),
+                Bytes::from_static(README.as_bytes()),
+            ),
+            ("manifest.json".to_owned(), manifest_bytes),
+            ("manifest.sig.json".to_owned(), seal_bytes),
+            (
+                "summary.json".to_owned(),
+                Bytes::from(serde_json::to_vec_pretty(&summary).unwrap_or_default()),
+            ),
+            ("custody.jsonl".to_owned(), Bytes::from(custody)),
+            ("transcript.txt".to_owned(), Bytes::from(transcript)),
+        ];
+        files.extend(checkpoints);
+        files.extend(keys);
+        let mut sums = String::new();
+        for (name, bytes) in &files {
+            sums.push_str(&format!("{}  {name}\n", hex::encode(Sha256::digest(bytes))));
+        }
+        sums.push_str(&format!("{}  recording.cast\n", manifest.body_sha256));
+        files.insert(1, ("SHA256SUMS".to_owned(), Bytes::from(sums)));
+        Ok(Self {
+            id: id.clone(),
+            manifest,
+            files,
+        })
+    }
+
+    /// Streams the archive: the small files, then the recording one verified chunk at a time.
+    ///
+    /// # Errors
+    /// [`ExportError`] on a read, verification or write failure; the archive is then cut short,
+    /// so it can never pass for whole.
+    pub async fn write<W: AsyncWrite + Unpin>(
+        &self,
+        store: &DynStore,
+        out: &mut W,
+    ) -> Result<(), ExportError> {
+        let mtime = u64::try_from(self.manifest.ended_at.unix_timestamp()).unwrap_or(0);
+        let dir = self.id.as_str();
+        for (name, bytes) in &self.files {
+            write_file_header(out, &format!("{dir}/{name}"), bytes.len() as u64, mtime).await?;
+            out.write_all(bytes).await.map_err(ExportError::Write)?;
+            pad(out, bytes.len() as u64).await?;
+        }
+        write_file_header(
+            out,
+            &format!("{dir}/recording.cast"),
+            self.manifest.bytes,
+            mtime,
+        )
+        .await?;
+        let chunks = reader::body_chunks(store.as_ref(), &self.manifest);
+        futures::pin_mut!(chunks);
+        while let Some(chunk) = chunks.next().await {
+            out.write_all(&chunk?).await.map_err(ExportError::Write)?;
+        }
+        pad(out, self.manifest.bytes).await?;
+        out.write_all(&END).await.map_err(ExportError::Write)?;
+        out.flush().await.map_err(ExportError::Write)
+    }
+}
+
+async fn write_file_header<W: AsyncWrite + Unpin>(
+    out: &mut W,
+    name: &str,
+    size: u64,
+    mtime: u64,
+) -> Result<(), ExportError> {
+    let header = bundle::header(name, size, mtime).ok_or_else(|| {
+        ExportError::Write(std::io::Error::other(format!(
+            "name too long for tar: {name}"
+        )))
+    })?;
+    out.write_all(&header).await.map_err(ExportError::Write)
+}
+
+async fn pad<W: AsyncWrite + Unpin>(out: &mut W, size: u64) -> Result<(), ExportError> {
+    let zeros = [0u8; bundle::BLOCK];
+    out.write_all(&zeros[..bundle::padding(size)])
+        .await
+        .map_err(ExportError::Write)
+}
+
+/// The transcript as plain text: the indexer's when stored, else computed now.
+async fn transcript(
+    store: &DynStore,
+    id: &RecordingId,
+    manifest: &Manifest,
+) -> Result<Vec<u8>, ExportError> {
+    let lines = match crate::indexer::read_transcript(store, id).await {
+        Ok(Some(lines)) => lines,
+        _ => {
+            crate::indexer::build(store, manifest)
+                .await
+                .map_err(|e| ExportError::Transcript(crate::upload::error_chain(&e)))?
+                .1
+        }
+    };
+    let mut text = Vec::new();
+    for line in lines {
+        text.extend_from_slice(line.text.as_bytes());
+        text.push(b'\n');
+    }
+    Ok(text)
+}
