@@ -17,6 +17,18 @@ pub fn open_store(
     data_dir: Option<PathBuf>,
     store: Option<String>,
 ) -> anyhow::Result<Stores> {
+    load_config(config, data_dir, store)?
+        .open_stores()
+        .map_err(anyhow::Error::msg)
+        .context("opening the stores")
+}
+
+/// The config an offline command runs with: `--store` and `--data-dir` override the file.
+pub fn load_config(
+    config: Option<&Path>,
+    data_dir: Option<PathBuf>,
+    store: Option<String>,
+) -> anyhow::Result<Config> {
     let mut cfg = Config::load(config)?;
     if let Some(dir) = data_dir {
         cfg.data_dir = dir;
@@ -27,9 +39,39 @@ pub fn open_store(
     if let Some(url) = store {
         cfg.store = Some(url);
     }
-    cfg.open_stores()
-        .map_err(anyhow::Error::msg)
-        .context("opening the stores")
+    Ok(cfg)
+}
+
+/// `castvault retention run`: what expired (JSON lines), deleted unless `dry_run`.
+pub async fn retention_run(
+    cfg: &Config,
+    dry_run: bool,
+    as_of: Option<time::OffsetDateTime>,
+) -> anyhow::Result<()> {
+    let stores = cfg.open_stores().map_err(anyhow::Error::msg)?;
+    let now = as_of.unwrap_or_else(time::OffsetDateTime::now_utc);
+    let plan = crate::retention::plan(&stores, &cfg.retention, now).await?;
+    let actor = std::env::var("USER").unwrap_or_else(|_| "unknown".to_owned());
+    let mut out = tokio::io::stdout();
+    for expired in &plan {
+        if !dry_run {
+            crate::retention::delete(&stores, expired, &actor).await?;
+        }
+        let mut line = serde_json::to_vec(expired)?;
+        line.push(b'\n');
+        out.write_all(&line).await?;
+    }
+    out.flush().await?;
+    eprintln!(
+        "castvault: {} recordings {}",
+        plan.len(),
+        if dry_run {
+            "would be deleted (dry run)"
+        } else {
+            "deleted"
+        }
+    );
+    Ok(())
 }
 
 /// `castvault recordings list`.

@@ -142,6 +142,9 @@ pub struct Config {
     /// minute, so a recording cut short by a crash verifies up to a recent point).
     #[serde(with = "humantime_serde")]
     pub checkpoint_every: Duration,
+    /// Retention rules (see `crate::retention`): the longest matching `keep_days` wins; a
+    /// recording no rule matches is kept.
+    pub retention: Vec<crate::retention::RetentionRule>,
 }
 
 /// One region's store.
@@ -216,6 +219,7 @@ impl Default for Config {
             routing: Vec::new(),
             lease_ttl: Duration::from_secs(30),
             checkpoint_every: castvault_storage::signing::CHECKPOINT_EVERY,
+            retention: Vec::new(),
         }
     }
 }
@@ -433,6 +437,22 @@ impl Config {
             }
         }
         problems.extend(castvault_storage::routing::unreachable_rules(&self.routing));
+        for (i, rule) in self.retention.iter().enumerate() {
+            if rule.keep_days == 0 {
+                problems.push(format!(
+                    "retention rule {}: keep_days must be at least 1",
+                    i + 1
+                ));
+            }
+            for region in &rule.region {
+                if !region.contains('*') && !known(region) {
+                    problems.push(format!(
+                        "retention rule {}: region {region:?} is not configured",
+                        i + 1
+                    ));
+                }
+            }
+        }
         problems
     }
 }

@@ -32,6 +32,7 @@ pub mod listener;
 pub mod live;
 pub mod metrics;
 pub mod playback;
+pub mod retention;
 pub mod spool;
 pub mod ui;
 pub mod upload;

@@ -37,6 +37,16 @@ enum Command {
     /// Check a stored recording: every chunk, the hash chain, the seal and checkpoint
     /// signatures, the event stream, and that nothing was added. Exits 1 on any failure.
     Verify(VerifyArgs),
+    /// Retention policies (`[[retention]]` in the config).
+    Retention {
+        #[command(subcommand)]
+        command: RetentionCommand,
+    },
+    /// Legal holds: held recordings are never deleted.
+    Hold {
+        #[command(subcommand)]
+        command: HoldCommand,
+    },
     /// Signing keys.
     Key {
         #[command(subcommand)]
@@ -64,6 +74,68 @@ struct VerifyArgs {
     bundle: Option<PathBuf>,
     #[command(flatten)]
     store: StoreArgs,
+}
+
+#[derive(Subcommand)]
+enum RetentionCommand {
+    /// Delete the recordings whose retention has passed and that no hold holds; prints each
+    /// (JSON lines). Every deletion is audited.
+    Run {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Only list what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+        /// Evaluate at this time (RFC 3339) instead of now, to plan ahead.
+        #[arg(long, value_parser = parse_time)]
+        as_of: Option<time::OffsetDateTime>,
+    },
+}
+
+#[derive(Subcommand)]
+enum HoldCommand {
+    /// Place a legal hold on recordings, by id and/or by query.
+    Add {
+        /// Hold id: 1 to 64 of a-z, 0-9, '-' and '_'.
+        hold_id: String,
+        #[arg(long)]
+        reason: String,
+        /// A recording to hold (repeatable).
+        #[arg(long = "recording")]
+        recordings: Vec<String>,
+        /// Recordings started at or after this time (RFC 3339).
+        #[arg(long, value_parser = parse_time)]
+        from: Option<time::OffsetDateTime>,
+        /// Recordings started before this time (RFC 3339).
+        #[arg(long, value_parser = parse_time)]
+        to: Option<time::OffsetDateTime>,
+        #[arg(long)]
+        ssh_user: Vec<String>,
+        #[arg(long)]
+        src_node_user: Vec<String>,
+        #[arg(long)]
+        src_node: Vec<String>,
+        #[arg(long = "tag")]
+        src_node_tags: Vec<String>,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Release a hold.
+    Release {
+        hold_id: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// List holds (JSON lines).
+    List {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+fn parse_time(text: &str) -> Result<time::OffsetDateTime, String> {
+    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| format!("{text:?} is not an RFC 3339 time: {e}"))
 }
 
 #[derive(Subcommand)]
@@ -239,6 +311,76 @@ async fn run(
             }
             (None, None) => anyhow::bail!("name a recording id or --bundle FILE"),
         },
+        Command::Retention {
+            command:
+                RetentionCommand::Run {
+                    store,
+                    dry_run,
+                    as_of,
+                },
+        } => {
+            let cfg = cli::load_config(store.config.as_deref(), store.data_dir, store.store)?;
+            cli::retention_run(&cfg, dry_run, as_of)
+                .await
+                .map(|()| ExitCode::SUCCESS)
+        }
+        Command::Hold { command } => {
+            let actor = std::env::var("USER").unwrap_or_else(|_| "unknown".to_owned());
+            match command {
+                HoldCommand::Add {
+                    hold_id,
+                    reason,
+                    recordings,
+                    from,
+                    to,
+                    ssh_user,
+                    src_node_user,
+                    src_node,
+                    src_node_tags,
+                    store,
+                } => {
+                    let stores =
+                        cli::open_store(store.config.as_deref(), store.data_dir, store.store)?;
+                    let query = castvault::retention::HoldQuery {
+                        from,
+                        to,
+                        ssh_user,
+                        src_node_user,
+                        src_node,
+                        src_node_tags,
+                    };
+                    let has_query = query != castvault::retention::HoldQuery::default();
+                    anyhow::ensure!(
+                        has_query || !recordings.is_empty(),
+                        "a hold needs --recording IDs or a query (--from, --to, --ssh-user, ...)"
+                    );
+                    let hold = castvault::retention::Hold {
+                        hold_id,
+                        reason,
+                        created_by: actor,
+                        created_at: time::OffsetDateTime::now_utc(),
+                        recording_ids: recordings,
+                        query: has_query.then_some(query),
+                    };
+                    castvault::retention::add_hold(&stores, &hold).await?;
+                    println!("hold {} placed", hold.hold_id);
+                }
+                HoldCommand::Release { hold_id, store } => {
+                    let stores =
+                        cli::open_store(store.config.as_deref(), store.data_dir, store.store)?;
+                    castvault::retention::release_hold(&stores, &hold_id, &actor).await?;
+                    println!("hold {hold_id} released");
+                }
+                HoldCommand::List { store } => {
+                    let stores =
+                        cli::open_store(store.config.as_deref(), store.data_dir, store.store)?;
+                    for hold in castvault::retention::holds(&stores).await? {
+                        println!("{}", serde_json::to_string(&hold)?);
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Key {
             command: KeyCommand::Rotate { data_dir },
         } => {

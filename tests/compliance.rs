@@ -446,3 +446,154 @@ async fn bundles_pass_sha256sum_and_verify_and_every_changed_byte_is_caught() {
     std::fs::write(&bundle, &original).unwrap();
     assert!(castvault_storage::bundle::verify_bundle(&bundle).ok());
 }
+
+fn lines(out: &std::process::Output) -> Vec<serde_json::Value> {
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_deletes_exactly_its_dry_run_and_never_a_held_recording() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("castvault.toml");
+    std::fs::write(
+        &path,
+        "[[retention]]\nkeep_days = 1\nssh_user = [\"root\"]\n\n[[retention]]\nkeep_days = 3650\nsrc_node_tags = [\"tag:pci\"]\n",
+    )
+    .unwrap();
+    let cfg = path.display().to_string();
+    let node = Node::start(dir.path(), &["--config", &cfg], &[]).await;
+    // (srcNode, sshUser, tags): root expires after a day unless tagged pci (the longer rule
+    // wins), alice matches no rule, two root recordings are held (by id, by query).
+    let cases = [
+        ("expires", "root", vec![]),
+        ("pci", "root", vec!["tag:pci"]),
+        ("alice", "alice", vec![]),
+        ("held-by-id", "root", vec![]),
+        ("db-held", "root", vec![]),
+    ];
+    for (node_name, user, tags) in &cases {
+        let header = serde_json::json!({"version": 2, "width": 80, "height": 24, "srcNode": node_name, "sshUser": user, "srcNodeTags": tags});
+        let body = format!("{header}\n[0.5,\"o\",\"hello\\r\\n\"]\n");
+        common::connect_and_upload(&[node.ingest], body.as_bytes(), 64)
+            .await
+            .unwrap();
+    }
+    let rows = node.wait_finalized(cases.len()).await;
+    let id_of = |name: &str| {
+        rows.iter().find(|r| r["srcNode"] == name).unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let later = (time::OffsetDateTime::now_utc() + time::Duration::days(2))
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let out = node.cli(&[
+        "hold",
+        "add",
+        "case-1",
+        "--reason",
+        "litigation",
+        "--recording",
+        &id_of("held-by-id"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = node.cli(&[
+        "hold",
+        "add",
+        "case-2",
+        "--reason",
+        "audit",
+        "--ssh-user",
+        "root",
+        "--src-node",
+        "db-*",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(lines(&node.cli(&["hold", "list"])).len(), 2);
+
+    // Nothing has expired yet; two days on, only the unheld, untagged root recording has.
+    assert!(lines(&node.cli(&["retention", "run", "--dry-run"])).is_empty());
+    let planned = lines(&node.cli(&["retention", "run", "--dry-run", "--as-of", &later]));
+    let ids = |v: &[serde_json::Value]| -> Vec<String> {
+        v.iter()
+            .map(|e| e["recording_id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(ids(&planned), vec![id_of("expires")]);
+    let deleted = lines(&node.cli(&["retention", "run", "--as-of", &later]));
+    assert_eq!(
+        ids(&deleted),
+        ids(&planned),
+        "a run deletes exactly what its dry run listed"
+    );
+    let store_dir = dir.path().join("store");
+    assert!(
+        objects(&store_dir, &id_of("expires")).is_empty(),
+        "objects left behind"
+    );
+    let listed: Vec<String> = node
+        .list()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(!listed.contains(&id_of("expires")));
+    for kept in ["pci", "alice", "held-by-id", "db-held"] {
+        assert!(listed.contains(&id_of(kept)), "{kept} was deleted");
+        let out = node.cli(&["verify", &id_of(kept)]);
+        assert!(
+            out.status.success(),
+            "{kept}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+
+    // Released, a hold no longer protects; the other hold still does.
+    let out = node.cli(&["hold", "release", "case-1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        node.cli(&["hold", "release", "case-1"]).status.code(),
+        Some(1)
+    );
+    let planned = lines(&node.cli(&["retention", "run", "--dry-run", "--as-of", &later]));
+    assert_eq!(ids(&planned), vec![id_of("held-by-id")]);
+    let deleted = lines(&node.cli(&["retention", "run", "--as-of", &later]));
+    assert_eq!(ids(&deleted), ids(&planned));
+    assert!(lines(&node.cli(&["retention", "run", "--dry-run", "--as-of", &later])).is_empty());
+
+    // Deletions, holds and releases are in the audit log.
+    let (status, audit) = node.api("/api/v1/audit").await;
+    assert_eq!(status, 200);
+    let audit: Vec<serde_json::Value> = serde_json::from_slice(&audit).unwrap();
+    let actions: Vec<&str> = audit.iter().filter_map(|r| r["action"].as_str()).collect();
+    assert_eq!(
+        actions.iter().filter(|a| **a == "delete").count(),
+        2,
+        "{actions:?}"
+    );
+    assert!(
+        actions.contains(&"hold") && actions.contains(&"release-hold"),
+        "{actions:?}"
+    );
+}
