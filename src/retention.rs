@@ -109,7 +109,7 @@ pub struct Hold {
 
 impl Hold {
     pub fn holds(&self, row: &CatalogRow) -> bool {
-        if self.recording_ids.iter().any(|id| *id == row.id) {
+        if self.recording_ids.contains(&row.id) {
             return true;
         }
         let Some(q) = &self.query else {
