@@ -142,7 +142,7 @@ pub async fn run(
         health: health.clone(),
         catalog: catalog.clone(),
         access,
-        audit: Audit::start(store, &config.node_id),
+        audit: Audit::start(store, &config.node_id, signer.clone()),
         node_id: config.node_id.clone(),
         seek_cache: std::sync::Mutex::default(),
         uploader: uploader.clone(),

@@ -6,6 +6,10 @@
 
 use bytes::Bytes;
 use castvault_storage::keys::ObjectKey;
+use std::sync::Arc;
+
+use castvault_storage::auditlog;
+use castvault_storage::signing::NodeKey;
 use castvault_storage::store::DynStore;
 use futures::TryStreamExt;
 use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
@@ -54,9 +58,9 @@ pub struct AuditError(String);
 
 impl Audit {
     /// Starts the writer for `node` on the current runtime.
-    pub fn start(store: DynStore, node: &str) -> Self {
+    pub fn start(store: DynStore, node: &str, signer: Arc<NodeKey>) -> Self {
         let (tx, rx) = mpsc::channel(AUDIT_QUEUE);
-        tokio::spawn(writer(store, sanitize(node), rx));
+        tokio::spawn(writer(store, sanitize(node), signer, rx));
         Self { tx }
     }
 
@@ -89,11 +93,20 @@ fn sanitize(node: &str) -> String {
         .collect()
 }
 
-async fn writer(store: DynStore, node: String, mut rx: mpsc::Receiver<Pending>) {
+async fn writer(
+    store: DynStore,
+    node: String,
+    signer: Arc<NodeKey>,
+    mut rx: mpsc::Receiver<Pending>,
+) {
     // Sequence numbers start at the start-up time in microseconds, so a restarted node never
-    // reuses a key, and keys sort in write order.
+    // reuses a key, and keys sort in write order. That start is also the run's name in the
+    // chain (see `castvault_storage::auditlog`).
     let mut seq =
         u64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000).unwrap_or(0);
+    let run = seq;
+    let mut index = 0u64;
+    let mut prev = auditlog::genesis(&node, run);
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < AUDIT_BATCH {
@@ -114,11 +127,17 @@ async fn writer(store: DynStore, node: String, mut rx: mpsc::Receiver<Pending>) 
             mode: PutMode::Create,
             ..PutOptions::default()
         };
+        let (object, digest) = auditlog::object(&signer, &node, run, index, &prev, &body);
         let result = store
-            .put_opts(&path, PutPayload::from(Bytes::from(body)), options)
+            .put_opts(&path, PutPayload::from(Bytes::from(object)), options)
             .await
             .map(|_| ())
             .map_err(|e| crate::upload::error_chain(&e));
+        // A failed object is not part of the chain: the next one links to the last stored.
+        if result.is_ok() {
+            index += 1;
+            prev = digest;
+        }
         if let Err(e) = &result {
             tracing::error!(path = %path, error = %e, "audit records could not be stored; their requests fail");
         }
@@ -133,15 +152,22 @@ async fn writer(store: DynStore, node: String, mut rx: mpsc::Receiver<Pending>) 
 ///
 /// # Errors
 /// Store errors.
-pub async fn write_one(store: &DynStore, record: &Record) -> Result<(), object_store::Error> {
+pub async fn write_one(
+    store: &DynStore,
+    signer: &NodeKey,
+    record: &Record,
+) -> Result<(), object_store::Error> {
     let seq = u64::try_from(record.time.unix_timestamp_nanos()).unwrap_or(0);
-    let path = ObjectKey::audit(record.time, &sanitize(&record.node), seq);
+    let node = sanitize(&record.node);
+    let path = ObjectKey::audit(record.time, &node, seq);
     let mut line = serde_json::to_vec(record).unwrap_or_default();
     line.push(b'\n');
+    let genesis = auditlog::genesis(&node, seq);
+    let (object, _) = auditlog::object(signer, &node, seq, 0, &genesis, &line);
     store
         .put_opts(
             &path,
-            PutPayload::from(line),
+            PutPayload::from(object),
             PutOptions::from(PutMode::Create),
         )
         .await

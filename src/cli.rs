@@ -42,6 +42,31 @@ pub fn load_config(
     Ok(cfg)
 }
 
+/// The person running an offline command, with the key of the data directory (made if absent
+/// and published to every store, so their audit records verify).
+pub async fn actor(cfg: &Config, stores: &Stores) -> anyhow::Result<crate::retention::Actor> {
+    use castvault_storage::store::{ErrorKind, error_kind, put_create};
+    let key = castvault_storage::signing::NodeKey::load_or_create(&cfg.data_dir.join("keys"))
+        .context("loading the signing key")?;
+    let record = key.public_record(&cfg.node_id);
+    let path = castvault_storage::keys::ObjectKey::public_key(&record.key_id);
+    let bytes = bytes::Bytes::from(serde_json::to_vec_pretty(&record)?);
+    for (region, entry) in stores.iter() {
+        match put_create(entry.store.as_ref(), &path, bytes.clone()).await {
+            Ok(()) => {}
+            Err(e) if error_kind(&e) == ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(anyhow::Error::new(e)
+                    .context(format!("publishing the signing key to region {region}")));
+            }
+        }
+    }
+    Ok(crate::retention::Actor {
+        name: std::env::var("USER").unwrap_or_else(|_| "unknown".to_owned()),
+        key,
+    })
+}
+
 /// `castvault retention run`: what expired (JSON lines), deleted unless `dry_run`.
 pub async fn retention_run(
     cfg: &Config,
@@ -51,7 +76,7 @@ pub async fn retention_run(
     let stores = cfg.open_stores().map_err(anyhow::Error::msg)?;
     let now = as_of.unwrap_or_else(time::OffsetDateTime::now_utc);
     let plan = crate::retention::plan(&stores, &cfg.retention, now).await?;
-    let actor = std::env::var("USER").unwrap_or_else(|_| "unknown".to_owned());
+    let actor = actor(cfg, &stores).await?;
     let mut out = tokio::io::stdout();
     for expired in &plan {
         if !dry_run {
@@ -157,6 +182,37 @@ pub async fn verify(stores: &Stores, id: &str) -> anyhow::Result<std::process::E
     Ok(print_report(&format!("recording {id}"), &report))
 }
 
+/// `castvault verify --audit`: the audit log of every region for the days `from..=to`.
+pub async fn verify_audit(
+    stores: &Stores,
+    from: time::Date,
+    to: time::Date,
+) -> anyhow::Result<std::process::ExitCode> {
+    anyhow::ensure!(from <= to, "--from is after --to");
+    anyhow::ensure!(
+        (to - from).whole_days() < 3660,
+        "at most ten years of audit log at once"
+    );
+    let mut days = Vec::new();
+    let mut day = from;
+    while day <= to {
+        days.push(day.midnight().assume_utc());
+        day = day.next_day().context("day out of range")?;
+    }
+    let mut code = std::process::ExitCode::SUCCESS;
+    for (region, entry) in stores.iter() {
+        let report = castvault_storage::auditlog::verify_days(entry.store.as_ref(), &days).await;
+        if report.failure.is_some() {
+            code = std::process::ExitCode::FAILURE;
+        }
+        print_report(
+            &format!("audit log of region {region}, {from} to {to}"),
+            &report,
+        );
+    }
+    Ok(code)
+}
+
 /// `castvault verify --bundle FILE`.
 pub fn verify_bundle(path: &Path) -> std::process::ExitCode {
     let report = castvault_storage::bundle::verify_bundle(path);
@@ -186,10 +242,12 @@ fn print_report(what: &str, report: &castvault_storage::verify::Report) -> std::
 
 /// `castvault export ID --format bundle`: the compliance bundle, to a file (written beside it
 /// and renamed when whole) or stdout. The export is written to the audit log first.
-pub async fn export_bundle(stores: &Stores, id: &str, output: Option<&Path>) -> anyhow::Result<()> {
+pub async fn export_bundle(cfg: &Config, id: &str, output: Option<&Path>) -> anyhow::Result<()> {
+    let stores = &cfg.open_stores().map_err(anyhow::Error::msg)?;
     let id = RecordingId::parse(id)?;
     let store = stores.for_id(&id)?;
-    let actor = std::env::var("USER").unwrap_or_else(|_| "unknown".to_owned());
+    let signer = actor(cfg, stores).await?;
+    let actor = signer.name.clone();
     let record = crate::audit::Record {
         time: time::OffsetDateTime::now_utc(),
         node: "cli".to_owned(),
@@ -200,7 +258,7 @@ pub async fn export_bundle(stores: &Stores, id: &str, output: Option<&Path>) -> 
         query: None,
         remote: "local".to_owned(),
     };
-    crate::audit::write_one(stores.home_store(), &record)
+    crate::audit::write_one(stores.home_store(), &signer.key, &record)
         .await
         .context("writing the audit record of this export")?;
     let custody = crate::export::custody(stores, &id).await?;

@@ -67,11 +67,19 @@ enum Command {
 #[derive(Args)]
 struct VerifyArgs {
     /// Recording id (in the configured stores).
-    #[arg(required_unless_present = "bundle")]
+    #[arg(required_unless_present_any = ["bundle", "audit"])]
     id: Option<String>,
     /// An exported compliance bundle on disk instead.
-    #[arg(long, conflicts_with = "id")]
+    #[arg(long, conflicts_with_all = ["id", "audit"])]
     bundle: Option<PathBuf>,
+    /// The audit log instead: every object's signed chain link, for the days from `--from`
+    /// to `--to` (UTC, inclusive; both default to today).
+    #[arg(long, conflicts_with = "id")]
+    audit: bool,
+    #[arg(long, requires = "audit", value_parser = parse_day)]
+    from: Option<time::Date>,
+    #[arg(long, requires = "audit", value_parser = parse_day)]
+    to: Option<time::Date>,
     #[command(flatten)]
     store: StoreArgs,
 }
@@ -131,6 +139,14 @@ enum HoldCommand {
         #[command(flatten)]
         store: StoreArgs,
     },
+}
+
+fn parse_day(text: &str) -> Result<time::Date, String> {
+    time::Date::parse(
+        text,
+        time::macros::format_description!("[year]-[month]-[day]"),
+    )
+    .map_err(|_| format!("{text:?} is not a YYYY-MM-DD day"))
 }
 
 fn parse_time(text: &str) -> Result<time::OffsetDateTime, String> {
@@ -286,18 +302,35 @@ async fn run(
             cli::list(store, json).await.map(|()| ExitCode::SUCCESS)
         }
         Command::Export(args) => {
-            let store = cli::open_store(
+            let cfg = cli::load_config(
                 args.store.config.as_deref(),
                 args.store.data_dir,
                 args.store.store,
             )?;
             match args.format {
-                ExportFormat::Cast => cli::export(store, &args.id, args.output.as_deref()).await,
+                ExportFormat::Cast => {
+                    let stores = cfg.open_stores().map_err(anyhow::Error::msg)?;
+                    cli::export(stores, &args.id, args.output.as_deref()).await
+                }
                 ExportFormat::Bundle => {
-                    cli::export_bundle(&store, &args.id, args.output.as_deref()).await
+                    cli::export_bundle(&cfg, &args.id, args.output.as_deref()).await
                 }
             }
             .map(|()| ExitCode::SUCCESS)
+        }
+        Command::Verify(args) if args.audit => {
+            let stores = cli::open_store(
+                args.store.config.as_deref(),
+                args.store.data_dir,
+                args.store.store,
+            )?;
+            let today = time::OffsetDateTime::now_utc().date();
+            cli::verify_audit(
+                &stores,
+                args.from.unwrap_or(today),
+                args.to.unwrap_or(today),
+            )
+            .await
         }
         Command::Verify(args) => match (args.bundle, args.id) {
             (Some(bundle), _) => Ok(cli::verify_bundle(&bundle)),
@@ -325,7 +358,17 @@ async fn run(
                 .map(|()| ExitCode::SUCCESS)
         }
         Command::Hold { command } => {
-            let actor = std::env::var("USER").unwrap_or_else(|_| "unknown".to_owned());
+            let store = match &command {
+                HoldCommand::Add { store, .. }
+                | HoldCommand::Release { store, .. }
+                | HoldCommand::List { store } => store,
+            };
+            let cfg = cli::load_config(
+                store.config.as_deref(),
+                store.data_dir.clone(),
+                store.store.clone(),
+            )?;
+            let stores = cfg.open_stores().map_err(anyhow::Error::msg)?;
             match command {
                 HoldCommand::Add {
                     hold_id,
@@ -337,10 +380,9 @@ async fn run(
                     src_node_user,
                     src_node,
                     src_node_tags,
-                    store,
+                    store: _,
                 } => {
-                    let stores =
-                        cli::open_store(store.config.as_deref(), store.data_dir, store.store)?;
+                    let actor = cli::actor(&cfg, &stores).await?;
                     let query = castvault::retention::HoldQuery {
                         from,
                         to,
@@ -357,23 +399,20 @@ async fn run(
                     let hold = castvault::retention::Hold {
                         hold_id,
                         reason,
-                        created_by: actor,
+                        created_by: actor.name.clone(),
                         created_at: time::OffsetDateTime::now_utc(),
                         recording_ids: recordings,
                         query: has_query.then_some(query),
                     };
-                    castvault::retention::add_hold(&stores, &hold).await?;
+                    castvault::retention::add_hold(&stores, &hold, &actor).await?;
                     println!("hold {} placed", hold.hold_id);
                 }
-                HoldCommand::Release { hold_id, store } => {
-                    let stores =
-                        cli::open_store(store.config.as_deref(), store.data_dir, store.store)?;
+                HoldCommand::Release { hold_id, store: _ } => {
+                    let actor = cli::actor(&cfg, &stores).await?;
                     castvault::retention::release_hold(&stores, &hold_id, &actor).await?;
                     println!("hold {hold_id} released");
                 }
-                HoldCommand::List { store } => {
-                    let stores =
-                        cli::open_store(store.config.as_deref(), store.data_dir, store.store)?;
+                HoldCommand::List { store: _ } => {
                     for hold in castvault::retention::holds(&stores).await? {
                         println!("{}", serde_json::to_string(&hold)?);
                     }

@@ -177,10 +177,16 @@ pub async fn holds(stores: &Stores) -> Result<Vec<Hold>, RetentionError> {
     Ok(found.into_values().collect())
 }
 
+/// Who runs an offline command: their name, and the key their audit records are signed with.
+pub struct Actor {
+    pub name: String,
+    pub key: castvault_storage::signing::NodeKey,
+}
+
 async fn audit(
     stores: &Stores,
     region: &str,
-    actor: &str,
+    actor: &Actor,
     action: &str,
     id: Option<&str>,
     query: String,
@@ -188,7 +194,7 @@ async fn audit(
     let record = Record {
         time: OffsetDateTime::now_utc(),
         node: "cli".to_owned(),
-        actor: actor.to_owned(),
+        actor: actor.name.clone(),
         via: "cli".to_owned(),
         action: action.to_owned(),
         recording_id: id.map(str::to_owned),
@@ -198,13 +204,13 @@ async fn audit(
     let store = stores
         .region(region)
         .map_or_else(|| stores.home_store(), |r| &r.store);
-    crate::audit::write_one(store, &record)
+    crate::audit::write_one(store, &actor.key, &record)
         .await
         .map_err(store_err)
 }
 
 /// Places a hold in every region's store (audited).
-pub async fn add_hold(stores: &Stores, hold: &Hold) -> Result<(), RetentionError> {
+pub async fn add_hold(stores: &Stores, hold: &Hold, actor: &Actor) -> Result<(), RetentionError> {
     if !valid_hold_id(&hold.hold_id) {
         return Err(RetentionError::HoldId(hold.hold_id.clone()));
     }
@@ -223,22 +229,14 @@ pub async fn add_hold(stores: &Stores, hold: &Hold) -> Result<(), RetentionError
         }
     }
     let query = serde_json::to_string(hold).unwrap_or_default();
-    audit(
-        stores,
-        stores.home().as_str(),
-        &hold.created_by,
-        "hold",
-        None,
-        query,
-    )
-    .await
+    audit(stores, stores.home().as_str(), actor, "hold", None, query).await
 }
 
 /// Releases a hold everywhere (audited).
 pub async fn release_hold(
     stores: &Stores,
     hold_id: &str,
-    actor: &str,
+    actor: &Actor,
 ) -> Result<(), RetentionError> {
     if !valid_hold_id(hold_id) {
         return Err(RetentionError::HoldId(hold_id.to_owned()));
@@ -316,7 +314,11 @@ pub async fn plan(
 
 /// Deletes one recording: its chunks and derived objects, then its manifest, seal and catalog
 /// row (audited first).
-pub async fn delete(stores: &Stores, expired: &Expired, actor: &str) -> Result<(), RetentionError> {
+pub async fn delete(
+    stores: &Stores,
+    expired: &Expired,
+    actor: &Actor,
+) -> Result<(), RetentionError> {
     let id = RecordingId::parse(&expired.recording_id).map_err(store_err)?;
     let store = stores.for_id(&id).map_err(store_err)?;
     audit(

@@ -597,3 +597,59 @@ async fn retention_deletes_exactly_its_dry_run_and_never_a_held_recording() {
         "{actions:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_log_is_a_signed_chain_and_changes_to_it_are_caught() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let node = Node::start(dir.path(), &["--config", &cfg], &[]).await;
+    // Sequential audited requests: one audit object each, chained in the node's run.
+    for _ in 0..4 {
+        let (status, _) = node.api("/api/v1/audit").await;
+        assert_eq!(status, 200);
+    }
+    let out = node.cli(&["verify", "--audit"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("audit log: 4 objects, 4 records"), "{text}");
+
+    let mut audit_files: Vec<PathBuf> = Vec::new();
+    let mut dirs = vec![dir.path().join("store/v1/audit")];
+    while let Some(d) = dirs.pop() {
+        for entry in std::fs::read_dir(&d).unwrap().flatten() {
+            if entry.path().is_dir() {
+                dirs.push(entry.path());
+            } else {
+                audit_files.push(entry.path());
+            }
+        }
+    }
+    audit_files.sort();
+    assert_eq!(audit_files.len(), 4);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    for _ in 0..200 {
+        let path = &audit_files[rng.random_range(0..audit_files.len())];
+        let original = std::fs::read(path).unwrap();
+        let mut changed = original.clone();
+        let at = rng.random_range(0..changed.len());
+        changed[at] ^= rng.random_range(1..=255u8);
+        std::fs::write(path, &changed).unwrap();
+        let out = node.cli(&["verify", "--audit"]);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "flip at {}:{at} not caught",
+            path.display()
+        );
+        std::fs::write(path, &original).unwrap();
+    }
+    // A removed object in the middle of a run breaks its chain.
+    let removed = std::fs::read(&audit_files[1]).unwrap();
+    std::fs::remove_file(&audit_files[1]).unwrap();
+    let out = node.cli(&["verify", "--audit"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("missing"), "{text}");
+    std::fs::write(&audit_files[1], &removed).unwrap();
+    assert!(node.cli(&["verify", "--audit"]).status.success());
+}

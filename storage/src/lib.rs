@@ -7,11 +7,13 @@
 //! - [`manifest`]: the manifest, its hash chain, and the catalog row written beside it.
 //! - [`store`]: opening a store from a URL (`file://`, `az://`, `memory://`) and classifying its errors.
 //! - [`signing`]: node keys, signed chain checkpoints and the manifest seal.
+//! - [`auditlog`]: the audit log's signed hash chain.
 //! - [`bundle`]: compliance bundles (tar): headers, reading and verifying them.
 //! - [`verify`]: checking a recording's chunks, chain, seal, checkpoints and objects.
 //! - [`routing`]: region routing rules over asciicast header fields.
 //! - [`reader`]: reading a recording back, verifying every chunk against its manifest.
 
+pub mod auditlog;
 pub mod bundle;
 pub mod cast;
 pub mod chunk;

@@ -251,6 +251,11 @@ impl NodeKey {
         &self.key_id
     }
 
+    /// Signs `message` as is; hex of the signature.
+    pub fn sign_raw(&self, message: &[u8]) -> String {
+        hex::encode(self.pair.sign(message).as_ref())
+    }
+
     pub fn public_record(&self, node_id: &str) -> PublicKeyRecord {
         PublicKeyRecord {
             format: KEY_FORMAT.to_owned(),

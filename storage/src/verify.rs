@@ -64,6 +64,10 @@ impl KeyRing {
         self.keys.insert(record.key_id.clone(), record);
     }
 
+    pub fn contains(&self, key_id: &str) -> bool {
+        self.keys.contains_key(key_id)
+    }
+
     pub fn get(&self, key_id: &str) -> Option<&PublicKeyRecord> {
         self.keys.get(key_id)
     }
