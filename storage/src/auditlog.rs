@@ -89,6 +89,9 @@ pub fn object(
     (bytes, digest)
 }
 
+/// One stored audit object of a run: its index, key and bytes.
+type RunObject = (u64, String, Vec<u8>);
+
 /// Verifies the audit objects of the given days (UTC) in one store.
 pub async fn verify_days(store: &dyn ObjectStore, days: &[OffsetDateTime]) -> Report {
     let mut report = Report::default();
@@ -104,7 +107,7 @@ async fn verify_inner(
     report: &mut Report,
 ) -> Result<(), String> {
     // Every object, grouped by (node, run) and ordered by index.
-    let mut runs: BTreeMap<(String, u64), Vec<(u64, String, Vec<u8>)>> = BTreeMap::new();
+    let mut runs: BTreeMap<(String, u64), Vec<RunObject>> = BTreeMap::new();
     let mut keys = KeyRing::default();
     let mut objects = 0usize;
     let mut records = 0usize;
