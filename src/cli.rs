@@ -182,6 +182,74 @@ pub async fn verify(stores: &Stores, id: &str) -> anyhow::Result<std::process::E
     Ok(print_report(&format!("recording {id}"), &report))
 }
 
+/// `castvault export-query`: one archive of the bundles of every finalized recording `query`
+/// matches, written beside `output` and renamed when whole.
+pub async fn export_query(
+    cfg: &Config,
+    query: &crate::retention::HoldQuery,
+    output: &Path,
+) -> anyhow::Result<()> {
+    let stores = cfg.open_stores().map_err(anyhow::Error::msg)?;
+    let signer = actor(cfg, &stores).await?;
+    let mut ids = Vec::new();
+    for (region, entry) in stores.iter() {
+        let rows = reader::list_catalog(entry.store.as_ref())
+            .await
+            .with_context(|| format!("listing region {region}"))?;
+        ids.extend(
+            rows.iter()
+                .filter(|r| r.status != castvault_storage::manifest::RecordingStatus::Live)
+                .filter(|r| query.matches(r))
+                .filter_map(|r| RecordingId::parse(&r.id).ok()),
+        );
+    }
+    ids.sort();
+    let tmp = output.with_extension("partial");
+    let mut file = tokio::io::BufWriter::new(
+        tokio::fs::File::create(&tmp)
+            .await
+            .with_context(|| format!("creating {}", tmp.display()))?,
+    );
+    let exported_by = format!("{} (cli)", signer.name);
+    let result = crate::export::write_many(
+        &stores,
+        &ids,
+        &exported_by,
+        |id| {
+            let record = crate::audit::Record {
+                time: time::OffsetDateTime::now_utc(),
+                node: "cli".to_owned(),
+                actor: signer.name.clone(),
+                via: "cli".to_owned(),
+                action: "export-bundle".to_owned(),
+                recording_id: Some(id.to_string()),
+                query: Some(serde_json::to_string(query).unwrap_or_default()),
+                remote: "local".to_owned(),
+            };
+            let (store, key) = (stores.home_store().clone(), &signer.key);
+            async move {
+                crate::audit::write_one(&store, key, &record)
+                    .await
+                    .map_err(|e| crate::export::ExportError::Store(e.to_string()))
+            }
+        },
+        &mut file,
+    )
+    .await;
+    if let Err(e) = result {
+        let _ = tokio::fs::remove_file(&tmp).await;
+        return Err(e.into());
+    }
+    file.into_inner().sync_all().await?;
+    tokio::fs::rename(&tmp, output).await?;
+    eprintln!(
+        "castvault: {} recordings exported to {}",
+        ids.len(),
+        output.display()
+    );
+    Ok(())
+}
+
 /// `castvault verify --audit`: the audit log of every region for the days `from..=to`.
 pub async fn verify_audit(
     stores: &Stores,

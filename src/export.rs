@@ -52,8 +52,10 @@ async fn get(
 pub struct Bundle {
     pub id: RecordingId,
     pub manifest: Manifest,
-    /// Every file but the recording, with its contents, in archive order.
+    /// Every file but the recording and the transcript, with its contents, in archive order.
     files: Vec<(String, Bytes)>,
+    /// The transcript, spooled to a temporary file (it grows with the recording).
+    transcript: TranscriptFile,
 }
 
 /// The access records of one recording, from every region's audit log.
@@ -170,7 +172,7 @@ impl Bundle {
                 keys.push((format!("keys/{key_id}.json"), bytes));
             }
         }
-        let transcript = transcript(store, id, &manifest).await?;
+        let transcript = TranscriptFile::make(store, id, &manifest).await?;
         let header = |k: &str| manifest.header.get(k).cloned().unwrap_or_default();
         let summary = serde_json::json!({
             "recording_id": id.as_str(),
@@ -207,7 +209,6 @@ impl Bundle {
                 Bytes::from(serde_json::to_vec_pretty(&summary).unwrap_or_default()),
             ),
             ("custody.jsonl".to_owned(), Bytes::from(custody)),
-            ("transcript.txt".to_owned(), Bytes::from(transcript)),
         ];
         files.extend(checkpoints);
         files.extend(keys);
@@ -215,12 +216,14 @@ impl Bundle {
         for (name, bytes) in &files {
             sums.push_str(&format!("{}  {name}\n", hex::encode(Sha256::digest(bytes))));
         }
+        sums.push_str(&format!("{}  transcript.txt\n", transcript.sha256));
         sums.push_str(&format!("{}  recording.cast\n", manifest.body_sha256));
         files.insert(1, ("SHA256SUMS".to_owned(), Bytes::from(sums)));
         Ok(Self {
             id: id.clone(),
             manifest,
             files,
+            transcript,
         })
     }
 
@@ -234,6 +237,19 @@ impl Bundle {
         store: &DynStore,
         out: &mut W,
     ) -> Result<(), ExportError> {
+        self.write_entries(store, out).await?;
+        finish(out).await
+    }
+
+    /// Writes this recording's directory into an archive (no end blocks).
+    ///
+    /// # Errors
+    /// As [`Self::write`].
+    pub async fn write_entries<W: AsyncWrite + Unpin>(
+        &self,
+        store: &DynStore,
+        out: &mut W,
+    ) -> Result<(), ExportError> {
         let mtime = u64::try_from(self.manifest.ended_at.unix_timestamp()).unwrap_or(0);
         let dir = self.id.as_str();
         for (name, bytes) in &self.files {
@@ -241,6 +257,25 @@ impl Bundle {
             out.write_all(bytes).await.map_err(ExportError::Write)?;
             pad(out, bytes.len() as u64).await?;
         }
+        write_file_header(
+            out,
+            &format!("{dir}/transcript.txt"),
+            self.transcript.size,
+            mtime,
+        )
+        .await?;
+        let mut file = tokio::fs::File::open(&self.transcript.path)
+            .await
+            .map_err(ExportError::Write)?;
+        let copied = tokio::io::copy(&mut file, out)
+            .await
+            .map_err(ExportError::Write)?;
+        if copied != self.transcript.size {
+            return Err(ExportError::Transcript(
+                "the transcript file changed".to_owned(),
+            ));
+        }
+        pad(out, self.transcript.size).await?;
         write_file_header(
             out,
             &format!("{dir}/recording.cast"),
@@ -253,10 +288,47 @@ impl Bundle {
         while let Some(chunk) = chunks.next().await {
             out.write_all(&chunk?).await.map_err(ExportError::Write)?;
         }
-        pad(out, self.manifest.bytes).await?;
-        out.write_all(&END).await.map_err(ExportError::Write)?;
-        out.flush().await.map_err(ExportError::Write)
+        pad(out, self.manifest.bytes).await
     }
+}
+
+/// Ends an archive.
+///
+/// # Errors
+/// Write errors.
+pub async fn finish<W: AsyncWrite + Unpin>(out: &mut W) -> Result<(), ExportError> {
+    out.write_all(&END).await.map_err(ExportError::Write)?;
+    out.flush().await.map_err(ExportError::Write)
+}
+
+/// Streams one archive holding the bundle of every recording in `ids`, in order: each is
+/// gathered, audited by `audit` first (so its custody shows this export), and written before
+/// the next is read, so memory does not grow with their number.
+///
+/// # Errors
+/// The first failure; the archive is then cut short.
+pub async fn write_many<W, A, F>(
+    stores: &Stores,
+    ids: &[RecordingId],
+    exported_by: &str,
+    mut audit: A,
+    out: &mut W,
+) -> Result<(), ExportError>
+where
+    W: AsyncWrite + Unpin,
+    A: FnMut(RecordingId) -> F,
+    F: std::future::Future<Output = Result<(), ExportError>>,
+{
+    for id in ids {
+        audit(id.clone()).await?;
+        let store = stores
+            .for_id(id)
+            .map_err(|e| ExportError::Store(e.to_string()))?;
+        let custody = custody(stores, id).await?;
+        let bundle = Bundle::gather(store, id, &custody, exported_by).await?;
+        bundle.write_entries(store, out).await?;
+    }
+    finish(out).await
 }
 
 async fn write_file_header<W: AsyncWrite + Unpin>(
@@ -280,25 +352,115 @@ async fn pad<W: AsyncWrite + Unpin>(out: &mut W, size: u64) -> Result<(), Export
         .map_err(ExportError::Write)
 }
 
-/// The transcript as plain text: the indexer's when stored, else computed now.
-async fn transcript(
-    store: &DynStore,
-    id: &RecordingId,
-    manifest: &Manifest,
-) -> Result<Vec<u8>, ExportError> {
-    let lines = match crate::indexer::read_transcript(store, id).await {
-        Ok(Some(lines)) => lines,
-        _ => {
-            crate::indexer::build(store, manifest)
-                .await
-                .map_err(|e| ExportError::Transcript(crate::upload::error_chain(&e)))?
-                .1
-        }
-    };
-    let mut text = Vec::new();
-    for line in lines {
-        text.extend_from_slice(line.text.as_bytes());
-        text.push(b'\n');
+/// A recording's transcript as plain text in a temporary file, removed on drop: from the
+/// indexer's `transcript.jsonl` when stored, else replayed now. Either way it is produced
+/// line by line, so memory does not grow with the recording.
+struct TranscriptFile {
+    path: std::path::PathBuf,
+    size: u64,
+    sha256: String,
+}
+
+impl Drop for TranscriptFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
     }
-    Ok(text)
+}
+
+/// Longest transcript line carried between two pieces of a streamed `transcript.jsonl`.
+const MAX_TRANSCRIPT_LINE: usize = 16 << 20;
+
+impl TranscriptFile {
+    async fn make(
+        store: &DynStore,
+        id: &RecordingId,
+        manifest: &Manifest,
+    ) -> Result<Self, ExportError> {
+        let path = std::env::temp_dir().join(format!(
+            "castvault-transcript-{id}-{:016x}.txt",
+            rand::random::<u64>()
+        ));
+        let mut this = Self {
+            path,
+            size: 0,
+            sha256: String::new(),
+        };
+        let file = tokio::fs::File::create(&this.path)
+            .await
+            .map_err(ExportError::Write)?;
+        let mut out = tokio::io::BufWriter::new(file);
+        let mut hash = Sha256::new();
+        let write = |text: &str, out_buf: &mut Vec<u8>| {
+            out_buf.extend_from_slice(text.as_bytes());
+            out_buf.push(b'\n');
+        };
+        let mut pending = Vec::new();
+        match store.get(&ObjectKey::transcript(id)).await {
+            Ok(got) => {
+                let mut stream = got.into_stream();
+                let mut carry: Vec<u8> = Vec::new();
+                while let Some(piece) = stream
+                    .try_next()
+                    .await
+                    .map_err(|e| ExportError::Store(e.to_string()))?
+                {
+                    carry.extend_from_slice(&piece);
+                    let end = carry.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
+                    for line in carry[..end]
+                        .split(|&b| b == b'\n')
+                        .filter(|l| !l.is_empty())
+                    {
+                        if let Ok(line) =
+                            serde_json::from_slice::<crate::catalog::TranscriptLine>(line)
+                        {
+                            write(&line.text, &mut pending);
+                        }
+                    }
+                    carry.drain(..end);
+                    if carry.len() > MAX_TRANSCRIPT_LINE {
+                        return Err(ExportError::Transcript(
+                            "a transcript line is too long".to_owned(),
+                        ));
+                    }
+                    this.flush(&mut out, &mut hash, &mut pending).await?;
+                }
+            }
+            Err(e) if error_kind(&e) == ErrorKind::NotFound => {
+                let mut replay = crate::indexer::Replay::new()
+                    .map_err(|e| ExportError::Transcript(e.to_string()))?;
+                let chunks = reader::body_chunks(store.as_ref(), manifest);
+                futures::pin_mut!(chunks);
+                while let Some(chunk) = chunks.next().await {
+                    let chunk = chunk?;
+                    // Terminal replay is CPU work: keep it off the threads serving requests.
+                    tokio::task::block_in_place(|| replay.feed(&chunk));
+                    for line in std::mem::take(&mut replay.lines) {
+                        write(&line.text, &mut pending);
+                    }
+                    this.flush(&mut out, &mut hash, &mut pending).await?;
+                }
+                for line in replay.finish() {
+                    write(&line.text, &mut pending);
+                }
+                this.flush(&mut out, &mut hash, &mut pending).await?;
+            }
+            Err(e) => return Err(ExportError::Store(e.to_string())),
+        }
+        out.flush().await.map_err(ExportError::Write)?;
+        this.sha256 = hex::encode(hash.finalize());
+        Ok(this)
+    }
+
+    async fn flush<W: AsyncWrite + Unpin>(
+        &mut self,
+        out: &mut W,
+        hash: &mut Sha256,
+        pending: &mut Vec<u8>,
+    ) -> Result<(), ExportError> {
+        hash.update(&pending[..]);
+        self.size += pending.len() as u64;
+        out.write_all(pending).await.map_err(ExportError::Write)?;
+        pending.clear();
+        Ok(())
+    }
 }

@@ -34,6 +34,16 @@ enum Command {
     },
     /// Write a recording out exactly as it was received (verified against its manifest).
     Export(ExportArgs),
+    /// Write the compliance bundles of every finalized recording a query matches into one
+    /// archive, one recording at a time (each export audited).
+    ExportQuery {
+        #[command(flatten)]
+        filter: FilterArgs,
+        #[command(flatten)]
+        store: StoreArgs,
+        #[arg(long)]
+        output: PathBuf,
+    },
     /// Check a stored recording: every chunk, the hash chain, the seal and checkpoint
     /// signatures, the event stream, and that nothing was added. Exits 1 on any failure.
     Verify(VerifyArgs),
@@ -82,6 +92,38 @@ struct VerifyArgs {
     to: Option<time::Date>,
     #[command(flatten)]
     store: StoreArgs,
+}
+
+/// Which recordings: every condition given must hold; repeated values are alternatives.
+#[derive(Args)]
+struct FilterArgs {
+    /// Started at or after this time (RFC 3339).
+    #[arg(long, value_parser = parse_time)]
+    from: Option<time::OffsetDateTime>,
+    /// Started before this time (RFC 3339).
+    #[arg(long, value_parser = parse_time)]
+    to: Option<time::OffsetDateTime>,
+    #[arg(long)]
+    ssh_user: Vec<String>,
+    #[arg(long)]
+    src_node_user: Vec<String>,
+    #[arg(long)]
+    src_node: Vec<String>,
+    #[arg(long = "tag")]
+    src_node_tags: Vec<String>,
+}
+
+impl FilterArgs {
+    fn query(self) -> castvault::retention::HoldQuery {
+        castvault::retention::HoldQuery {
+            from: self.from,
+            to: self.to,
+            ssh_user: self.ssh_user,
+            src_node_user: self.src_node_user,
+            src_node: self.src_node,
+            src_node_tags: self.src_node_tags,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -344,6 +386,16 @@ async fn run(
             }
             (None, None) => anyhow::bail!("name a recording id or --bundle FILE"),
         },
+        Command::ExportQuery {
+            filter,
+            store,
+            output,
+        } => {
+            let cfg = cli::load_config(store.config.as_deref(), store.data_dir, store.store)?;
+            cli::export_query(&cfg, &filter.query(), &output)
+                .await
+                .map(|()| ExitCode::SUCCESS)
+        }
         Command::Retention {
             command:
                 RetentionCommand::Run {

@@ -102,6 +102,7 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/api/v1/recordings/{id}", get(manifest))
         .route("/api/v1/recordings/{id}/cast", get(cast))
         .route("/api/v1/recordings/{id}/bundle", get(bundle))
+        .route("/api/v1/export", get(bulk_export))
         .route("/api/v1/recordings/{id}/window", get(window))
         .route("/api/v1/recordings/{id}/live", get(live))
         .route("/api/v1/uploads", get(uploads))
@@ -590,6 +591,84 @@ async fn bundle(
     {
         headers.insert(header::CONTENT_DISPOSITION, value);
     }
+    Ok(response)
+}
+
+/// Recordings one bulk export may hold: their ids are collected before streaming starts.
+const MAX_BULK_EXPORT: usize = 10_000;
+
+/// One archive of the compliance bundles of every finalized recording a list query matches
+/// (the list API's parameters), for auditors. Streamed recording by recording; each export is
+/// audited before it is read.
+async fn bulk_export(
+    State(web): State<Arc<Web>>,
+    caller: Caller,
+    axum::extract::RawQuery(raw): axum::extract::RawQuery,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Auditor)?;
+    let mut query = Query::parse(raw.as_deref().unwrap_or(""))?;
+    query.limit = Some(crate::catalog::MAX_PAGE);
+    web.audit(&caller, "export-bulk", None, raw.clone()).await?;
+    let mut ids = Vec::new();
+    loop {
+        let page = web
+            .catalog
+            .list(query.clone(), caller.identity.scope.clone())
+            .await?;
+        ids.extend(
+            page.recordings
+                .iter()
+                .filter(|l| l.row.status != castvault_storage::manifest::RecordingStatus::Live)
+                .filter_map(|l| RecordingId::parse(&l.row.id).ok()),
+        );
+        if ids.len() > MAX_BULK_EXPORT {
+            return Err(ApiError::BadRequest(format!(
+                "more than {MAX_BULK_EXPORT} recordings match; narrow the query"
+            )));
+        }
+        match page.next {
+            Some(next) => query.cursor = Some(next),
+            None => break,
+        }
+    }
+    let (mut writer, reader) = tokio::io::duplex(BUNDLE_PIPE_BYTES);
+    let exported_by = format!(
+        "{} ({}) via {}",
+        caller.identity.name, caller.identity.via, web.node_id
+    );
+    tokio::spawn(async move {
+        let audit_web = web.clone();
+        let audit_caller = caller.clone();
+        let result = crate::export::write_many(
+            &web.stores,
+            &ids,
+            &exported_by,
+            |id| {
+                let web = audit_web.clone();
+                let caller = audit_caller.clone();
+                async move {
+                    web.audit(&caller, "export-bundle", Some(&id), None)
+                        .await
+                        .map_err(|e| crate::export::ExportError::Store(e.to_string()))
+                }
+            },
+            &mut writer,
+        )
+        .await;
+        if let Err(e) = result {
+            tracing::error!(error = %crate::upload::error_chain(&e), "bulk export failed mid-stream");
+        }
+    });
+    let mut response = Response::new(Body::from_stream(tokio_util::io::ReaderStream::new(reader)));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-tar"),
+    );
+    headers.insert(
+        header::CONTENT_DISPOSITION,
+        HeaderValue::from_static("attachment; filename=\"castvault-export.tar\""),
+    );
     Ok(response)
 }
 

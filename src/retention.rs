@@ -112,15 +112,19 @@ impl Hold {
         if self.recording_ids.contains(&row.id) {
             return true;
         }
-        let Some(q) = &self.query else {
-            return false;
-        };
-        q.from.is_none_or(|from| row.started_at >= from)
-            && q.to.is_none_or(|to| row.started_at < to)
-            && any(&q.ssh_user, row.ssh_user.as_deref())
-            && any(&q.src_node_user, row.src_node_user.as_deref())
-            && any(&q.src_node, row.src_node.as_deref())
-            && tags(&q.src_node_tags, &row.src_node_tags)
+        self.query.as_ref().is_some_and(|q| q.matches(row))
+    }
+}
+
+impl HoldQuery {
+    /// Every given condition holds for `row`.
+    pub fn matches(&self, row: &CatalogRow) -> bool {
+        self.from.is_none_or(|from| row.started_at >= from)
+            && self.to.is_none_or(|to| row.started_at < to)
+            && any(&self.ssh_user, row.ssh_user.as_deref())
+            && any(&self.src_node_user, row.src_node_user.as_deref())
+            && any(&self.src_node, row.src_node.as_deref())
+            && tags(&self.src_node_tags, &row.src_node_tags)
     }
 }
 

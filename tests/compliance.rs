@@ -653,3 +653,54 @@ async fn the_audit_log_is_a_signed_chain_and_changes_to_it_are_caught() {
     std::fs::write(&audit_files[1], &removed).unwrap();
     assert!(node.cli(&["verify", "--audit"]).status.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_export_by_query_holds_every_match_and_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let node = Node::start(dir.path(), &["--config", &cfg], &[]).await;
+    for (name, user) in [("a", "root"), ("b", "alice"), ("c", "root")] {
+        let header = serde_json::json!({"version": 2, "width": 80, "height": 24, "srcNode": name, "sshUser": user});
+        let body = format!("{header}\n[0.5,\"o\",\"hello from {name}\\r\\n\"]\n");
+        common::connect_and_upload(&[node.ingest], body.as_bytes(), 64)
+            .await
+            .unwrap();
+    }
+    node.wait_finalized(3).await;
+    let out_path = dir.path().join("root.tar");
+    let out = node.cli(&[
+        "export-query",
+        "--ssh-user",
+        "root",
+        "--output",
+        out_path.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = castvault_storage::bundle::verify_bundle(&out_path);
+    assert!(report.ok(), "{:?}", report.failure);
+    assert_eq!(report.status.as_deref(), Some("2 recordings"));
+    // The same through the API, with the list API's parameters.
+    let (status, body) = node.api("/api/v1/export?sshUser=root").await;
+    assert_eq!(status, 200);
+    let api_path = dir.path().join("api.tar");
+    std::fs::write(&api_path, &body).unwrap();
+    let report = castvault_storage::bundle::verify_bundle(&api_path);
+    assert!(report.ok(), "{:?}", report.failure);
+    assert_eq!(report.status.as_deref(), Some("2 recordings"));
+    // A file slipped in beside the recordings is caught.
+    let listing = std::process::Command::new("tar")
+        .arg("-tf")
+        .arg(&out_path)
+        .output()
+        .unwrap();
+    let names = String::from_utf8_lossy(&listing.stdout);
+    assert_eq!(
+        names.lines().filter(|l| l.ends_with("/SHA256SUMS")).count(),
+        2,
+        "{names}"
+    );
+}

@@ -203,14 +203,45 @@ fn sha256_of(file: &mut std::fs::File, entry: &Entry) -> Result<String, String> 
 fn verify_bundle_inner(path: &Path, report: &mut Report) -> Result<(), String> {
     let mut file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let files = entries(&mut file)?;
-    let sums_name = files
+    // One directory per recording, each with its SHA256SUMS (a bulk export holds many).
+    let mut sums_names: Vec<String> = files
         .keys()
-        .find(|n| n.ends_with("/SHA256SUMS"))
+        .filter(|n| n.ends_with("/SHA256SUMS") && n.matches('/').count() == 1)
         .cloned()
-        .ok_or("no SHA256SUMS in the bundle")?;
+        .collect();
+    sums_names.sort();
+    if sums_names.is_empty() {
+        return Err("no SHA256SUMS in the bundle".to_owned());
+    }
+    for name in files.keys() {
+        let dir = name.split('/').next().unwrap_or_default();
+        if !sums_names.iter().any(|s| s == &format!("{dir}/SHA256SUMS")) {
+            return Err(format!("{name}: not part of any recording in the bundle"));
+        }
+    }
+    let recordings = sums_names.len();
+    let mut statuses = Vec::new();
+    for sums_name in sums_names {
+        verify_recording(&mut file, &files, &sums_name, report)?;
+        statuses.extend(report.status.take());
+    }
+    report.status = Some(if recordings == 1 {
+        statuses.pop().unwrap_or_default()
+    } else {
+        format!("{recordings} recordings")
+    });
+    Ok(())
+}
+
+fn verify_recording(
+    file: &mut std::fs::File,
+    files: &HashMap<String, Entry>,
+    sums_name: &str,
+    report: &mut Report,
+) -> Result<(), String> {
     let dir = sums_name.trim_end_matches("SHA256SUMS").to_owned();
     let id = RecordingId::parse(dir.trim_end_matches('/')).map_err(|e| e.to_string())?;
-    let sums = read_entry(&mut file, &files[&sums_name], SMALL_FILE_LIMIT)?;
+    let sums = read_entry(file, &files[sums_name], SMALL_FILE_LIMIT)?;
     let sums = String::from_utf8(sums).map_err(|_| "SHA256SUMS is not text")?;
     let mut listed = HashMap::new();
     for line in sums.lines() {
@@ -219,8 +250,8 @@ fn verify_bundle_inner(path: &Path, report: &mut Report) -> Result<(), String> {
             .ok_or_else(|| format!("SHA256SUMS: bad line {line:?}"))?;
         listed.insert(format!("{dir}{name}"), digest.to_owned());
     }
-    for name in files.keys() {
-        if *name != sums_name && !listed.contains_key(name) {
+    for name in files.keys().filter(|n| n.starts_with(&dir)) {
+        if name != sums_name && !listed.contains_key(name) {
             return Err(format!("{name}: not listed in SHA256SUMS (an added file)"));
         }
     }
@@ -228,7 +259,7 @@ fn verify_bundle_inner(path: &Path, report: &mut Report) -> Result<(), String> {
         let entry = files
             .get(name)
             .ok_or_else(|| format!("{name}: listed in SHA256SUMS but missing"))?;
-        if &sha256_of(&mut file, entry)? != digest {
+        if &sha256_of(file, entry)? != digest {
             return Err(format!(
                 "{name}: SHA-256 differs from SHA256SUMS (the file was changed)"
             ));
@@ -237,10 +268,14 @@ fn verify_bundle_inner(path: &Path, report: &mut Report) -> Result<(), String> {
     report
         .checked
         .push(format!("SHA256SUMS: {} files match", listed.len()));
+    let cast_digest = listed
+        .get(&format!("{dir}recording.cast"))
+        .cloned()
+        .unwrap_or_default();
     let mut keys = KeyRing::default();
-    for (name, entry) in &files {
+    for (name, entry) in files {
         if name.starts_with(&format!("{dir}keys/")) {
-            let bytes = read_entry(&mut file, entry, SMALL_FILE_LIMIT)?;
+            let bytes = read_entry(file, entry, SMALL_FILE_LIMIT)?;
             let record: PublicKeyRecord = serde_json::from_slice(&bytes)
                 .map_err(|e| format!("{name}: not a public key: {e}"))?;
             keys.insert(record);
@@ -252,8 +287,8 @@ fn verify_bundle_inner(path: &Path, report: &mut Report) -> Result<(), String> {
             .ok_or_else(|| format!("{name}: missing from the bundle"))?;
         read_entry(file, entry, SMALL_FILE_LIMIT)
     };
-    let manifest_bytes = get(&mut file, "manifest.json")?;
-    let seal_bytes = get(&mut file, "manifest.sig.json")?;
+    let manifest_bytes = get(file, "manifest.json")?;
+    let seal_bytes = get(file, "manifest.sig.json")?;
     let manifest = check_manifest(id.as_str(), &manifest_bytes, &seal_bytes, &keys, report)?;
     report.status = serde_json::to_value(manifest.status)
         .ok()
@@ -261,6 +296,9 @@ fn verify_bundle_inner(path: &Path, report: &mut Report) -> Result<(), String> {
     let cast = files
         .get(&format!("{dir}recording.cast"))
         .ok_or("recording.cast: missing from the bundle")?;
+    if cast_digest != manifest.body_sha256 {
+        return Err("recording.cast: its SHA-256 is not the manifest's body SHA-256".to_owned());
+    }
     if cast.size != manifest.bytes {
         return Err(format!(
             "recording.cast has {} bytes, the manifest says {}",
@@ -283,7 +321,7 @@ fn verify_bundle_inner(path: &Path, report: &mut Report) -> Result<(), String> {
         .collect();
     names.sort();
     for name in names {
-        let bytes = read_entry(&mut file, &files[name], SMALL_FILE_LIMIT)?;
+        let bytes = read_entry(file, &files[name], SMALL_FILE_LIMIT)?;
         let cp = Checkpoint::parse_canonical(&bytes)
             .ok_or_else(|| format!("{name}: not a valid checkpoint"))?;
         if cp.recording_id != id.as_str() {

@@ -139,6 +139,11 @@ impl Node {
 
     /// Runs a CLI subcommand against this node's store.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        self.cli_via(None, args)
+    }
+
+    /// [`Self::cli`] under a wrapper program and its options (`/usr/bin/time -f %M`).
+    pub fn cli_via(&self, wrapper: Option<(&str, &[&str])>, args: &[&str]) -> std::process::Output {
         let flag = |name: &str| self.args.iter().position(|a| a == name);
         let store_args: Vec<String> = match (flag("--store"), flag("--config")) {
             (Some(i), _) => vec!["--store".into(), self.args[i + 1].clone()],
@@ -150,7 +155,14 @@ impl Node {
             ],
             (None, None) => vec!["--data-dir".into(), self.data_dir.display().to_string()],
         };
-        let mut cmd = Command::new(BIN);
+        let mut cmd = match wrapper {
+            Some((program, options)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(options).arg(BIN);
+                cmd
+            }
+            None => Command::new(BIN),
+        };
         cmd.args(args).args(&store_args);
         for (k, v) in &self.env {
             cmd.env(k, v);
