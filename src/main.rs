@@ -153,20 +153,8 @@ enum HoldCommand {
         /// A recording to hold (repeatable).
         #[arg(long = "recording")]
         recordings: Vec<String>,
-        /// Recordings started at or after this time (RFC 3339).
-        #[arg(long, value_parser = parse_time)]
-        from: Option<time::OffsetDateTime>,
-        /// Recordings started before this time (RFC 3339).
-        #[arg(long, value_parser = parse_time)]
-        to: Option<time::OffsetDateTime>,
-        #[arg(long)]
-        ssh_user: Vec<String>,
-        #[arg(long)]
-        src_node_user: Vec<String>,
-        #[arg(long)]
-        src_node: Vec<String>,
-        #[arg(long = "tag")]
-        src_node_tags: Vec<String>,
+        #[command(flatten)]
+        filter: FilterArgs,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -426,23 +414,11 @@ async fn run(
                     hold_id,
                     reason,
                     recordings,
-                    from,
-                    to,
-                    ssh_user,
-                    src_node_user,
-                    src_node,
-                    src_node_tags,
+                    filter,
                     store: _,
                 } => {
                     let actor = cli::actor(&cfg, &stores).await?;
-                    let query = castvault::retention::HoldQuery {
-                        from,
-                        to,
-                        ssh_user,
-                        src_node_user,
-                        src_node,
-                        src_node_tags,
-                    };
+                    let query = filter.query();
                     let has_query = query != castvault::retention::HoldQuery::default();
                     anyhow::ensure!(
                         has_query || !recordings.is_empty(),

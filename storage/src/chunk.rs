@@ -68,6 +68,36 @@ pub fn decode(compressed: &[u8], capacity: usize) -> Result<Vec<u8>, ChunkError>
         .map_err(|source| ChunkError::Decompress { capacity, source })
 }
 
+/// A reusable decompression context, for readers that decode many chunks in a row (verify):
+/// a fresh context per chunk costs its allocation every time.
+pub struct ChunkDecoder {
+    decompressor: zstd::bulk::Decompressor<'static>,
+}
+
+impl ChunkDecoder {
+    /// # Errors
+    /// [`ChunkError::Decompress`] when zstd cannot make a context.
+    pub fn new() -> Result<Self, ChunkError> {
+        let decompressor =
+            zstd::bulk::Decompressor::new().map_err(|source| ChunkError::Decompress {
+                capacity: 0,
+                source,
+            })?;
+        Ok(Self { decompressor })
+    }
+
+    /// As [`decode`].
+    ///
+    /// # Errors
+    /// As [`decode`].
+    pub fn decode(&mut self, compressed: &[u8], capacity: usize) -> Result<Vec<u8>, ChunkError> {
+        let capacity = capacity.min(MAX_DECODED_CHUNK_BYTES);
+        self.decompressor
+            .decompress(compressed, capacity)
+            .map_err(|source| ChunkError::Decompress { capacity, source })
+    }
+}
+
 /// How many bytes of `pending` (the bytes not yet in a chunk, from the start of a line) form the
 /// next chunk, or `None` to wait for more.
 ///
