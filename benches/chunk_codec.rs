@@ -24,9 +24,16 @@ fn codec(c: &mut Criterion) {
     }
     group.bench_function("scan_lines", |b| b.iter(|| ChunkStats::scan(raw, true)));
     group.bench_function("sha256", |b| b.iter(|| chunk::digest(raw)));
+    group.bench_function("sha256_ring", |b| {
+        b.iter(|| ring::digest::digest(&ring::digest::SHA256, raw))
+    });
     let compressed = ChunkEncoder::new(3).unwrap().encode(raw).unwrap();
     group.bench_function("decode", |b| {
         b.iter(|| chunk::decode(&compressed, raw.len()).unwrap())
+    });
+    let mut decoder = chunk::ChunkDecoder::new().unwrap();
+    group.bench_function("decode_reused_context", |b| {
+        b.iter(|| decoder.decode(&compressed, raw.len()).unwrap())
     });
     group.finish();
 }

@@ -145,6 +145,15 @@ pub async fn list(stores: Stores, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `castvault export ID --format cast`, audited.
+pub async fn export_cast(cfg: &Config, id: &str, output: Option<&Path>) -> anyhow::Result<()> {
+    let stores = cfg.open_stores().map_err(anyhow::Error::msg)?;
+    let rid = RecordingId::parse(id)?;
+    let signer = actor(cfg, &stores).await?;
+    audit_export(&stores, &signer, &rid, "export").await?;
+    export(stores, id, output).await
+}
+
 /// `castvault export ID --format cast`: the recording exactly as received, verified.
 pub async fn export(stores: Stores, id: &str, output: Option<&Path>) -> anyhow::Result<()> {
     let id = RecordingId::parse(id)?;
@@ -308,6 +317,73 @@ fn print_report(what: &str, report: &castvault_storage::verify::Report) -> std::
     }
 }
 
+/// The derived export formats.
+#[derive(Debug, Clone, Copy)]
+pub enum Derived {
+    Transcript,
+    Summary,
+}
+
+/// `castvault export ID --format transcript|summary` (audited like every export).
+pub async fn export_derived(
+    cfg: &Config,
+    id: &str,
+    what: Derived,
+    output: Option<&Path>,
+) -> anyhow::Result<()> {
+    let stores = cfg.open_stores().map_err(anyhow::Error::msg)?;
+    let id = RecordingId::parse(id)?;
+    let store = stores.for_id(&id)?;
+    let signer = actor(cfg, &stores).await?;
+    let action = match what {
+        Derived::Transcript => "export-transcript",
+        Derived::Summary => "export-summary",
+    };
+    audit_export(&stores, &signer, &id, action).await?;
+    let mut out: Box<dyn tokio::io::AsyncWrite + Unpin + Send> = match output {
+        Some(path) => Box::new(tokio::io::BufWriter::new(
+            tokio::fs::File::create(path)
+                .await
+                .with_context(|| format!("creating {}", path.display()))?,
+        )),
+        None => Box::new(tokio::io::stdout()),
+    };
+    match what {
+        Derived::Transcript => crate::export::write_transcript(store, &id, &mut out).await?,
+        Derived::Summary => {
+            let manifest = reader::read_manifest(store.as_ref(), &id).await?;
+            let summary = crate::export::summary(&manifest, &format!("{} (cli)", signer.name));
+            let mut text = serde_json::to_vec_pretty(&summary)?;
+            text.push(b'\n');
+            out.write_all(&text).await?;
+        }
+    }
+    out.flush().await?;
+    Ok(())
+}
+
+/// Writes the audit record of an offline export before anything is read.
+async fn audit_export(
+    stores: &Stores,
+    signer: &crate::retention::Actor,
+    id: &RecordingId,
+    action: &str,
+) -> anyhow::Result<()> {
+    let record = crate::audit::Record {
+        time: time::OffsetDateTime::now_utc(),
+        node: "cli".to_owned(),
+        actor: signer.name.clone(),
+        via: "cli".to_owned(),
+        action: action.to_owned(),
+        recording_id: Some(id.to_string()),
+        query: None,
+        remote: "local".to_owned(),
+    };
+    crate::audit::write_one(stores.home_store(), &signer.key, &record)
+        .await
+        .context("writing the audit record of this export")
+}
+
 /// `castvault export ID --format bundle`: the compliance bundle, to a file (written beside it
 /// and renamed when whole) or stdout. The export is written to the audit log first.
 pub async fn export_bundle(cfg: &Config, id: &str, output: Option<&Path>) -> anyhow::Result<()> {
@@ -315,20 +391,8 @@ pub async fn export_bundle(cfg: &Config, id: &str, output: Option<&Path>) -> any
     let id = RecordingId::parse(id)?;
     let store = stores.for_id(&id)?;
     let signer = actor(cfg, stores).await?;
+    audit_export(stores, &signer, &id, "export-bundle").await?;
     let actor = signer.name.clone();
-    let record = crate::audit::Record {
-        time: time::OffsetDateTime::now_utc(),
-        node: "cli".to_owned(),
-        actor: actor.clone(),
-        via: "cli".to_owned(),
-        action: "export-bundle".to_owned(),
-        recording_id: Some(id.to_string()),
-        query: None,
-        remote: "local".to_owned(),
-    };
-    crate::audit::write_one(stores.home_store(), &signer.key, &record)
-        .await
-        .context("writing the audit record of this export")?;
     let custody = crate::export::custody(stores, &id).await?;
     let bundle =
         crate::export::Bundle::gather(store, &id, &custody, &format!("{actor} (cli)")).await?;

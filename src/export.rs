@@ -173,29 +173,7 @@ impl Bundle {
             }
         }
         let transcript = TranscriptFile::make(store, id, &manifest).await?;
-        let header = |k: &str| manifest.header.get(k).cloned().unwrap_or_default();
-        let summary = serde_json::json!({
-            "recording_id": id.as_str(),
-            "status": manifest.status,
-            "region": manifest.region,
-            "zone": manifest.zone,
-            "recorded_by": manifest.node_id,
-            "received_at": manifest.received_at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
-            "ended_at": manifest.ended_at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
-            "end_reason": manifest.end_reason,
-            "duration_seconds": manifest.duration_seconds,
-            "bytes": manifest.bytes,
-            "events": manifest.events,
-            "sha256": manifest.body_sha256,
-            "srcNode": header("srcNode"),
-            "srcNodeUser": header("srcNodeUser"),
-            "srcNodeTags": header("srcNodeTags"),
-            "sshUser": header("sshUser"),
-            "localUser": header("localUser"),
-            "connectionID": header("connectionID"),
-            "exported_at": OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
-            "exported_by": exported_by,
-        });
+        let summary = summary(&manifest, exported_by);
         let custody: Vec<u8> = custody.iter().flat_map(json_line).collect();
         let mut files: Vec<(String, Bytes)> = vec![
             (
@@ -290,6 +268,58 @@ impl Bundle {
         }
         pad(out, self.manifest.bytes).await
     }
+}
+
+/// A recording's JSON summary: who, when, where, how long, how big.
+pub fn summary(manifest: &Manifest, exported_by: &str) -> serde_json::Value {
+    let header = |k: &str| manifest.header.get(k).cloned().unwrap_or_default();
+    let rfc3339 = |t: OffsetDateTime| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default()
+    };
+    serde_json::json!({
+        "recording_id": manifest.recording_id,
+        "status": manifest.status,
+        "region": manifest.region,
+        "zone": manifest.zone,
+        "recorded_by": manifest.node_id,
+        "received_at": rfc3339(manifest.received_at),
+        "ended_at": rfc3339(manifest.ended_at),
+        "end_reason": manifest.end_reason,
+        "duration_seconds": manifest.duration_seconds,
+        "bytes": manifest.bytes,
+        "events": manifest.events,
+        "sha256": manifest.body_sha256,
+        "srcNode": header("srcNode"),
+        "srcNodeUser": header("srcNodeUser"),
+        "srcNodeTags": header("srcNodeTags"),
+        "sshUser": header("sshUser"),
+        "localUser": header("localUser"),
+        "connectionID": header("connectionID"),
+        "exported_at": rfc3339(OffsetDateTime::now_utc()),
+        "exported_by": exported_by,
+    })
+}
+
+/// Writes a recording's plain-text transcript (the indexer's, else replayed now) to `out`,
+/// with flat memory.
+///
+/// # Errors
+/// Read and write errors.
+pub async fn write_transcript<W: AsyncWrite + Unpin>(
+    store: &DynStore,
+    id: &RecordingId,
+    out: &mut W,
+) -> Result<(), ExportError> {
+    let manifest = reader::read_manifest(store.as_ref(), id).await?;
+    let transcript = TranscriptFile::make(store, id, &manifest).await?;
+    let mut file = tokio::fs::File::open(&transcript.path)
+        .await
+        .map_err(ExportError::Write)?;
+    tokio::io::copy(&mut file, out)
+        .await
+        .map_err(ExportError::Write)?;
+    out.flush().await.map_err(ExportError::Write)
 }
 
 /// Ends an archive.

@@ -245,6 +245,10 @@ enum RecordingsCommand {
 enum ExportFormat {
     /// asciicast v2, byte for byte as received.
     Cast,
+    /// What the screen showed, as plain text.
+    Transcript,
+    /// A JSON summary: who, when, where, how long, how big.
+    Summary,
     /// A compliance bundle (tar): the .cast, transcript, summary, manifest, seal, checkpoints,
     /// public keys, chain of custody, SHA256SUMS and a README on verifying it.
     Bundle,
@@ -339,11 +343,17 @@ async fn run(
             )?;
             match args.format {
                 ExportFormat::Cast => {
-                    let stores = cfg.open_stores().map_err(anyhow::Error::msg)?;
-                    cli::export(stores, &args.id, args.output.as_deref()).await
+                    cli::export_cast(&cfg, &args.id, args.output.as_deref()).await
                 }
                 ExportFormat::Bundle => {
                     cli::export_bundle(&cfg, &args.id, args.output.as_deref()).await
+                }
+                format => {
+                    let what = match format {
+                        ExportFormat::Transcript => cli::Derived::Transcript,
+                        _ => cli::Derived::Summary,
+                    };
+                    cli::export_derived(&cfg, &args.id, what, args.output.as_deref()).await
                 }
             }
             .map(|()| ExitCode::SUCCESS)

@@ -345,6 +345,32 @@ async fn exported_cast_plays_in_the_asciinema_cli_and_is_what_was_sent() {
         text.contains("line 0 of the session") && text.contains("line 199 of the session"),
         "{text}"
     );
+    // The transcript and summary formats, and every export is audited.
+    let out = node.cli(&["export", id, "--format", "transcript"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let transcript = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        transcript.contains("line 199 of the session"),
+        "{transcript}"
+    );
+    let out = node.cli(&["export", id, "--format", "summary"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["sshUser"], "root");
+    assert_eq!(summary["sha256"], common::sha256(&body));
+    let (_, audit) = node.api("/api/v1/audit").await;
+    let audit = String::from_utf8_lossy(&audit);
+    for action in ["\"export\"", "export-transcript", "export-summary"] {
+        assert!(audit.contains(action), "{action} not audited: {audit}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
