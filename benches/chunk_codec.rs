@@ -35,6 +35,14 @@ fn codec(c: &mut Criterion) {
     group.bench_function("decode_reused_context", |b| {
         b.iter(|| decoder.decode(&compressed, raw.len()).unwrap())
     });
+    let mut out = Vec::new();
+    group.bench_function("decode_reused_buffer", |b| {
+        b.iter(|| {
+            decoder
+                .decode_into(&compressed, raw.len(), &mut out)
+                .unwrap()
+        })
+    });
     group.finish();
 }
 

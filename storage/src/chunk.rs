@@ -86,6 +86,26 @@ impl ChunkDecoder {
         Ok(Self { decompressor })
     }
 
+    /// As [`decode`], into `out` (cleared first), whose memory is reused from chunk to chunk:
+    /// a fresh 4 MiB buffer per chunk costs a page fault per 4 KiB.
+    ///
+    /// # Errors
+    /// As [`decode`].
+    pub fn decode_into(
+        &mut self,
+        compressed: &[u8],
+        capacity: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<(), ChunkError> {
+        let capacity = capacity.min(MAX_DECODED_CHUNK_BYTES);
+        out.clear();
+        out.reserve(capacity);
+        self.decompressor
+            .decompress_to_buffer(compressed, out)
+            .map(|_| ())
+            .map_err(|source| ChunkError::Decompress { capacity, source })
+    }
+
     /// As [`decode`].
     ///
     /// # Errors

@@ -478,14 +478,15 @@ async fn verify_stored_inner(
     }
     let mut body = BodyCheck::new(id, &manifest);
     let mut decoder = chunk::ChunkDecoder::new().map_err(|e| e.to_string())?;
+    let mut raw = Vec::new();
     while let Some(entry) = body.next_entry() {
         let path = ObjectKey::chunk(id, entry.seq);
         let stored = get(store, &path)
             .await?
             .ok_or_else(|| format!("chunk {}: missing", entry.seq))?;
         let capacity = usize::try_from(entry.raw_len).unwrap_or(MAX_DECODED_CHUNK_BYTES);
-        let raw = decoder
-            .decode(&stored, capacity)
+        decoder
+            .decode_into(&stored, capacity, &mut raw)
             .map_err(|e| format!("chunk {}: does not decode: {e}", entry.seq))?;
         body.chunk(&raw, Some(&stored))?;
     }
