@@ -79,7 +79,8 @@ impl Health {
             .is_some_and(|mut d| d.take().is_some());
         if was_down {
             tracing::info!(region, "store is reachable again");
-            self.back.notify_waiters();
+            // One waiter (the uploader); a permit is kept if it is busy, so no return is missed.
+            self.back.notify_one();
         }
     }
 
