@@ -27,11 +27,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use castvault_storage::chunk::{self, ChunkStats, MAX_DECODED_CHUNK_BYTES};
 use castvault_storage::keys::{ObjectKey, RecordingId};
-use castvault_storage::manifest::{
-    CatalogRow, ChunkEntry, HashChain, MANIFEST_FORMAT, Manifest, RecordingStatus,
-};
+use castvault_storage::manifest::{CatalogRow, MANIFEST_FORMAT, Manifest, RecordingStatus};
 use castvault_storage::signing::NodeKey;
 use castvault_storage::store::{
     DynStore, ErrorKind, Stores, error_kind, put_create, put_overwrite,
@@ -39,7 +36,6 @@ use castvault_storage::store::{
 use futures::TryStreamExt;
 use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
@@ -377,27 +373,10 @@ impl Sweeper {
             taken_over_from: Some(previous.clone()),
             ..lease.clone()
         };
-        let mode = PutMode::Update(UpdateVersion {
-            e_tag: etag,
-            version: None,
-        });
-        match store
-            .put_opts(
-                &path,
-                PutPayload::from(lease_bytes(&mine)),
-                PutOptions::from(mode),
-            )
-            .await
-        {
+        // The same conditional update a renewal makes: only one node can win it.
+        match renew(store, id, &mine, etag, self.ttl).await {
             Ok(_) => {}
-            Err(e)
-                if matches!(
-                    error_kind(&e),
-                    ErrorKind::Precondition | ErrorKind::NotFound
-                ) =>
-            {
-                return Ok(false);
-            }
+            Err(LeaseError::Lost { .. }) => return Ok(false),
             Err(e) => return Err(error_chain(&e)),
         }
         self.health.took_over(id.region());
@@ -441,52 +420,25 @@ pub async fn finalize_orphan(
     if let Ok(existing) = castvault_storage::reader::read_manifest(store.as_ref(), id).await {
         return Ok(existing);
     }
-    let mut table: Vec<ChunkEntry> = Vec::new();
-    let mut chain = HashChain::new(id);
-    let mut body = Sha256::new();
-    let mut offset = 0u64;
-    let mut last_byte = None;
-    for seq in 0u32.. {
-        let path = ObjectKey::chunk(id, seq);
-        let stored = match async { store.get(&path).await?.bytes().await }.await {
-            Ok(bytes) => bytes,
-            Err(e) if error_kind(&e) == ErrorKind::NotFound => {
-                // Chunks past the first gap were never acked (acks count the committed prefix):
-                // puts that landed while an earlier one failed. They are not the recording's.
-                for stray in seq + 1..seq + crate::upload::PUTS_IN_FLIGHT as u32 {
-                    match store.delete(&ObjectKey::chunk(id, stray)).await {
-                        Ok(()) => {}
-                        Err(e) if error_kind(&e) == ErrorKind::NotFound => {}
-                        Err(e) => {
-                            return Err(format!(
-                                "removing chunk {stray} past the gap: {}",
-                                error_chain(&e)
-                            ));
-                        }
-                    }
-                }
-                break;
+    let rebuilt = castvault_storage::reader::rebuild_chunk_table(store.as_ref(), id, None)
+        .await
+        .map_err(|e| error_chain(&e))?;
+    // Chunks past the first gap were never acked (acks count the committed prefix): puts that
+    // landed while an earlier one failed. They are not the recording's.
+    let gap = u32::try_from(rebuilt.chunks.len()).unwrap_or(u32::MAX);
+    for stray in gap + 1..gap + crate::upload::PUTS_IN_FLIGHT as u32 {
+        match store.delete(&ObjectKey::chunk(id, stray)).await {
+            Ok(()) => {}
+            Err(e) if error_kind(&e) == ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(format!(
+                    "removing chunk {stray} past the gap: {}",
+                    error_chain(&e)
+                ));
             }
-            Err(e) => return Err(format!("get {path}: {}", error_chain(&e))),
-        };
-        let raw = chunk::decode(&stored, MAX_DECODED_CHUNK_BYTES)
-            .map_err(|e| format!("stored chunk {seq} does not decode: {e}"))?;
-        let stats = ChunkStats::scan(&raw, seq == 0);
-        let digest = chunk::digest(&raw);
-        let link = chain.push(&digest, seq, offset, raw.len() as u64);
-        body.update(&raw);
-        last_byte = raw.last().copied().or(last_byte);
-        table.push(ChunkEntry::new(
-            seq,
-            offset,
-            raw.len() as u64,
-            &stored,
-            &stats,
-            &digest,
-            &link,
-        ));
-        offset += raw.len() as u64;
+        }
     }
+    let table = rebuilt.chunks;
     let meta = &lease.meta;
     let manifest = Manifest {
         format: MANIFEST_FORMAT.to_owned(),
@@ -501,17 +453,17 @@ pub async fn finalize_orphan(
         received_at: meta.received_at,
         ended_at: lease.renewed_at,
         header: meta.header.clone(),
-        bytes: offset,
+        bytes: rebuilt.bytes,
         events: table.iter().map(|c| c.events).sum(),
         malformed_lines: table.iter().map(|c| c.malformed_lines).sum(),
-        partial_last_line: last_byte.is_some_and(|b| b != b'\n'),
+        partial_last_line: rebuilt.partial_last_line,
         duration_seconds: table
             .iter()
             .rev()
             .find_map(|c| c.last_event_time)
             .unwrap_or(0.0),
-        body_sha256: hex::encode(body.finalize()),
-        chain_head: hex::encode(chain.head()),
+        body_sha256: rebuilt.body_sha256,
+        chain_head: hex::encode(rebuilt.chain_head),
         chunks: table,
     };
     let bytes = Bytes::from(serde_json::to_vec_pretty(&manifest).unwrap_or_default());

@@ -25,7 +25,7 @@ use castvault_storage::keys::{ObjectKey, RecordingId};
 use castvault_storage::manifest::{
     CatalogRow, ChunkEntry, HashChain, MANIFEST_FORMAT, Manifest, RecordingStatus,
 };
-use castvault_storage::reader::read_manifest;
+use castvault_storage::reader::{self, read_manifest};
 use castvault_storage::store::{
     DynStore, ErrorKind, Stores, UnknownRegion, error_kind, put_create, put_overwrite,
 };
@@ -923,8 +923,10 @@ impl Inner {
             s.committed = offset + raw_len;
             s.cut_due = (upload.file.written() > s.committed)
                 .then(|| age_cut_due(Instant::now(), self.config.max_chunk_age));
-            ChunkEntry::new(seq, offset, raw_len, &compressed, &stats, &digest, &link)
+            link
         };
+        // Hashing the stored object is kept out of the lock others take to read progress.
+        let entry = ChunkEntry::new(seq, offset, raw_len, &compressed, &stats, &digest, &entry);
         if let Err(e) = upload.file.log_chunk(&entry).await {
             // The store holds the chunk; the log is only a cache of its manifest entry.
             tracing::warn!(seq, error = %e, "cannot append to the chunk log; the manifest will be rebuilt from the store");
@@ -1219,42 +1221,20 @@ impl Inner {
         chunks: u32,
     ) -> Result<Vec<ChunkEntry>, UploadError> {
         let id = &upload.file.id;
-        let mut table = Vec::with_capacity(chunks as usize);
-        let mut chain = HashChain::new(id);
-        let mut offset = 0;
-        for seq in 0..chunks {
-            let path = ObjectKey::chunk(id, seq);
-            let stored = async { upload.store.get(&path).await?.bytes().await }
-                .await
-                .map_err(UploadError::store("get", &path))?;
-            let raw = chunk::decode(&stored, MAX_DECODED_CHUNK_BYTES).map_err(|e| {
-                UploadError::Corrupt {
-                    recording_id: id.to_string(),
-                    what: format!("stored chunk {seq} does not decode: {e}"),
-                }
+        let rebuilt = reader::rebuild_chunk_table(upload.store.as_ref(), id, Some(chunks))
+            .await
+            .map_err(|e| UploadError::Corrupt {
+                recording_id: id.to_string(),
+                what: format!("reading its chunks back: {}", error_chain(&e)),
             })?;
-            let stats = ChunkStats::scan(&raw, seq == 0);
-            let digest = chunk::digest(&raw);
-            let link = chain.push(&digest, seq, offset, raw.len() as u64);
-            table.push(ChunkEntry::new(
-                seq,
-                offset,
-                raw.len() as u64,
-                &stored,
-                &stats,
-                &digest,
-                &link,
-            ));
-            offset += raw.len() as u64;
-        }
-        if chain.head() != upload.state().chain.head() {
+        if rebuilt.chain_head != upload.state().chain.head() {
             return Err(UploadError::Corrupt {
                 recording_id: id.to_string(),
                 what: "chunks read back from the store do not match the committed chain".to_owned(),
             });
         }
         tracing::info!(chunks, "rebuilt the chunk table from the store");
-        Ok(table)
+        Ok(rebuilt.chunks)
     }
 
     fn take_encoder(&self) -> Result<ChunkEncoder, UploadError> {

@@ -9,7 +9,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use crate::chunk;
 use crate::keys::{ObjectKey, RecordingId};
-use crate::manifest::{CatalogRow, HashChain, Manifest};
+use crate::manifest::{CatalogRow, ChunkEntry, HashChain, Manifest};
 use crate::store::{ErrorKind, error_kind};
 
 /// Why a recording could not be read.
@@ -200,6 +200,77 @@ pub async fn write_body<W: AsyncWrite + Unpin>(
 ///
 /// # Errors
 /// Store errors while listing or reading.
+/// A recording's chunk table rebuilt from the chunks in the store, with what a manifest needs
+/// beside it.
+#[derive(Debug)]
+pub struct Rebuilt {
+    pub chunks: Vec<ChunkEntry>,
+    pub chain_head: [u8; 32],
+    pub body_sha256: String,
+    pub bytes: u64,
+    /// The last chunk ends inside a line.
+    pub partial_last_line: bool,
+}
+
+/// Reads a recording's chunks back from the store, from chunk 0: `count` of them, or (with
+/// `None`) up to the first missing one. One chunk in memory at a time.
+///
+/// # Errors
+/// [`ReadError::Corrupt`] for a chunk missing within `count` or one that does not decode;
+/// store errors.
+pub async fn rebuild_chunk_table(
+    store: &dyn ObjectStore,
+    id: &RecordingId,
+    count: Option<u32>,
+) -> Result<Rebuilt, ReadError> {
+    let mut chunks = Vec::with_capacity(count.unwrap_or(0) as usize);
+    let mut chain = HashChain::new(id);
+    let mut body = Sha256::new();
+    let (mut offset, mut last_byte) = (0u64, None);
+    for seq in 0..count.unwrap_or(u32::MAX) {
+        let path = ObjectKey::chunk(id, seq);
+        let stored = match async { store.get(&path).await?.bytes().await }.await {
+            Ok(bytes) => bytes,
+            Err(e) if error_kind(&e) == ErrorKind::NotFound && count.is_none() => break,
+            Err(source) => {
+                return Err(ReadError::Store {
+                    path: path.to_string(),
+                    source,
+                });
+            }
+        };
+        let raw = chunk::decode(&stored, chunk::MAX_DECODED_CHUNK_BYTES).map_err(|source| {
+            ReadError::Decode {
+                id: id.to_string(),
+                seq,
+                source,
+            }
+        })?;
+        let stats = chunk::ChunkStats::scan(&raw, seq == 0);
+        let digest = chunk::digest(&raw);
+        let link = chain.push(&digest, seq, offset, raw.len() as u64);
+        body.update(&raw);
+        last_byte = raw.last().copied().or(last_byte);
+        chunks.push(ChunkEntry::new(
+            seq,
+            offset,
+            raw.len() as u64,
+            &stored,
+            &stats,
+            &digest,
+            &link,
+        ));
+        offset += raw.len() as u64;
+    }
+    Ok(Rebuilt {
+        chunks,
+        chain_head: chain.head(),
+        body_sha256: hex::encode(body.finalize()),
+        bytes: offset,
+        partial_last_line: last_byte.is_some_and(|b| b != b'\n'),
+    })
+}
+
 pub async fn list_catalog(store: &dyn ObjectStore) -> Result<Vec<CatalogRow>, ReadError> {
     let prefix = ObjectKey::catalog_prefix();
     let metas: Vec<_> = store

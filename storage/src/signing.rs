@@ -267,8 +267,9 @@ impl NodeKey {
         }
     }
 
-    fn signed(&self, node_id: &str, message: impl FnOnce(&Signed) -> Vec<u8>) -> Signed {
-        let mut signed = Signed {
+    /// Who signs, and when; the signature is filled in once the message is complete.
+    fn unsigned(&self, node_id: &str) -> Signed {
+        Signed {
             node_id: node_id.to_owned(),
             key_id: self.key_id.clone(),
             // Whole seconds: the message's time stamp must survive its JSON round trip exactly.
@@ -276,9 +277,7 @@ impl NodeKey {
                 .replace_nanosecond(0)
                 .unwrap_or(OffsetDateTime::UNIX_EPOCH),
             signature: String::new(),
-        };
-        signed.signature = hex::encode(self.pair.sign(&message(&signed)).as_ref());
-        signed
+        }
     }
 
     /// Signs a checkpoint of the first `chunks` chunks.
@@ -296,20 +295,9 @@ impl NodeKey {
             chunks,
             bytes,
             chain_head: hex::encode(chain_head),
-            signed: Signed {
-                node_id: String::new(),
-                key_id: String::new(),
-                signed_at: OffsetDateTime::UNIX_EPOCH,
-                signature: String::new(),
-            },
+            signed: self.unsigned(node_id),
         };
-        cp.signed = self.signed(node_id, |s| {
-            Checkpoint {
-                signed: s.clone(),
-                ..cp.clone()
-            }
-            .message()
-        });
+        cp.signed.signature = self.sign_raw(&cp.message());
         cp
     }
 
@@ -335,20 +323,9 @@ impl NodeKey {
             format: format.to_owned(),
             recording_id: recording_id.to_owned(),
             manifest_sha256: digest,
-            signed: Signed {
-                node_id: String::new(),
-                key_id: String::new(),
-                signed_at: OffsetDateTime::UNIX_EPOCH,
-                signature: String::new(),
-            },
+            signed: self.unsigned(node_id),
         };
-        seal.signed = self.signed(node_id, |s| {
-            Seal {
-                signed: s.clone(),
-                ..seal.clone()
-            }
-            .message()
-        });
+        seal.signed.signature = self.sign_raw(&seal.message());
         seal
     }
 }
