@@ -16,6 +16,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admission::{Admission, PeerCounts, PeerRate};
 use crate::audit::Audit;
 use crate::auth::Access;
 use crate::catalog::{self, Catalog};
@@ -150,10 +151,19 @@ pub async fn run(
         ready: ready.clone(),
         draining: draining.clone(),
     });
+    let tls = match &config.web_tls {
+        Some(tls) => Some(
+            crate::tls::acceptor(tls, web_stop.clone())
+                .map_err(anyhow::Error::msg)
+                .context("loading the web TLS certificate")?,
+        ),
+        None => None,
+    };
     let web_task = tokio::spawn(listener::serve(
         listeners.web,
         playback::router(web),
         web_stop.clone(),
+        listener::Limits::web(&config.limits, tls),
     ));
 
     let recovered = spool.recover().context("reading the spool")?;
@@ -187,6 +197,10 @@ pub async fn run(
         zone: config.zone.clone(),
         max_line_bytes: config.max_line_bytes,
         min_free_disk_bytes: config.min_free_disk_bytes,
+        admission: Admission::new(&config.admission),
+        limits: config.limits.clone(),
+        peer_recordings: PeerCounts::new(config.limits.max_recordings_per_peer),
+        event_rate: PeerRate::new(config.limits.events_per_second_per_peer),
         open_recordings: Arc::new(Semaphore::new(config.max_open_recordings)),
         draining: draining.clone(),
         close_streams: CancellationToken::new(),
@@ -197,6 +211,7 @@ pub async fn run(
         listeners.ingest,
         ingest::router(ingest.clone()),
         ingest_stop.clone(),
+        listener::Limits::ingest(&config.limits),
     ));
     ready.cancel();
 

@@ -233,12 +233,12 @@ pub struct Access {
     grants: Vec<GrantConfig>,
 }
 
-fn sha256(text: &str) -> [u8; 32] {
+pub(crate) fn sha256(text: &str) -> [u8; 32] {
     Sha256::digest(text.as_bytes()).into()
 }
 
 /// Compares digests in constant time.
-fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
+pub(crate) fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
@@ -390,7 +390,7 @@ fn admin_token(path: &Path) -> std::io::Result<String> {
     Ok(token)
 }
 
-fn bearer(headers: &HeaderMap) -> Option<String> {
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<String> {
     headers
         .get(axum::http::header::AUTHORIZATION)?
         .to_str()
@@ -417,6 +417,12 @@ pub struct WhoIs {
     /// The user's login name; for a tagged device, its node name.
     pub name: String,
     pub tags: Vec<String>,
+    /// The node's MagicDNS name, without the final dot.
+    pub node: String,
+    /// The node's stable id (`StableID`, e.g. `nStable1CNTRL`).
+    pub node_id: String,
+    /// The node owner's login name (`tagged-devices` for a tagged node).
+    pub login: String,
 }
 
 /// The fields read from tailscaled's `apitype.WhoIsResponse` (`Node` is a `tailcfg.Node`,
@@ -433,6 +439,8 @@ struct WhoIsResponse {
 struct WhoIsNode {
     #[serde(rename = "Name", default)]
     name: String,
+    #[serde(rename = "StableID", default)]
+    stable_id: String,
     #[serde(rename = "Tags", default)]
     tags: Option<Vec<String>>,
 }
@@ -484,19 +492,29 @@ pub async fn whois(socket: &Path, peer: SocketAddr) -> Result<Option<WhoIs>, Str
     }
     let who: WhoIsResponse =
         serde_json::from_slice(&body).map_err(|e| format!("WhoIs answer: {e}"))?;
-    let tags = who
+    let (node, node_id, tags) = who
         .node
-        .as_ref()
-        .and_then(|n| n.tags.clone())
+        .map(|n| {
+            (
+                n.name.trim_end_matches('.').to_owned(),
+                n.stable_id,
+                n.tags.unwrap_or_default(),
+            )
+        })
         .unwrap_or_default();
+    let login = who.user_profile.map(|u| u.login_name).unwrap_or_default();
     let name = if tags.is_empty() {
-        who.user_profile.map(|u| u.login_name).unwrap_or_default()
+        login.clone()
     } else {
-        who.node
-            .map(|n| n.name.trim_end_matches('.').to_owned())
-            .unwrap_or_default()
+        node.clone()
     };
-    Ok((!name.is_empty()).then_some(WhoIs { name, tags }))
+    Ok((!name.is_empty()).then_some(WhoIs {
+        name,
+        tags,
+        node,
+        node_id,
+        login,
+    }))
 }
 
 #[cfg(test)]
@@ -565,7 +583,10 @@ mod tests {
             who,
             WhoIs {
                 name: "alice@example.com".into(),
-                tags: vec![]
+                tags: vec![],
+                node: "alice-laptop.tail-net.ts.net".into(),
+                node_id: "nStable1CNTRL".into(),
+                login: "alice@example.com".into(),
             }
         );
 
@@ -574,6 +595,7 @@ mod tests {
         let who = whois(&socket, peer).await.unwrap().unwrap();
         assert_eq!(who.name, "ci-runner.tail-net.ts.net");
         assert_eq!(who.tags, ["tag:ci", "tag:audit"]);
+        assert_eq!(who.node_id, "nStable2CNTRL");
 
         let dir = tempfile::tempdir().unwrap();
         let socket = fake_tailscaled(dir.path(), "404 Not Found", "no match for IP:port").await;

@@ -145,6 +145,16 @@ pub struct Config {
     /// Retention rules (see `crate::retention`): the longest matching `keep_days` wins; a
     /// recording no rule matches is kept.
     pub retention: Vec<crate::retention::RetentionRule>,
+    /// Who may send recordings (see `crate::admission`).
+    pub admission: crate::admission::AdmissionConfig,
+    /// Per-peer and total bounds on the ingest listener (see `crate::admission`).
+    pub limits: crate::admission::LimitsConfig,
+    /// TLS for the web listener, from certificate files (as `tailscale cert` writes them);
+    /// reloaded when they change.
+    pub web_tls: Option<crate::tls::TlsConfig>,
+    /// Serve the web UI over plain HTTP on a non-loopback address (behind a TLS-terminating
+    /// proxy such as `tailscale serve`). Without it, a non-loopback `web_listen` needs `web_tls`.
+    pub allow_plain_http: bool,
 }
 
 /// One region's store.
@@ -220,6 +230,10 @@ impl Default for Config {
             lease_ttl: Duration::from_secs(30),
             checkpoint_every: castvault_storage::signing::CHECKPOINT_EVERY,
             retention: Vec::new(),
+            admission: crate::admission::AdmissionConfig::default(),
+            limits: crate::admission::LimitsConfig::default(),
+            web_tls: None,
+            allow_plain_http: false,
         }
     }
 }
@@ -381,6 +395,18 @@ impl Config {
             problems.push("checkpoint_every must be between 1s and 1m".to_owned());
         }
         problems.extend(self.access.validate());
+        problems.extend(self.admission.validate());
+        problems.extend(self.limits.validate());
+        if self.web_tls.is_none() && !self.allow_plain_http && !self.web_listen.ip().is_loopback() {
+            problems.push(format!(
+                "web_listen {} is not loopback: set web_tls (certificate files), or \
+                 allow_plain_http = true behind a TLS-terminating proxy",
+                self.web_listen
+            ));
+        }
+        if let Some(tls) = &self.web_tls {
+            problems.extend(tls.validate());
+        }
         problems
     }
 

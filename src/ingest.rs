@@ -32,6 +32,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{head, post};
 use castvault_storage::cast::CastHeader;
 use castvault_storage::keys::{ObjectKey, RecordingId, Region};
+use castvault_storage::manifest::Sender;
 use castvault_storage::routing::{self, Rule};
 use castvault_storage::store::{Stores, put_create};
 use futures::StreamExt;
@@ -41,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::admission::{Admission, Bucket, LimitsConfig, PeerCounts, PeerRate, PeerSlot, Refusal};
 use crate::config::{AckLevel, OutagePolicy};
 use crate::metrics::Metrics;
 use crate::spool::{RecordingMeta, Spool, SpoolFile, StreamEnd, StreamOutcome};
@@ -52,9 +54,6 @@ pub const ACK_HEARTBEAT: Duration = Duration::from_secs(1);
 /// How long the end of a stream waits for its last bytes to reach the ack level before the
 /// final frame; well under the client's 30 s ack window, which keeps running meanwhile.
 pub const FINAL_ACK_WAIT: Duration = Duration::from_secs(20);
-
-/// Longest header line; real headers are a few hundred bytes. Bounds the only per-stream buffer.
-pub const MAX_HEADER_LINE_BYTES: usize = 64 << 10;
 
 /// Largest `/v2/event` body. The proxy sends the Kubernetes request body inside, base64.
 pub const MAX_EVENT_BYTES: usize = 16 << 20;
@@ -78,6 +77,14 @@ pub struct Ingest {
     pub zone: String,
     pub max_line_bytes: usize,
     pub min_free_disk_bytes: u64,
+    /// Who may send (checked before any body byte is read).
+    pub admission: Admission,
+    /// Bounds per peer and per stream (see `crate::admission`).
+    pub limits: LimitsConfig,
+    /// Recordings open per address.
+    pub peer_recordings: PeerCounts,
+    /// `/v2/event` requests per address.
+    pub event_rate: PeerRate,
     /// One permit per open recording.
     pub open_recordings: Arc<Semaphore>,
     /// Cancelled on SIGTERM: new recordings get 503.
@@ -92,6 +99,12 @@ pub struct Ingest {
 pub struct AckState {
     pub acked: u64,
     pub done: Option<Result<(), String>>,
+}
+
+/// What an open recording holds; released when it drops.
+struct StreamSlot {
+    _total: OwnedSemaphorePermit,
+    _peer: Option<PeerSlot>,
 }
 
 /// How a stream ended, for the v1 response.
@@ -116,7 +129,45 @@ pub fn router(ingest: Arc<Ingest>) -> Router {
                 .post(event)
                 .layer(DefaultBodyLimit::max(MAX_EVENT_BYTES)),
         )
+        .route_layer(axum::middleware::from_fn_with_state(
+            ingest.clone(),
+            admit_sender,
+        ))
+        .fallback(|| async {
+            refuse(
+                StatusCode::NOT_FOUND,
+                "not a recorder endpoint; expected /v2/record, /record or /v2/event",
+            )
+        })
         .with_state(ingest)
+}
+
+/// Admission (see `crate::admission`), before the handler reads any of the body. The sender's
+/// identity goes on to the handler in the request's extensions.
+async fn admit_sender(
+    State(ingest): State<Arc<Ingest>>,
+    peer: Option<axum::Extension<Peer>>,
+    mut req: Request<Body>,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(axum::Extension(Peer(peer))) = peer else {
+        return refuse(StatusCode::FORBIDDEN, "sender address unknown");
+    };
+    match ingest.admission.admit(req.headers(), peer).await {
+        Ok(sender) => {
+            req.extensions_mut().insert(sender);
+            next.run(req).await
+        }
+        Err(refusal) => {
+            Metrics::add(&ingest.metrics.admission_refused, 1);
+            let (status, message) = match refusal {
+                Refusal::Forbidden(m) => (StatusCode::FORBIDDEN, m),
+                Refusal::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, m),
+            };
+            tracing::info!(%peer, %status, %message, "sender not admitted");
+            refuse(status, &message)
+        }
+    }
 }
 
 async fn probe_v2(req: Request<Body>) -> StatusCode {
@@ -129,7 +180,10 @@ async fn probe_v2(req: Request<Body>) -> StatusCode {
 
 fn refuse(status: StatusCode, message: &str) -> Response {
     let mut response = (status, format!("{message}\n")).into_response();
-    if status == StatusCode::SERVICE_UNAVAILABLE {
+    if matches!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS
+    ) {
         response
             .headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -163,8 +217,9 @@ impl Ingest {
         }
     }
 
-    /// Admission: capacity, draining and disk space. Refusal is a 503 before the body is read.
-    fn admit(&self) -> Result<OwnedSemaphorePermit, Box<Response>> {
+    /// Capacity, draining and disk space. Refusal is a 503 (429 for one peer over its share)
+    /// before the body is read.
+    fn admit(&self, peer: Option<SocketAddr>) -> Result<StreamSlot, Box<Response>> {
         let refused = |message: &str| {
             Metrics::add(&self.metrics.streams_refused, 1);
             Box::new(refuse(StatusCode::SERVICE_UNAVAILABLE, message))
@@ -172,6 +227,23 @@ impl Ingest {
         if self.draining.is_cancelled() {
             return Err(refused("recorder is shutting down; try the next recorder"));
         }
+        let peer_slot = match peer {
+            Some(peer) => match self.peer_recordings.take(peer.ip()) {
+                Some(slot) => Some(slot),
+                None => {
+                    Metrics::add(&self.metrics.limits_refused, 1);
+                    return Err(Box::new(refuse(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        &format!(
+                            "too many open recordings from {} (limit {})",
+                            peer.ip(),
+                            self.limits.max_recordings_per_peer
+                        ),
+                    )));
+                }
+            },
+            None => None,
+        };
         let Ok(permit) = self.open_recordings.clone().try_acquire_owned() else {
             return Err(refused("recorder is at capacity; try the next recorder"));
         };
@@ -184,13 +256,17 @@ impl Ingest {
                 "recorder spool disk is full; try the next recorder",
             ));
         }
-        Ok(permit)
+        Ok(StreamSlot {
+            _total: permit,
+            _peer: peer_slot,
+        })
     }
 }
 
 async fn record_v2(
     State(ingest): State<Arc<Ingest>>,
     peer: Option<axum::Extension<Peer>>,
+    sender: Option<axum::Extension<Sender>>,
     req: Request<Body>,
 ) -> Response {
     if req.version() != Version::HTTP_2 {
@@ -199,16 +275,17 @@ async fn record_v2(
             "POST /v2/record needs HTTP/2; use POST /record",
         );
     }
-    let permit = match ingest.admit() {
+    let peer = peer.map(|p| p.0.0);
+    let permit = match ingest.admit(peer) {
         Ok(permit) => permit,
         Err(response) => return *response,
     };
     let (acks, rx) = watch::channel(AckState::default());
-    let peer = peer.map(|p| p.0.0);
+    let sender = sender.map(|s| s.0);
     let body = req.into_body();
     let tracker = ingest.streams.clone();
     tracker.spawn(async move {
-        let result = receive(&ingest, body, "v2", peer, &acks).await;
+        let result = receive(&ingest, body, "v2", peer, sender, &acks).await;
         drop(permit);
         acks.send_modify(|a| {
             a.done = Some(match result {
@@ -228,14 +305,17 @@ async fn record_v2(
 async fn record_v1(
     State(ingest): State<Arc<Ingest>>,
     peer: Option<axum::Extension<Peer>>,
+    sender: Option<axum::Extension<Sender>>,
     req: Request<Body>,
 ) -> Response {
-    let permit = match ingest.admit() {
+    let peer = peer.map(|p| p.0.0);
+    let permit = match ingest.admit(peer) {
         Ok(permit) => permit,
         Err(response) => return *response,
     };
     let (acks, _rx) = watch::channel(AckState::default());
-    let result = receive(&ingest, req.into_body(), "v1", peer.map(|p| p.0.0), &acks).await;
+    let sender = sender.map(|s| s.0);
+    let result = receive(&ingest, req.into_body(), "v1", peer, sender, &acks).await;
     drop(permit);
     match result {
         StreamResult::Stored | StreamResult::Broken => StatusCode::OK.into_response(),
@@ -363,13 +443,17 @@ async fn next_change(active: &mut Option<Active>) {
 struct LineLimit {
     max: usize,
     current: usize,
+    /// Line ends in the last frame checked (events, for pacing).
+    newlines: u64,
 }
 
 impl LineLimit {
     /// False once a line is longer than the limit.
     fn check(&mut self, data: &[u8]) -> bool {
         let mut start = 0;
+        self.newlines = 0;
         for pos in memchr::memchr_iter(b'\n', data) {
+            self.newlines += 1;
             if self.current + (pos - start) > self.max {
                 return false;
             }
@@ -387,6 +471,7 @@ async fn receive(
     body: Body,
     protocol: &str,
     peer: Option<SocketAddr>,
+    sender: Option<Sender>,
     acks: &watch::Sender<AckState>,
 ) -> StreamResult {
     Metrics::add(&ingest.metrics.streams_open, 1);
@@ -395,17 +480,29 @@ async fn receive(
     // The id names the home region, which the header decides: it is recorded once known.
     let span =
         tracing::info_span!("stream", recording_id = tracing::field::Empty, protocol, peer = ?peer);
-    receive_recording(ingest, body, protocol, peer, received_at, acks)
+    let from = From {
+        protocol,
+        peer,
+        sender,
+        received_at,
+    };
+    receive_recording(ingest, body, &from, acks)
         .instrument(span)
         .await
+}
+
+/// Where a stream comes from.
+struct From<'a> {
+    protocol: &'a str,
+    peer: Option<SocketAddr>,
+    sender: Option<Sender>,
+    received_at: OffsetDateTime,
 }
 
 async fn receive_recording(
     ingest: &Ingest,
     body: Body,
-    protocol: &str,
-    peer: Option<SocketAddr>,
-    received_at: OffsetDateTime,
+    from: &From<'_>,
     acks: &watch::Sender<AckState>,
 ) -> StreamResult {
     let mut body = body.into_data_stream();
@@ -414,8 +511,15 @@ async fn receive_recording(
     let mut lines = LineLimit {
         max: ingest.max_line_bytes,
         current: 0,
+        newlines: 0,
     };
     let mut received: u64 = 0;
+    let limits = &ingest.limits;
+    let header_deadline = tokio::time::Instant::now() + limits.header_timeout;
+    // Events beyond the per-stream rate are not dropped: the body is read more slowly, which
+    // pushes back on the sender through HTTP/2 flow control or TCP.
+    let mut pace = Bucket::new(limits.stream_events_per_second, limits.stream_event_burst);
+    let mut resume_at: Option<tokio::time::Instant> = None;
 
     // Phase 1: the body, until it ends, breaks or is refused.
     let ended: Ended = loop {
@@ -424,11 +528,25 @@ async fn receive_recording(
             () = ingest.close_streams.cancelled() => {
                 break Ended::Failed("recorder shut down before the stream ended".to_owned());
             }
-            next = body.next() => match next {
+            () = tokio::time::sleep_until(header_deadline), if active.is_none() => {
+                return finish_refused(ingest, StreamResult::Rejected(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!("no asciicast header line within {:?}", limits.header_timeout),
+                ));
+            }
+            () = tokio::time::sleep_until(resume_at.unwrap_or_else(tokio::time::Instant::now)), if resume_at.is_some() => {
+                resume_at = None;
+            }
+            next = body.next(), if resume_at.is_none() => match next {
                 Some(Ok(data)) => {
                     received += data.len() as u64;
                     Metrics::add(&ingest.metrics.bytes_received, data.len() as u64);
                     let line_ok = lines.check(&data);
+                    let wait = pace.take(lines.newlines, std::time::Instant::now());
+                    if !wait.is_zero() {
+                        Metrics::add(&ingest.metrics.streams_throttled, 1);
+                        resume_at = Some(tokio::time::Instant::now() + wait);
+                    }
                     if let Some(active) = &mut active {
                         active.arrived(active.file.received() + data.len() as u64);
                         if let Err(e) = ingest.spool.append(&active.file, data).await {
@@ -437,7 +555,7 @@ async fn receive_recording(
                     } else {
                         header_line.extend_from_slice(&data);
                         if let Some(pos) = memchr::memchr(b'\n', &header_line) {
-                            match open_recording(ingest, protocol, peer, received_at, &header_line[..pos]).await {
+                            match open_recording(ingest, from, &header_line[..pos]).await {
                                 Ok(opened) => {
                                     if let Err(e) = ingest.spool.append(&opened.file, Bytes::from(std::mem::take(&mut header_line))).await {
                                         active = Some(opened);
@@ -447,10 +565,10 @@ async fn receive_recording(
                                 }
                                 Err(result) => return finish_refused(ingest, result),
                             }
-                        } else if header_line.len() > MAX_HEADER_LINE_BYTES {
+                        } else if header_line.len() > limits.max_header_bytes {
                             return finish_refused(ingest, StreamResult::Rejected(
                                 StatusCode::BAD_REQUEST,
-                                format!("first line is longer than {MAX_HEADER_LINE_BYTES} bytes; expected an asciicast v2 header"),
+                                format!("first line is longer than {} bytes; expected an asciicast v2 header", limits.max_header_bytes),
                             ));
                         }
                     }
@@ -489,7 +607,7 @@ async fn receive_recording(
     // A body that ended inside its first line: the whole body is the header, or it is refused.
     if active.is_none() {
         if outcome == StreamOutcome::Complete && !header_line.is_empty() {
-            match open_recording(ingest, protocol, peer, received_at, &header_line).await {
+            match open_recording(ingest, from, &header_line).await {
                 Ok(opened) => {
                     if let Err(e) = ingest
                         .spool
@@ -605,9 +723,7 @@ fn finish_refused(ingest: &Ingest, result: StreamResult) -> StreamResult {
 /// Validates the header line and opens the recording's spool files and upload.
 async fn open_recording(
     ingest: &Ingest,
-    protocol: &str,
-    peer: Option<SocketAddr>,
-    received_at: OffsetDateTime,
+    from: &From<'_>,
     header_line: &[u8],
 ) -> Result<Active, StreamResult> {
     let header = CastHeader::parse(header_line).map_err(|e| {
@@ -617,15 +733,16 @@ async fn open_recording(
         )
     })?;
     let region = ingest.home_region(&header);
-    let id = &RecordingId::new(&region, unix_ms(received_at), rand::random());
+    let id = &RecordingId::new(&region, unix_ms(from.received_at), rand::random());
     tracing::Span::current().record("recording_id", tracing::field::display(id));
     let meta = RecordingMeta {
         recording_id: id.to_string(),
         node_id: ingest.node_id.clone(),
         zone: ingest.zone.clone(),
-        protocol: protocol.to_owned(),
-        peer: peer.map(|p| p.to_string()),
-        received_at,
+        protocol: from.protocol.to_owned(),
+        peer: from.peer.map(|p| p.to_string()),
+        sender: from.sender.clone(),
+        received_at: from.received_at,
         header: header.into_value(),
     };
     let file = ingest
@@ -663,8 +780,22 @@ fn unix_ms(t: OffsetDateTime) -> u64 {
 async fn event(
     State(ingest): State<Arc<Ingest>>,
     peer: Option<axum::Extension<Peer>>,
+    sender: Option<axum::Extension<Sender>>,
     body: Bytes,
 ) -> Response {
+    if let Some(axum::Extension(Peer(peer))) = peer
+        && !ingest.event_rate.allow(peer.ip())
+    {
+        Metrics::add(&ingest.metrics.limits_refused, 1);
+        return refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            &format!(
+                "more than {} events per second from {}",
+                ingest.limits.events_per_second_per_peer,
+                peer.ip()
+            ),
+        );
+    }
     let Ok(serde_json::Value::Object(mut event)) =
         serde_json::from_slice::<serde_json::Value>(&body)
     else {
@@ -676,7 +807,14 @@ async fn event(
     let now = OffsetDateTime::now_utc();
     let id = RecordingId::new(ingest.stores.home(), unix_ms(now), rand::random());
     event.insert("id".to_owned(), serde_json::Value::String(id.to_string()));
-    // Without tailnet identity (WhoIs) the uploader is known by its address.
+    // The uploader as WhoIs names it; else by its address.
+    let (node, node_id) = match sender.map(|s| s.0) {
+        Some(s) if s.via == "whois" => (s.name, s.node_id.unwrap_or_default()),
+        _ => (
+            peer.map(|p| p.0.0.ip().to_string()).unwrap_or_default(),
+            String::new(),
+        ),
+    };
     let destination = event
         .entry("destination")
         .or_insert_with(|| serde_json::json!({}));
@@ -684,14 +822,10 @@ async fn event(
         let empty =
             |v: Option<&serde_json::Value>| v.and_then(|v| v.as_str()).is_none_or(str::is_empty);
         if empty(dest.get("node")) {
-            let node = peer.map(|p| p.0.0.ip().to_string()).unwrap_or_default();
             dest.insert("node".to_owned(), serde_json::Value::String(node));
         }
         if empty(dest.get("nodeID")) {
-            dest.insert(
-                "nodeID".to_owned(),
-                serde_json::Value::String(String::new()),
-            );
+            dest.insert("nodeID".to_owned(), serde_json::Value::String(node_id));
         }
     }
     let bytes = Bytes::from(serde_json::to_vec(&event).unwrap_or_default());
@@ -717,12 +851,20 @@ mod tests {
 
     #[test]
     fn line_limit_spans_frames() {
-        let mut l = LineLimit { max: 4, current: 0 };
+        let mut l = LineLimit {
+            max: 4,
+            current: 0,
+            newlines: 0,
+        };
         assert!(l.check(b"ab"));
         assert!(l.check(b"cd\nabcd\n"));
         assert!(l.check(b"abc"));
         assert!(!l.check(b"de"));
-        let mut l = LineLimit { max: 4, current: 0 };
+        let mut l = LineLimit {
+            max: 4,
+            current: 0,
+            newlines: 0,
+        };
         assert!(!l.check(b"abcdef\n"));
     }
 }

@@ -450,6 +450,7 @@ pub async fn finalize_orphan(
         end_reason: Some(reason.to_owned()),
         protocol: meta.protocol.clone(),
         peer: meta.peer.clone(),
+        sender: meta.sender.clone(),
         received_at: meta.received_at,
         ended_at: lease.renewed_at,
         header: meta.header.clone(),

@@ -7,6 +7,8 @@
 //! - [`playback`]: the web listener: health, readiness, metrics, the recordings API.
 //!
 //! Around it:
+//! - [`admission`]: who may send recordings, and the per-peer and per-stream limits.
+//! - [`tls`]: the web listener's certificate, reloaded when its files change.
 //! - [`config`]: the typed, strict node configuration and its validation.
 //! - [`listener`]: accept loops serving HTTP/1.1 and h2c on one port, with connection caps.
 //! - [`metrics`]: Prometheus counters, names in one place.
@@ -15,6 +17,7 @@
 //!
 //! The on-storage format (keys, chunks, manifest, stores) is the `castvault-storage` crate.
 
+pub mod admission;
 pub mod app;
 pub mod audit;
 pub mod auth;
@@ -34,5 +37,6 @@ pub mod metrics;
 pub mod playback;
 pub mod retention;
 pub mod spool;
+pub mod tls;
 pub mod ui;
 pub mod upload;

@@ -16,6 +16,9 @@ pub const BYTES_STORED: &str = "castvault_bytes_stored_total";
 pub const UPLOAD_FAILURES: &str = "castvault_upload_failures_total";
 pub const RECORDINGS_FINALIZED: &str = "castvault_recordings_finalized_total";
 pub const RECORDINGS_PENDING: &str = "castvault_recordings_pending_upload";
+pub const ADMISSION_REFUSED: &str = "castvault_ingest_admission_refused_total";
+pub const LIMITS_REFUSED: &str = "castvault_ingest_limit_refusals_total";
+pub const STREAMS_THROTTLED: &str = "castvault_ingest_stream_throttled_total";
 pub const EVENTS_STORED: &str = "castvault_k8s_events_stored_total";
 pub const ACK_LATENCY: &str = "castvault_ack_latency_seconds";
 pub const JOURNAL_COMMIT: &str = "castvault_spool_journal_commit_seconds";
@@ -77,6 +80,12 @@ pub struct Metrics {
     pub recordings_finalized: AtomicU64,
     pub recordings_pending: AtomicU64,
     pub events_stored: AtomicU64,
+    /// Requests refused by admission (403/503 before the body).
+    pub admission_refused: AtomicU64,
+    /// Requests refused for a per-peer limit (429).
+    pub limits_refused: AtomicU64,
+    /// Times a stream's reading was paused for its event rate.
+    pub streams_throttled: AtomicU64,
     /// From a frame's arrival until an ack covering it is issued (for v1: until it is durable).
     pub ack_latency: Histogram,
     /// One spool journal commit round (write and fdatasync), which every spool-level ack waits
@@ -95,7 +104,7 @@ impl Metrics {
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
-        let rows: [(&str, &str, &AtomicU64); 12] = [
+        let rows: [(&str, &str, &AtomicU64); 15] = [
             (STREAMS_OPEN, "gauge", &self.streams_open),
             (STREAMS_TOTAL, "counter", &self.streams_total),
             (STREAMS_REFUSED, "counter", &self.streams_refused),
@@ -108,6 +117,9 @@ impl Metrics {
             (RECORDINGS_FINALIZED, "counter", &self.recordings_finalized),
             (RECORDINGS_PENDING, "gauge", &self.recordings_pending),
             (EVENTS_STORED, "counter", &self.events_stored),
+            (ADMISSION_REFUSED, "counter", &self.admission_refused),
+            (LIMITS_REFUSED, "counter", &self.limits_refused),
+            (STREAMS_THROTTLED, "counter", &self.streams_throttled),
         ];
         let mut out = String::new();
         for (name, kind, value) in rows {

@@ -1046,6 +1046,7 @@ impl Inner {
             end_reason: end.reason.clone(),
             protocol: upload.meta.protocol.clone(),
             peer: upload.meta.peer.clone(),
+            sender: upload.meta.sender.clone(),
             received_at: upload.meta.received_at,
             ended_at: end.ended_at,
             header: upload.meta.header.clone(),

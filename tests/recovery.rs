@@ -50,6 +50,7 @@ async fn crashed_recording() -> Setup {
         zone: "z1".into(),
         protocol: "v2".into(),
         peer: None,
+        sender: None,
         received_at: time::OffsetDateTime::now_utc(),
         header: serde_json::from_slice(&body[..body.iter().position(|&b| b == b'\n').unwrap()])
             .unwrap(),

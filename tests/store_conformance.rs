@@ -107,6 +107,7 @@ async fn conformance(store: DynStore) {
         end_reason: None,
         protocol: "v2".into(),
         peer: None,
+        sender: None,
         received_at: time::OffsetDateTime::UNIX_EPOCH,
         ended_at: time::OffsetDateTime::UNIX_EPOCH,
         header: serde_json::json!({"version": 2}),

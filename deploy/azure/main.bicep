@@ -124,6 +124,11 @@ var config = join([
   '[regions.${regionName}]'
   'store = "az://${containerName}"'
   'store_options = { account_name = "${storageAccountName}", client_id = "${identity.properties.clientId}" }'
+  ''
+  '# Only this region\'s Tailscale SSH servers may send recordings (tailscaled WhoIs).'
+  '[admission]'
+  'whois_socket = "/var/run/tailscale/tailscaled.sock"'
+  'allow_tags = ["tag:${regionName}"]'
 ], '\n')
 
 var release = 'https://github.com/castvault/castvault/releases/download/v${castvaultVersion}'

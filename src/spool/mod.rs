@@ -97,6 +97,9 @@ pub struct RecordingMeta {
     pub zone: String,
     pub protocol: String,
     pub peer: Option<String>,
+    /// The uploader's identity from admission.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sender: Option<castvault_storage::manifest::Sender>,
     #[serde(with = "time::serde::rfc3339")]
     pub received_at: OffsetDateTime,
     /// The header object as received.
@@ -644,6 +647,7 @@ mod tests {
             zone: "z".into(),
             protocol: "v2".into(),
             peer: None,
+            sender: None,
             received_at: OffsetDateTime::now_utc(),
             header: serde_json::json!({"version": 2}),
         }

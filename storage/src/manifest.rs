@@ -83,6 +83,27 @@ impl ChunkEntry {
     }
 }
 
+/// The uploading node (the SSH server or API proxy that sent the recording), as ingest
+/// admission identified it. tsrecorder writes the same facts into the header as `dstNode` and
+/// `dstNodeID`; castvault keeps the header byte-exact and records them here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sender {
+    /// How it was identified: `whois` (tailscaled), `token` (a bearer token) or `address`
+    /// (an allowed network only).
+    pub via: String,
+    /// The node's MagicDNS name (`whois`), the token's name (`token`), or the peer address.
+    pub name: String,
+    /// The node's stable id (`whois` only); tsrecorder's `dstNodeID`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+    /// The node's tags (`whois` only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// The node owner's login (`whois` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+}
+
 /// The manifest of a finalized recording.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -98,6 +119,10 @@ pub struct Manifest {
     pub protocol: String,
     /// TCP peer that uploaded the recording.
     pub peer: Option<String>,
+    /// Who the uploader is, as admission established it (absent in recordings made before
+    /// admission recorded it, and then left out of the manifest's canonical form).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sender: Option<Sender>,
     #[serde(with = "time::serde::rfc3339")]
     pub received_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
