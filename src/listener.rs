@@ -113,6 +113,8 @@ pub async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.http_header_timeout)
+        // A client that shuts its write side after the body still gets its answer.
+        .half_close(true)
         .max_buf_size(limits.max_request_header_bytes as usize);
     let builder = Arc::new(builder);
     let connections = TaskTracker::new();
