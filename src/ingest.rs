@@ -623,10 +623,11 @@ async fn receive_recording(
         } else {
             let message = reason
                 .unwrap_or_else(|| "empty body; expected an asciicast v2 header line".to_owned());
-            let status = if outcome == StreamOutcome::Complete {
-                StatusCode::BAD_REQUEST
-            } else {
-                StatusCode::SERVICE_UNAVAILABLE
+            // A body that broke (malformed chunked encoding, a client gone) is the sender's
+            // doing; only the recorder's own failure asks the client to try elsewhere.
+            let status = match ended {
+                Ended::Failed(_) => StatusCode::SERVICE_UNAVAILABLE,
+                Ended::Complete | Ended::ClientGone(_) => StatusCode::BAD_REQUEST,
             };
             return finish_refused(ingest, StreamResult::Rejected(status, message));
         }

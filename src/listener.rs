@@ -176,9 +176,23 @@ pub async fn serve(
         let builder = builder.clone();
         let tls = limits.tls.clone();
         let stop = shutdown.clone();
+        let first_byte_wait = limits.http_header_timeout;
         connections.spawn(async move {
             let result = match tls {
-                None => run_connection(&builder, stream, service, &stop).await,
+                None => {
+                    // A connection that sends nothing (half-open, or held to exhaust slots)
+                    // is closed after the header time limit; hyper's own timer starts only
+                    // with the first byte.
+                    let mut first = [0u8; 1];
+                    match tokio::time::timeout(first_byte_wait, stream.peek(&mut first)).await {
+                        Ok(Ok(n)) if n > 0 => {
+                            run_connection(&builder, stream, service, &stop).await
+                        }
+                        Ok(Ok(_)) => Ok(()),
+                        Ok(Err(e)) => Err(Box::new(e) as _),
+                        Err(_) => Err("nothing sent within the header time limit".into()),
+                    }
+                }
                 Some(acceptor) => {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => run_connection(&builder, tls, service, &stop).await,

@@ -334,3 +334,660 @@ fn fake_tailscaled(path: &Path) -> std::sync::Arc<std::sync::Mutex<Option<String
     });
     answer
 }
+
+/// What a hostile request must get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    /// This final HTTP status.
+    Status(u16),
+    /// No HTTP answer: the node closes the connection (for bytes that are not HTTP at all).
+    Closed,
+}
+
+struct Case {
+    name: &'static str,
+    to_web: bool,
+    request: Vec<u8>,
+    expect: Expect,
+    /// Text the answer must contain (the clear error).
+    says: &'static str,
+}
+
+fn case(
+    name: &'static str,
+    request: impl Into<Vec<u8>>,
+    expect: Expect,
+    says: &'static str,
+) -> Case {
+    Case {
+        name,
+        to_web: false,
+        request: request.into(),
+        expect,
+        says,
+    }
+}
+
+fn web_case(name: &'static str, path: &str, token: &str, expect: Expect) -> Case {
+    Case {
+        name,
+        to_web: true,
+        request: format!(
+            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\r\n"
+        )
+        .into_bytes(),
+        expect,
+        says: "",
+    }
+}
+
+/// The corpus of hostile and malformed requests, each with its expected answer.
+fn corpus_cases(token: &str) -> Vec<Case> {
+    use Expect::Status;
+    let good_header = header("");
+    let long_line = format!("{good_header}[0.1,\"o\",\"{}\"]\n", "x".repeat(80 << 10));
+    let bomb = "[".repeat(100_000) + "\n";
+    let event_bomb = "[".repeat(100_000);
+    let mut cases = vec![
+        case(
+            "GET /record",
+            "GET /record HTTP/1.1\r\nHost: x\r\n\r\n",
+            Status(405),
+            "",
+        ),
+        case(
+            "PUT /v2/record",
+            "PUT /v2/record HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+            Status(405),
+            "",
+        ),
+        case(
+            "DELETE /v2/event",
+            "DELETE /v2/event HTTP/1.1\r\nHost: x\r\n\r\n",
+            Status(405),
+            "",
+        ),
+        case(
+            "GET /",
+            "GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+            Status(404),
+            "not a recorder endpoint",
+        ),
+        case(
+            "traversal in the path",
+            "GET /../../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n",
+            Status(404),
+            "not a recorder endpoint",
+        ),
+        case(
+            "encoded traversal",
+            "POST /%2e%2e/%2e%2e/etc/passwd HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+            Status(404),
+            "",
+        ),
+        case(
+            "traversal after /record",
+            "POST /record/../../x HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+            Status(404),
+            "",
+        ),
+        case(
+            "invalid UTF-8 in the path",
+            b"GET /\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            Status(400),
+            "",
+        ),
+        case(
+            "v2 over HTTP/1.1",
+            sized("POST", "/v2/record", good_header.as_bytes()),
+            Status(505),
+            "needs HTTP/2",
+        ),
+        case(
+            "unknown HTTP version",
+            "GET /record HTTP/9.9\r\nHost: x\r\n\r\n",
+            Status(400),
+            "",
+        ),
+        case(
+            "not HTTP (a TLS hello)",
+            b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03garbage".to_vec(),
+            Status(400),
+            "",
+        ),
+        case(
+            "endless request line",
+            format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(100 << 10)),
+            Status(431),
+            "",
+        ),
+        case(
+            "giant header field",
+            format!(
+                "POST /record HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+                "b".repeat(40 << 10)
+            ),
+            Status(431),
+            "",
+        ),
+        case(
+            "NUL in a header value",
+            b"POST /record HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\nContent-Length: 0\r\n\r\n"
+                .to_vec(),
+            Status(400),
+            "",
+        ),
+        case(
+            "space in a header name",
+            "POST /record HTTP/1.1\r\nHost: x\r\nBad Name: v\r\nContent-Length: 0\r\n\r\n",
+            Status(400),
+            "",
+        ),
+        case(
+            "Content-Length and chunked (smuggling)",
+            format!(
+                "POST /record HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{good_header}\r\n0\r\n\r\n",
+                good_header.len()
+            ),
+            // RFC 9112 6.3: chunked wins, and the connection closes after the answer, so
+            // nothing can be smuggled behind it.
+            Status(200),
+            "connection: close",
+        ),
+        case(
+            "two different Content-Lengths",
+            "POST /record HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde",
+            Status(400),
+            "",
+        ),
+        case(
+            "negative Content-Length",
+            "POST /record HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+            Status(400),
+            "",
+        ),
+        case(
+            "unsupported Transfer-Encoding",
+            "POST /record HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\nabc",
+            Status(400),
+            "",
+        ),
+        case(
+            "empty body",
+            chunked("/record", b"", ""),
+            Status(400),
+            "expected an asciicast v2 header",
+        ),
+        case(
+            "header is not JSON",
+            chunked("/record", b"hello world\n", ""),
+            Status(400),
+            "invalid asciicast header",
+        ),
+        case(
+            "header is asciicast v1",
+            chunked(
+                "/record",
+                b"{\"version\":1,\"width\":80,\"height\":24}\n",
+                "",
+            ),
+            Status(400),
+            "invalid asciicast header",
+        ),
+        case(
+            "header with invalid UTF-8",
+            chunked(
+                "/record",
+                b"{\"version\":2,\"width\":80,\"height\":24,\"x\":\"\xff\xfe\"}\n",
+                "",
+            ),
+            Status(400),
+            "invalid asciicast header",
+        ),
+        case(
+            "header of NUL bytes",
+            chunked("/record", b"\x00\x00\x00\x00\n", ""),
+            Status(400),
+            "invalid asciicast header",
+        ),
+        case(
+            "JSON bomb header",
+            chunked("/record", bomb.as_bytes(), ""),
+            Status(400),
+            "expected an asciicast v2 header",
+        ),
+        case(
+            "header line without end",
+            chunked(
+                "/record",
+                "{\"version\":2,\"pad\":\"".repeat(5000).as_bytes(),
+                "",
+            ),
+            Status(400),
+            "first line is longer than",
+        ),
+        case(
+            "header number out of range",
+            chunked(
+                "/record",
+                b"{\"version\":2,\"width\":1e999,\"height\":24}\n",
+                "",
+            ),
+            Status(400),
+            "invalid asciicast header",
+        ),
+        case(
+            "event line over the line limit",
+            chunked("/record", long_line.as_bytes(), ""),
+            Status(503),
+            "a line is longer than the limit",
+        ),
+        case(
+            "invalid chunk size",
+            format!(
+                "POST /record HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{good_header}\r\n0\r\n\r\n"
+            ),
+            Status(400),
+            "",
+        ),
+        case(
+            "chunk size overflow",
+            "POST /record HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffffff\r\nabc\r\n",
+            Status(400),
+            "upload stream broke",
+        ),
+        case(
+            "event: not JSON",
+            sized("POST", "/v2/event", b"not json"),
+            Status(400),
+            "one JSON object",
+        ),
+        case(
+            "event: a JSON array",
+            sized("POST", "/v2/event", b"[1,2,3]"),
+            Status(400),
+            "one JSON object",
+        ),
+        case(
+            "event: JSON bomb",
+            sized("POST", "/v2/event", event_bomb.as_bytes()),
+            Status(400),
+            "one JSON object",
+        ),
+        case(
+            "event: invalid UTF-8",
+            sized("POST", "/v2/event", b"{\"a\":\"\xff\"}"),
+            Status(400),
+            "one JSON object",
+        ),
+        case(
+            "event: over 16 MiB",
+            sized("POST", "/v2/event", &vec![b' '; (16 << 20) + 1]),
+            Status(413),
+            "",
+        ),
+    ];
+    // Traversal and junk in every id and path parameter of the web API.
+    for (name, path, expect) in [
+        (
+            "api: traversal id",
+            "/api/v1/recordings/..%2F..%2Fetc%2Fpasswd",
+            Status(400),
+        ),
+        (
+            "api: traversal in cast",
+            "/api/v1/recordings/..%2F..%2Fv1%2Fkeys/cast",
+            Status(400),
+        ),
+        (
+            "api: traversal in bundle",
+            "/api/v1/recordings/01a22dda358d4a2375e59e35fff3-local%2F..%2F..%2Fx/bundle",
+            Status(400),
+        ),
+        (
+            "api: NUL in id",
+            "/api/v1/recordings/%00/window?from=0",
+            Status(400),
+        ),
+        (
+            "api: unknown region id",
+            "/api/v1/recordings/01a22dda358d4a2375e59e35fff3-mars/cast",
+            Status(404),
+        ),
+        (
+            "api: well-formed unknown id",
+            "/api/v1/recordings/01a22dda358d4a2375e59e35fff3-local",
+            Status(404),
+        ),
+        (
+            "api: live of unknown id",
+            "/api/v1/recordings/01a22dda358d4a2375e59e35fff3-local/live",
+            Status(404),
+        ),
+        (
+            "api: dotted segments",
+            "/api/v1/recordings/../../../../etc/passwd",
+            Status(404),
+        ),
+        (
+            "api: window of an unknown id, NaN offset",
+            "/api/v1/recordings/01a22dda358d4a2375e59e35fff3-local/window?from=NaN",
+            Status(404),
+        ),
+        (
+            "api: export bad time",
+            "/api/v1/export?from=..%2F..%2F",
+            Status(400),
+        ),
+        (
+            "api: list bad sort",
+            "/api/v1/recordings?sort=%3BDROP%20TABLE",
+            Status(400),
+        ),
+    ] {
+        cases.push(web_case(name, path, token, expect));
+    }
+    cases
+}
+
+/// At least 40 hostile or malformed requests against one node, each with its expected answer,
+/// while a good v2 stream records: the node stays healthy and the stream is byte-exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hostile_corpus_gets_clear_answers_and_harms_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        "max_line_bytes = 65536\n[limits]\nheader_timeout = \"2s\"\nhttp_header_timeout = \"2s\"\nevents_per_second_per_peer = 20\nmax_connections_per_peer = 16\nmax_recordings_per_peer = 4\n",
+    );
+    let node = Node::start(dir.path(), &["--config", &config], &[]).await;
+    let token = node.admin_token();
+
+    // The good stream runs through the whole corpus.
+    let body = corpus::generate(11, 256 << 10);
+    let mut good = start_v2(node.ingest).await.unwrap();
+    let pieces: Vec<Vec<u8>> = body.chunks(2048).map(<[u8]>::to_vec).collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = stop.clone();
+    let sender = tokio::spawn(async move {
+        for piece in pieces {
+            good.send(&piece).await.unwrap();
+            if !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        good
+    });
+
+    let cases = corpus_cases(&token);
+    let mut count = 0;
+    let mut wrong = Vec::new();
+    for (i, c) in cases.iter().enumerate() {
+        let to = if c.to_web { node.web } else { node.ingest };
+        let answer = exchange(ip(2), to, &c.request, true).await;
+        let text = String::from_utf8_lossy(&answer);
+        let got = match status(&answer) {
+            0 => Expect::Closed,
+            s => Expect::Status(s),
+        };
+        if got != c.expect || !text.contains(c.says) {
+            wrong.push(format!(
+                "{}: expected {:?} saying {:?}, got: {}",
+                c.name,
+                c.expect,
+                c.says,
+                text.chars().take(300).collect::<String>()
+            ));
+        }
+        count += 1;
+        if i % 10 == 9 {
+            healthy(&node).await;
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+
+    // Stateful abuse, each from its own address.
+    // Slow body: a byte every 50 ms for a short while still records exactly.
+    let slow = header("") + "[0.5,\"o\",\"slow\"]\n";
+    let mut conn = connect_from(ip(3), node.ingest).await;
+    conn.write_all(b"POST /record HTTP/1.1\r\nHost: x\r\nContent-Length: ")
+        .await
+        .unwrap();
+    conn.write_all(format!("{}\r\n\r\n", slow.len()).as_bytes())
+        .await
+        .unwrap();
+    for b in slow.as_bytes().chunks(8) {
+        conn.write_all(b).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut answer = vec![0; 12];
+    tokio::time::timeout(ANSWER_WAIT, conn.read_exact(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 200", "slow body");
+    count += 1;
+
+    // Slow request headers (slowloris): cut off at the header time limit with 408.
+    let mut conn = connect_from(ip(3), node.ingest).await;
+    conn.write_all(b"POST /record HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    let mut closed = false;
+    while started.elapsed() < ANSWER_WAIT {
+        if conn.write_all(b"X-Drip: a\r\n").await.is_err() {
+            closed = true;
+            break;
+        }
+        let mut buf = [0u8; 256];
+        match tokio::time::timeout(Duration::from_millis(300), conn.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => {
+                closed = true;
+                break;
+            }
+            Ok(Ok(n)) => answer.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+    }
+    assert!(
+        closed || status(&answer) == 408,
+        "slow headers were never cut off"
+    );
+    count += 1;
+
+    // Half-open: a connection that sends nothing is closed at the header time limit.
+    let mut conn = connect_from(ip(3), node.ingest).await;
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(ANSWER_WAIT, conn.read(&mut buf)).await;
+    assert!(
+        matches!(n, Ok(Ok(_) | Err(_))),
+        "an idle connection was never closed"
+    );
+    count += 1;
+
+    // The header line never arrives after the request (v1, body kept open): 408.
+    let mut conn = connect_from(ip(3), node.ingest).await;
+    conn.write_all(
+        b"POST /record HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"ver\r\n",
+    )
+    .await
+    .unwrap();
+    let mut answer = vec![0; 12];
+    tokio::time::timeout(ANSWER_WAIT, conn.read_exact(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 408", "header never arrives");
+    count += 1;
+
+    // The same over v2: the ack stream ends with an error frame naming the time limit.
+    let stalled = start_v2(node.ingest).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let log = stalled.log.lock().unwrap().clone();
+    assert!(
+        log.error
+            .as_deref()
+            .is_some_and(|e| e.contains("no asciicast header line")),
+        "{log:?}"
+    );
+    drop(stalled);
+    count += 1;
+
+    // A reset stream: headers and part of a recording, then RST_STREAM.
+    let mut reset = start_v2(node.ingest).await.unwrap();
+    reset.send(header("").as_bytes()).await.unwrap();
+    reset.send(b"[0.1,\"o\",\"cut").await.unwrap();
+    drop(reset);
+    count += 1;
+
+    // HTTP/2 rapid reset: streams opened and reset at once; the connection is closed with
+    // GOAWAY ENHANCE_YOUR_CALM.
+    assert_eq!(
+        rapid_reset(ip(4), node.ingest, 500).await,
+        Some(0xb),
+        "rapid reset"
+    );
+    count += 1;
+
+    // /v2/event flood from one address: 429 past the per-address rate.
+    let mut statuses = Vec::new();
+    for _ in 0..40 {
+        let answer = exchange(
+            ip(5),
+            node.ingest,
+            &sized("POST", "/v2/event", br#"{"type":"request"}"#),
+            true,
+        )
+        .await;
+        statuses.push(status(&answer));
+    }
+    assert!(statuses[..20].iter().all(|&s| s == 200), "{statuses:?}");
+    assert!(statuses.contains(&429), "{statuses:?}");
+    // Another address is not affected.
+    let other = exchange(
+        ip(6),
+        node.ingest,
+        &sized("POST", "/v2/event", br#"{"type":"request"}"#),
+        true,
+    )
+    .await;
+    assert_eq!(status(&other), 200);
+    count += 1;
+
+    // Open recordings per address: the fifth from one address gets 429.
+    let mut open = Vec::new();
+    for _ in 0..4 {
+        let mut conn = connect_from(ip(7), node.ingest).await;
+        conn.write_all(format!("POST /record HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{}\r\n", header("").len(), header("")).as_bytes()).await.unwrap();
+        open.push(conn);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let fifth = exchange(
+        ip(7),
+        node.ingest,
+        &chunked("/record", header("").as_bytes(), ""),
+        true,
+    )
+    .await;
+    assert_eq!(status(&fifth), 429, "{}", String::from_utf8_lossy(&fifth));
+    assert!(String::from_utf8_lossy(&fifth).contains("too many open recordings"));
+    drop(open);
+    count += 1;
+
+    // Connections per address: past the limit, 429 and closed.
+    let mut held = Vec::new();
+    for _ in 0..16 {
+        held.push(connect_from(ip(8), node.ingest).await);
+    }
+    let over = exchange(
+        ip(8),
+        node.ingest,
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        true,
+    )
+    .await;
+    assert_eq!(status(&over), 429, "{}", String::from_utf8_lossy(&over));
+    assert!(String::from_utf8_lossy(&over).contains("too many connections"));
+    drop(held);
+    count += 1;
+
+    assert!(count >= 40, "only {count} hostile cases");
+
+    // The good stream went on undisturbed: byte-exact, and never a late ack.
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let good = sender.await.unwrap();
+    let (result, log) = good.finish().await;
+    result.unwrap();
+    let gap = log
+        .acks
+        .windows(2)
+        .map(|w| w[1].0 - w[0].0)
+        .max()
+        .unwrap_or_default();
+    assert!(gap <= ACK_MAX_GAP, "ack gap {gap:?}");
+    healthy(&node).await;
+    let deadline = Instant::now() + ANSWER_WAIT;
+    let good_row = loop {
+        let rows = node.list();
+        let found = rows
+            .iter()
+            .find(|r| r["bytes"].as_u64() == Some(body.len() as u64) && r["status"] == "complete");
+        if let Some(row) = found {
+            break row.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the good recording was never finalized: {rows:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        sha256(&node.export(good_row["id"].as_str().unwrap())),
+        sha256(&body)
+    );
+}
+
+/// Opens `n` HTTP/2 streams and resets each at once, on one connection from `from`. Returns the
+/// error code of the GOAWAY the server sent, if it sent one.
+async fn rapid_reset(from: IpAddr, to: SocketAddr, n: u32) -> Option<u32> {
+    let mut conn = connect_from(from, to).await;
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    frame(&mut out, 0x4, 0, 0, &[]); // SETTINGS
+    let authority = to.to_string();
+    for i in 0..n {
+        let stream = 1 + 2 * i;
+        // HPACK: :method POST (static 3), :scheme http (static 6), :path (name 4) literal,
+        // :authority (name 1) literal.
+        let mut block = vec![0x83, 0x86, 0x04, 10];
+        block.extend_from_slice(b"/v2/record");
+        block.extend_from_slice(&[0x01, u8::try_from(authority.len()).unwrap()]);
+        block.extend_from_slice(authority.as_bytes());
+        frame(&mut out, 0x1, 0x4, stream, &block); // HEADERS, END_HEADERS
+        frame(&mut out, 0x3, 0, stream, &8u32.to_be_bytes()); // RST_STREAM CANCEL
+    }
+    let _ = conn.write_all(&out).await;
+    let mut input = Vec::new();
+    let _ = tokio::time::timeout(ANSWER_WAIT, conn.read_to_end(&mut input)).await;
+    // Walk the server's frames for a GOAWAY.
+    let mut at = 0;
+    while at + 9 <= input.len() {
+        let len = usize::from(input[at]) << 16
+            | usize::from(input[at + 1]) << 8
+            | usize::from(input[at + 2]);
+        let kind = input[at + 3];
+        if kind == 0x7 && at + 9 + 8 <= input.len() {
+            let code = &input[at + 13..at + 17];
+            return Some(u32::from_be_bytes(code.try_into().unwrap()));
+        }
+        at += 9 + len;
+    }
+    None
+}
+
+fn frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+    let len = payload.len();
+    out.extend_from_slice(&[(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags]);
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
+}
