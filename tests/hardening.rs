@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Node, Used, connect_and_upload, corpus, sha256, start_v2, upload_v1};
+use common::{Node, Used, connect_and_upload, corpus, sha256, start_v2, start_v2_from, upload_v1};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -990,4 +990,173 @@ fn frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
     out.extend_from_slice(&[(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags]);
     out.extend_from_slice(&stream.to_be_bytes());
     out.extend_from_slice(payload);
+}
+
+/// One misbehaving connection's way of misbehaving; each stops by itself within seconds.
+async fn misbehave(kind: usize, from: IpAddr, to: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(8);
+    match kind % 8 {
+        // Slow request headers.
+        0 => {
+            let mut conn = connect_from(from, to).await;
+            let _ = conn
+                .write_all(b"POST /record HTTP/1.1\r\nHost: x\r\n")
+                .await;
+            while Instant::now() < deadline {
+                if conn.write_all(b"X-Drip: 1\r\n").await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        // Connected, silent.
+        1 => {
+            let mut conn = connect_from(from, to).await;
+            let mut buf = [0u8; 16];
+            let _ = tokio::time::timeout_at(deadline.into(), conn.read(&mut buf)).await;
+        }
+        // A v1 recording whose header line never ends.
+        2 => {
+            let mut conn = connect_from(from, to).await;
+            let _ = conn
+                .write_all(b"POST /record HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{\"ve\r\n")
+                .await;
+            let mut buf = [0u8; 256];
+            let _ = tokio::time::timeout_at(deadline.into(), conn.read(&mut buf)).await;
+        }
+        // HTTP/2 rapid reset.
+        3 => {
+            let _ = tokio::time::timeout_at(deadline.into(), rapid_reset(from, to, 200)).await;
+        }
+        // Not HTTP.
+        4 => {
+            let mut conn = connect_from(from, to).await;
+            let _ = conn
+                .write_all(&[0x16, 0x03, 0x01, 0xff, 0x00, 0x00, 0x00, 0x13, 0x37])
+                .await;
+            let mut buf = [0u8; 256];
+            let _ = tokio::time::timeout_at(deadline.into(), conn.read(&mut buf)).await;
+        }
+        // A flood of events.
+        5 => {
+            for _ in 0..30 {
+                let _ = exchange(
+                    from,
+                    to,
+                    &sized("POST", "/v2/event", br#"{"type":"request"}"#),
+                    true,
+                )
+                .await;
+            }
+        }
+        // A header line that never ends, over v2.
+        6 => {
+            if let Ok(mut upload) = start_v2(to).await {
+                for _ in 0..8 {
+                    if upload.send(&[b'{'; 10 << 10]).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = tokio::time::timeout_at(deadline.into(), upload.finish()).await;
+            }
+        }
+        // An event line over the line limit.
+        _ => {
+            let line = format!("{}[0.1,\"o\",\"{}\"]\n", header(""), "z".repeat(300 << 10));
+            let _ = exchange(from, to, &chunked("/record", line.as_bytes(), ""), true).await;
+        }
+    }
+}
+
+/// 200 misbehaving connections from 4 addresses alongside 50 good v2 streams: every good
+/// recording is byte-exact and its acks never late.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn misbehaving_connections_do_not_disturb_good_streams() {
+    const GOOD: usize = 50;
+    const BAD: usize = 200;
+    const BAD_ADDRESSES: u8 = 4;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        "max_line_bytes = 262144\n[limits]\nheader_timeout = \"3s\"\nhttp_header_timeout = \"2s\"\nevents_per_second_per_peer = 10\nmax_connections_per_peer = 16\n",
+    );
+    let node = Node::start(dir.path(), &["--config", &config], &[]).await;
+
+    let bodies: Vec<Vec<u8>> = (0..GOOD)
+        .map(|i| corpus::generate(100 + i as u64, 96 << 10))
+        .collect();
+    let mut good = Vec::new();
+    for (i, body) in bodies.iter().enumerate() {
+        // Each good stream from its own host, as 50 SSH servers with a session each.
+        let from = IpAddr::from([127, 0, 1, 1 + i as u8]);
+        let mut upload = start_v2_from(Some(from), node.ingest).await.unwrap();
+        let body = body.clone();
+        good.push(tokio::spawn(async move {
+            for piece in body.chunks(1024) {
+                upload.send(piece).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(40)).await;
+            }
+            upload.finish().await
+        }));
+    }
+    let bad: Vec<_> = (0..BAD)
+        .map(|i| {
+            let from = ip(2 + (i % usize::from(BAD_ADDRESSES)) as u8);
+            tokio::spawn(misbehave(i / usize::from(BAD_ADDRESSES), from, node.ingest))
+        })
+        .collect();
+
+    for (i, task) in good.into_iter().enumerate() {
+        let (result, log) = task.await.unwrap();
+        result.unwrap_or_else(|e| panic!("good stream {i}: {e}"));
+        let gap = log
+            .acks
+            .windows(2)
+            .map(|w| w[1].0 - w[0].0)
+            .max()
+            .unwrap_or_default();
+        assert!(gap <= ACK_MAX_GAP, "good stream {i}: ack gap {gap:?}");
+        assert_eq!(
+            log.acks.last().map(|a| a.1),
+            Some(bodies[i].len() as u64),
+            "good stream {i}: final ack"
+        );
+    }
+    for task in bad {
+        task.await.unwrap();
+    }
+    healthy(&node).await;
+
+    let want: std::collections::BTreeSet<String> = bodies.iter().map(|b| sha256(b)).collect();
+    let sizes: std::collections::BTreeSet<u64> = bodies.iter().map(|b| b.len() as u64).collect();
+    let deadline = Instant::now() + ANSWER_WAIT;
+    let rows = loop {
+        let rows: Vec<_> = node
+            .list()
+            .into_iter()
+            .filter(|r| {
+                r["status"] == "complete" && r["bytes"].as_u64().is_some_and(|b| sizes.contains(&b))
+            })
+            .collect();
+        if rows.len() >= GOOD {
+            break rows;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} good recordings finalized",
+            rows.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let got: std::collections::BTreeSet<String> = rows
+        .iter()
+        .map(|r| sha256(&node.export(r["id"].as_str().unwrap())))
+        .collect();
+    assert_eq!(got, want, "good recordings are not byte-exact");
+    let metrics =
+        String::from_utf8(common::http_get(node.web, "/metrics").await.unwrap().1).unwrap();
+    assert!(
+        !metrics.contains("castvault_ingest_limit_refusals_total 0\n"),
+        "no limit was reached"
+    );
 }

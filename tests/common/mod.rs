@@ -328,7 +328,19 @@ fn channel_body(
 
 /// A TCP dial as Go's client makes it: 5 s timeout, TCP_NODELAY (Go's default).
 async fn dial(addr: SocketAddr) -> Result<TcpStream, String> {
-    let stream = tokio::time::timeout(PER_DIAL_TIMEOUT, TcpStream::connect(addr))
+    dial_from(None, addr).await
+}
+
+/// [`dial`] from a chosen local address (another loopback address plays another host).
+async fn dial_from(from: Option<std::net::IpAddr>, addr: SocketAddr) -> Result<TcpStream, String> {
+    let connect = async {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        if let Some(from) = from {
+            socket.bind(SocketAddr::new(from, 0))?;
+        }
+        socket.connect(addr).await
+    };
+    let stream = tokio::time::timeout(PER_DIAL_TIMEOUT, connect)
         .await
         .map_err(|_| "dial timeout".to_owned())?
         .map_err(|e| format!("dial: {e}"))?;
@@ -349,7 +361,22 @@ pub async fn h2_connect(
     >,
     String,
 > {
-    let stream = dial(addr).await?;
+    h2_connect_from(None, addr).await
+}
+
+/// [`h2_connect`] from a chosen local address.
+pub async fn h2_connect_from(
+    from: Option<std::net::IpAddr>,
+    addr: SocketAddr,
+) -> Result<
+    hyper::client::conn::http2::SendRequest<
+        StreamBody<
+            futures::stream::BoxStream<'static, Result<Frame<Bytes>, std::convert::Infallible>>,
+        >,
+    >,
+    String,
+> {
+    let stream = dial_from(from, addr).await?;
     let (send, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
             .await
@@ -383,8 +410,16 @@ pub async fn probe_v2(addr: SocketAddr) -> bool {
 /// Starts `POST /v2/record`: waits for the 200 headers before any body byte, then reads acks
 /// with the client's 30 s ack timer.
 pub async fn start_v2(addr: SocketAddr) -> Result<V2Upload, String> {
+    start_v2_from(None, addr).await
+}
+
+/// [`start_v2`] from a chosen local address.
+pub async fn start_v2_from(
+    from: Option<std::net::IpAddr>,
+    addr: SocketAddr,
+) -> Result<V2Upload, String> {
     use futures::StreamExt;
-    let mut send = h2_connect(addr).await?;
+    let mut send = h2_connect_from(from, addr).await?;
     let (tx, rx) = mpsc::channel::<Bytes>(16);
     let stream = futures::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|b| (Ok(Frame::data(b)), rx))
