@@ -92,6 +92,14 @@ fn write_config(dir: &Path, text: &str) -> String {
     path.display().to_string()
 }
 
+/// `castvault config check --config PATH`.
+fn config_check(path: &str) -> std::process::Output {
+    std::process::Command::new(common::BIN)
+        .args(["config", "check", "--config", path])
+        .output()
+        .unwrap()
+}
+
 async fn healthy(node: &Node) {
     let (status, _) = common::http_get(node.web, "/healthz").await.unwrap();
     assert_eq!(status, 200, "node unhealthy");
@@ -204,10 +212,7 @@ async fn admission_refuses_before_storing_and_the_client_moves_on() {
     // The token never appears in what the node prints or serves.
     let metrics = common::http_get(tokens.web, "/metrics").await.unwrap().1;
     assert!(!String::from_utf8_lossy(&metrics).contains(token));
-    let check = std::process::Command::new(common::BIN)
-        .args(["config", "check", "--config", &config])
-        .output()
-        .unwrap();
+    let check = config_check(&config);
     assert!(check.status.success());
     assert!(!String::from_utf8_lossy(&check.stdout).contains(&digest));
 
@@ -1159,4 +1164,189 @@ async fn misbehaving_connections_do_not_disturb_good_streams() {
         !metrics.contains("castvault_ingest_limit_refusals_total 0\n"),
         "no limit was reached"
     );
+}
+
+/// A self-signed certificate for 127.0.0.1 made by the openssl CLI, written to `cert` and `key`.
+fn make_cert(cert: &Path, key: &Path, name: &str) {
+    let out = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "1",
+        ])
+        .args([
+            "-subj",
+            &format!("/CN={name}"),
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(key)
+        .arg("-out")
+        .arg(cert)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// curl over HTTPS trusting only `ca`; the HTTP version and body, or curl's error.
+fn curl_https(ca: &Path, addr: SocketAddr, path: &str) -> Result<(String, String), String> {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--cacert"])
+        .arg(ca)
+        .args(["-w", "\n%{http_version}", &format!("https://{addr}{path}")])
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    let (body, version) = text.rsplit_once('\n').unwrap_or((&text, ""));
+    Ok((version.to_owned(), body.trim_end().to_owned()))
+}
+
+/// The web listener serves HTTPS from certificate files (h2 and HTTP/1.1 by ALPN), picks up a
+/// renewed certificate without a restart, keeps serving when a renewal is broken, and a
+/// non-loopback listener without TLS is a config error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_tls_reloads_certificates_without_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    let (old_ca, new_ca) = (dir.path().join("old.pem"), dir.path().join("new.pem"));
+    make_cert(&cert, &key, "first");
+    std::fs::copy(&cert, &old_ca).unwrap();
+    let config = write_config(
+        &dir.path().join("node"),
+        &format!(
+            "[web_tls]\ncert = {:?}\nkey = {:?}\n",
+            cert.display().to_string(),
+            key.display().to_string()
+        ),
+    );
+    let node = Node::start_tls(&dir.path().join("node"), &["--config", &config], &old_ca).await;
+
+    let (version, body) = curl_https(&old_ca, node.web, "/healthz").unwrap();
+    assert_eq!((version.as_str(), body.as_str()), ("2", "ok"));
+    // Plain HTTP to the TLS listener gets nothing useful.
+    assert!(common::http_get(node.web, "/healthz").await.is_err());
+
+    // Renewal: new files in place; the node serves the new certificate within seconds.
+    let staging = dir.path().join("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    make_cert(&staging.join("tls.crt"), &staging.join("tls.key"), "second");
+    std::fs::copy(staging.join("tls.crt"), &new_ca).unwrap();
+    assert!(curl_https(&new_ca, node.web, "/healthz").is_err());
+    std::fs::copy(staging.join("tls.key"), &key).unwrap();
+    std::fs::copy(staging.join("tls.crt"), &cert).unwrap();
+    let deadline = Instant::now() + ANSWER_WAIT;
+    while curl_https(&new_ca, node.web, "/healthz").is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "renewed certificate never served"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(curl_https(&old_ca, node.web, "/healthz").is_err());
+
+    // A broken renewal (a key that does not match) keeps the working certificate.
+    make_cert(
+        &staging.join("other.crt"),
+        &staging.join("other.key"),
+        "third",
+    );
+    std::fs::copy(staging.join("other.key"), &key).unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(curl_https(&new_ca, node.web, "/healthz").unwrap().1, "ok");
+
+    // Plain HTTP on a non-loopback address is refused unless explicitly allowed.
+    let open = write_config(&dir.path().join("open"), "web_listen = \"0.0.0.0:8081\"\n");
+    let check = config_check(&open);
+    assert_eq!(check.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&check.stderr).contains("web_listen 0.0.0.0:8081 is not loopback")
+    );
+    let allowed = write_config(
+        &dir.path().join("allowed"),
+        "web_listen = \"0.0.0.0:8081\"\nallow_plain_http = true\n",
+    );
+    let check = config_check(&allowed);
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+}
+
+/// Secrets (store keys, SAS tokens, ingest and access tokens) never appear in the node's logs,
+/// `config check` output or metrics, even when the store they open fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_stay_out_of_logs_checks_and_metrics() {
+    const KEY: &str = "c2VjcmV0LWFjY2Vzcy1rZXktZG8tbm90LWxlYWs=";
+    const SAS: &str = "sv=2024-01-01&ss=b&srt=co&sp=rwl&sig=DoNotLeakThisSignature123";
+    let dir = tempfile::tempdir().unwrap();
+    let dead = common::dead_addr();
+    let text = format!(
+        "[regions.far]\nstore = \"az://recordings\"\nstore_options = {{ account_name = \"devstoreaccount1\", access_key = \"{KEY}\", endpoint = \"http://{dead}/devstoreaccount1\", allow_http = \"true\" }}\n\
+         [regions.sas]\nstore = \"az://recordings\"\nstore_options = {{ account_name = \"devstoreaccount1\", sas_key = \"{SAS}\", endpoint = \"http://{dead}/devstoreaccount1\", allow_http = \"true\" }}\n\
+         [[routing]]\nregion = \"far\"\nssh_user = [\"far\"]\n\
+         [[routing]]\nregion = \"sas\"\nssh_user = [\"sas\"]\n"
+    );
+    let config = write_config(&dir.path().join("node"), &text);
+    let log = dir.path().join("node.log");
+    let node = Node::start_logged(&dir.path().join("node"), &["--config", &config], &log).await;
+    // Recordings routed to the unreachable stores: uploads fail and are retried, and logged.
+    for user in ["far", "sas"] {
+        let body = format!(
+            "{{\"version\":2,\"width\":80,\"height\":24,\"sshUser\":\"{user}\"}}\n[0.1,\"o\",\"x\"]\n"
+        );
+        let _ = exchange(
+            ip(1),
+            node.ingest,
+            &chunked("/record", body.as_bytes(), ""),
+            true,
+        )
+        .await;
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let metrics = common::http_get(node.web, "/metrics").await.unwrap().1;
+    let (_, uploads) = node.api("/api/v1/uploads").await;
+    drop(node);
+    let bad = write_config(
+        &dir.path().join("bad"),
+        &format!("{text}[admission]\nallow_cidrs = [\"nope\"]\n"),
+    );
+    let check = config_check(&bad);
+    assert_eq!(check.status.code(), Some(1));
+    let logs = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logs.contains("upload failed"),
+        "the failing store was never logged:\n{logs}"
+    );
+    for (what, haystack) in [
+        ("logs", logs),
+        ("metrics", String::from_utf8_lossy(&metrics).into_owned()),
+        (
+            "uploads API",
+            String::from_utf8_lossy(&uploads).into_owned(),
+        ),
+        (
+            "config check",
+            String::from_utf8_lossy(&check.stderr).into_owned()
+                + &String::from_utf8_lossy(&check.stdout),
+        ),
+    ] {
+        for secret in [KEY, "DoNotLeakThisSignature123"] {
+            assert!(!haystack.contains(secret), "{what} shows a secret");
+        }
+    }
 }

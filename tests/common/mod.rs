@@ -53,7 +53,29 @@ impl Node {
         Self::spawn(data_dir.to_owned(), args, env).await
     }
 
+    /// [`Self::start`] with the node's log written to `log`.
+    pub async fn start_logged(data_dir: &Path, extra: &[&str], log: &Path) -> Self {
+        let args: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
+        Self::spawn_with(data_dir.to_owned(), args, Vec::new(), Some(log), None).await
+    }
+
+    /// [`Self::start`] for a node whose web listener serves HTTPS with a certificate `ca` trusts.
+    pub async fn start_tls(data_dir: &Path, extra: &[&str], ca: &Path) -> Self {
+        let args: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
+        Self::spawn_with(data_dir.to_owned(), args, Vec::new(), None, Some(ca)).await
+    }
+
     async fn spawn(data_dir: PathBuf, args: Vec<String>, env: Vec<(String, String)>) -> Self {
+        Self::spawn_with(data_dir, args, env, None, None).await
+    }
+
+    async fn spawn_with(
+        data_dir: PathBuf,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+        log: Option<&Path>,
+        tls_ca: Option<&Path>,
+    ) -> Self {
         let mut cmd = Command::new(BIN);
         cmd.arg("serve")
             .arg("--data-dir")
@@ -68,7 +90,10 @@ impl Node {
             .env("RUST_LOG", "castvault=info,warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(match log {
+                Some(path) => Stdio::from(std::fs::File::create(path).unwrap()),
+                None => Stdio::inherit(),
+            });
         for (k, v) in &env {
             cmd.env(k, v);
         }
@@ -91,7 +116,28 @@ impl Node {
             args,
             env,
         };
-        node.wait_ready().await;
+        match tls_ca {
+            None => node.wait_ready().await,
+            Some(ca) => {
+                let deadline = Instant::now() + Duration::from_secs(60);
+                loop {
+                    let ok = Command::new("curl")
+                        .args(["-sf", "--max-time", "5", "--cacert"])
+                        .arg(ca)
+                        .arg(format!("https://{}/readyz", node.web))
+                        .output()
+                        .is_ok_and(|o| o.status.success());
+                    if ok {
+                        break;
+                    }
+                    assert!(
+                        Instant::now() < deadline,
+                        "node never became ready over TLS"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
         node
     }
 
