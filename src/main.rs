@@ -201,6 +201,9 @@ enum TokenCommand {
         /// Name shown in the audit log.
         #[arg(long, default_value = "automation")]
         name: String,
+        /// A token for sending recordings (`[[admission.tokens]]`), not for the web UI.
+        #[arg(long)]
+        ingest: bool,
     },
 }
 
@@ -469,14 +472,18 @@ async fn run(
             Ok(ExitCode::SUCCESS)
         }
         Command::Token {
-            command: TokenCommand::New { name },
+            command: TokenCommand::New { name, ingest },
         } => {
             let (token, digest) = castvault::auth::new_token();
             println!("token: {token}");
             println!("(shown once; keep it secret)\n");
-            println!(
-                "[[access.tokens]]\nname = {name:?}\nsha256 = \"{digest}\"\nrole = \"viewer\"   # viewer, auditor or admin"
-            );
+            if ingest {
+                println!("[[admission.tokens]]\nname = {name:?}\nsha256 = \"{digest}\"");
+            } else {
+                println!(
+                    "[[access.tokens]]\nname = {name:?}\nsha256 = \"{digest}\"\nrole = \"viewer\"   # viewer, auditor or admin"
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Config {

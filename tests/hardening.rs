@@ -1350,3 +1350,48 @@ async fn secrets_stay_out_of_logs_checks_and_metrics() {
         }
     }
 }
+
+/// A stream over its event rate is read more slowly, not cut: every byte is stored, acks keep
+/// coming, and the throttling shows in the metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_over_its_event_rate_is_slowed_not_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        "[limits]\nstream_events_per_second = 500\nstream_event_burst = 500\n",
+    );
+    let node = Node::start(dir.path(), &["--config", &config], &[]).await;
+    let mut body = header("").into_bytes();
+    for i in 0..2500 {
+        body.extend_from_slice(
+            format!("[{}.{:03},\"o\",\"line {i}\\r\\n\"]\n", i / 1000, i % 1000).as_bytes(),
+        );
+    }
+    let mut upload = start_v2(node.ingest).await.unwrap();
+    for piece in body.chunks(4096) {
+        upload.send(piece).await.unwrap();
+    }
+    let (result, log) = upload.finish().await;
+    result.unwrap();
+    assert_eq!(log.acks.last().map(|a| a.1), Some(body.len() as u64));
+    let gap = log
+        .acks
+        .windows(2)
+        .map(|w| w[1].0 - w[0].0)
+        .max()
+        .unwrap_or_default();
+    assert!(gap <= ACK_MAX_GAP, "ack gap {gap:?} while throttled");
+    let rows = node.wait_finalized(1).await;
+    assert_eq!(
+        sha256(&node.export(rows[0]["id"].as_str().unwrap())),
+        sha256(&body)
+    );
+    let metrics =
+        String::from_utf8(common::http_get(node.web, "/metrics").await.unwrap().1).unwrap();
+    let throttled: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("castvault_ingest_stream_throttled_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(throttled > 0, "the stream was never throttled");
+}
