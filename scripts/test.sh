@@ -4,7 +4,8 @@
 # asciinema-player (to check the vendored copy the binary embeds); from PyPI (in a venv under
 # target/), the asciinema CLI and the checkers of deploy/ (scripts/check-deploy.sh). Each test starts and stops
 # its own components (castvault nodes, Azurite, Chromium) on 127.0.0.1 and stops only the
-# processes it started.
+# processes it started. Last, every cargo-fuzz target runs briefly (cargo-fuzz is installed
+# from crates.io if missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,3 +33,5 @@ cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace
 scripts/check-deploy.sh
+# A short pass of every fuzz target (the closing notes report the 10-minute runs).
+FUZZ_QUICK=1 scripts/fuzz.sh 20
