@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test. Installs what the tests need: from apt if missing, curl, openssl (test
-# certificates), Node.js/npm and Chromium; from tests/tools' npm lockfile, Azurite and playwright-core; from ui's lockfile,
+# certificates), OpenSSH server and client and tmux (the gateway's tests), Node.js/npm and
+# Chromium; from tests/tools' npm lockfile, Azurite and playwright-core; from ui's lockfile,
 # asciinema-player (to check the vendored copy the binary embeds); from PyPI (in a venv under
 # target/), the asciinema CLI and the checkers of deploy/ (scripts/check-deploy.sh). Each test starts and stops
 # its own components (castvault nodes, Azurite, Chromium) on 127.0.0.1 and stops only the
@@ -12,6 +13,9 @@ cd "$(dirname "$0")/.."
 missing=()
 command -v curl >/dev/null || missing+=(curl)
 command -v openssl >/dev/null || missing+=(openssl)
+[[ -x /usr/sbin/sshd ]] || missing+=(openssh-server)
+command -v ssh >/dev/null || missing+=(openssh-client)
+command -v tmux >/dev/null || missing+=(tmux)
 command -v npm >/dev/null || missing+=(nodejs npm)
 [[ -x /usr/bin/chromium ]] || missing+=(chromium)
 command -v systemd-analyze >/dev/null || missing+=(systemd)

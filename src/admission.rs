@@ -414,10 +414,15 @@ pub struct Bucket {
 
 impl Bucket {
     pub fn new(rate: u32, burst: u32) -> Self {
+        Self::fractional(f64::from(rate.max(1)), f64::from(burst.max(1)))
+    }
+
+    /// `rate` per second (may be below one), up to `burst` saved.
+    pub fn fractional(rate: f64, burst: f64) -> Self {
         Self {
-            rate: f64::from(rate.max(1)),
-            burst: f64::from(burst.max(1)),
-            tokens: f64::from(burst.max(1)),
+            rate,
+            burst,
+            tokens: burst,
             at: Instant::now(),
         }
     }
@@ -463,14 +468,28 @@ const MAX_RATE_PEERS: usize = 65_536;
 
 /// Requests per second per address.
 pub struct PeerRate {
-    rate: u32,
+    rate: f64,
+    burst: f64,
     buckets: Mutex<HashMap<IpAddr, Bucket>>,
 }
 
 impl PeerRate {
+    /// `rate` requests per second, a burst of as many.
     pub fn new(rate: u32) -> Self {
+        let rate = f64::from(rate.max(1));
         Self {
             rate,
+            burst: rate,
+            buckets: Mutex::default(),
+        }
+    }
+
+    /// `n` requests per minute, a burst of as many.
+    pub fn per_minute(n: u32) -> Self {
+        let n = f64::from(n.max(1));
+        Self {
+            rate: n / 60.0,
+            burst: n,
             buckets: Mutex::default(),
         }
     }
@@ -491,7 +510,7 @@ impl PeerRate {
         }
         buckets
             .entry(ip)
-            .or_insert_with(|| Bucket::new(self.rate, self.rate))
+            .or_insert_with(|| Bucket::fractional(self.rate, self.burst))
             .try_take(now)
     }
 }

@@ -155,6 +155,8 @@ pub struct Config {
     /// Serve the web UI over plain HTTP on a non-loopback address (behind a TLS-terminating
     /// proxy such as `tailscale serve`). Without it, a non-loopback `web_listen` needs `web_tls`.
     pub allow_plain_http: bool,
+    /// The recording SSH gateway (`castvault gateway`; see `crate::gateway`).
+    pub gateway: Option<crate::gateway::GatewayConfig>,
 }
 
 /// One region's store.
@@ -234,6 +236,7 @@ impl Default for Config {
             limits: crate::admission::LimitsConfig::default(),
             web_tls: None,
             allow_plain_http: false,
+            gateway: None,
         }
     }
 }
@@ -406,6 +409,9 @@ impl Config {
         }
         if let Some(tls) = &self.web_tls {
             problems.extend(tls.validate());
+        }
+        if let Some(gateway) = &self.gateway {
+            problems.extend(gateway.validate());
         }
         problems
     }

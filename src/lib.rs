@@ -26,6 +26,7 @@ pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod export;
+pub mod gateway;
 pub mod health;
 pub mod indexer;
 pub mod ingest;

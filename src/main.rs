@@ -27,6 +27,9 @@ struct Cli {
 enum Command {
     /// Run a recorder node (embedded default: local store under ./castvault-data, loopback).
     Serve(ServeArgs),
+    /// Run the recording SSH gateway (`[gateway]` in the config): OpenSSH clients connect as
+    /// `USER%TARGET`, sessions are proxied to the target and recorded on the recorders.
+    Gateway(GatewayArgs),
     /// Inspect recordings in a store.
     Recordings {
         #[command(subcommand)]
@@ -224,6 +227,17 @@ struct ServeArgs {
 }
 
 #[derive(Args)]
+struct GatewayArgs {
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Overrides `gateway.listen`.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+}
+
+#[derive(Args)]
 struct StoreArgs {
     #[arg(long)]
     config: Option<PathBuf>,
@@ -332,6 +346,7 @@ async fn run(
             let background = background.context("no background runtime")?;
             serve(args, &background).await.map(|()| ExitCode::SUCCESS)
         }
+        Command::Gateway(args) => gateway(args).await.map(|()| ExitCode::SUCCESS),
         Command::Recordings {
             command: RecordingsCommand::List { store, json },
         } => {
@@ -539,6 +554,48 @@ async fn serve(args: ServeArgs, background: &tokio::runtime::Handle) -> anyhow::
         on_signal.cancel();
     });
     app::run(config, background, Listeners { ingest, web }, shutdown).await
+}
+
+async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
+    let mut config = Config::load(args.config.as_deref())?;
+    if let Some(dir) = args.data_dir {
+        config.data_dir = dir;
+    }
+    let mut gateway = config
+        .gateway
+        .clone()
+        .context("the config has no [gateway] section")?;
+    if let Some(addr) = args.listen {
+        gateway.listen = addr;
+    }
+    let problems = gateway.validate();
+    anyhow::ensure!(
+        problems.is_empty(),
+        "invalid config: {}",
+        problems.join("; ")
+    );
+    raise_fd_limit();
+    let listener = tokio::net::TcpListener::bind(gateway.listen)
+        .await
+        .with_context(|| format!("binding gateway listener {}", gateway.listen))?;
+    println!(
+        "{}",
+        serde_json::json!({ "gateway": listener.local_addr()?.to_string() })
+    );
+    let shutdown = CancellationToken::new();
+    let on_signal = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        on_signal.cancel();
+    });
+    castvault::gateway::run(
+        gateway,
+        &config.data_dir,
+        &config.node_id,
+        listener,
+        shutdown,
+    )
+    .await
 }
 
 async fn wait_for_signal() {

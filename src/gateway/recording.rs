@@ -1,0 +1,362 @@
+//! The gateway's side of the session-recording wire protocol: the client that Tailscale SSH runs
+//! (shared PROTOCOL.md sections 1 and 3), with the recorder list tried in order.
+//!
+//! Per recorder: `HEAD /v2/record` over h2c; on 200 over HTTP/2, `POST /v2/record` on the same
+//! connection, body written only after the response headers arrived; the ack stream is read for
+//! the whole session, and a recording fails when it carries an error frame, ends early, or goes
+//! [`ACK_WINDOW`] without a frame. A recorder that fails at start is skipped for the next one.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{Map, Value};
+use tokio::sync::{mpsc, watch};
+
+/// Longest time to dial one recorder (Tailscale: `perDialAttemptTimeout`).
+pub const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest time for the v2 probe and the POST's response headers (Tailscale:
+/// `http2ProbeTimeout`).
+pub const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// No ack frame for this long means the recording failed (Tailscale: `uploadAckWindow`).
+pub const ACK_WINDOW: Duration = Duration::from_secs(30);
+/// Frames queued for the recorder; when full, the session waits (its output is never dropped),
+/// which slows the user's terminal rather than losing what it showed.
+pub const QUEUE_FRAMES: usize = 256;
+/// How long the end of a session waits for the recorder's final ack.
+pub const FINAL_ACK_WAIT: Duration = Duration::from_secs(20);
+
+type Body =
+    StreamBody<futures::stream::BoxStream<'static, Result<Frame<Bytes>, std::convert::Infallible>>>;
+
+/// A recording in progress.
+pub struct Recording {
+    tx: Option<mpsc::Sender<Bytes>>,
+    started: Instant,
+    sent: u64,
+    /// `None` while healthy; the reason once the recording failed.
+    failed: watch::Receiver<Option<String>>,
+    acked: watch::Receiver<u64>,
+    /// The recorder that took it.
+    pub recorder: SocketAddr,
+    utf8: Utf8Carry,
+    record_input: bool,
+}
+
+/// Starts a recording on the first recorder that accepts it. `header` is the asciicast header
+/// object; `token` goes in `Authorization: Bearer` (castvault's ingest admission).
+///
+/// # Errors
+/// Every recorder's failure, in order, as Tailscale reports them.
+pub async fn start(
+    recorders: &[SocketAddr],
+    token: Option<&str>,
+    header: &Map<String, Value>,
+    record_input: bool,
+) -> Result<Recording, Vec<String>> {
+    let mut attempts = Vec::new();
+    for &addr in recorders {
+        match tokio::time::timeout(START_TIMEOUT, start_one(addr, token)).await {
+            Ok(Ok((tx, failed, acked))) => {
+                let mut recording = Recording {
+                    tx: Some(tx),
+                    started: Instant::now(),
+                    sent: 0,
+                    failed,
+                    acked,
+                    recorder: addr,
+                    utf8: Utf8Carry::default(),
+                    record_input,
+                };
+                let mut line = serde_json::to_vec(header).unwrap_or_default();
+                line.push(b'\n');
+                if recording.send(Bytes::from(line)).await.is_ok() {
+                    return Ok(recording);
+                }
+                attempts.push(format!(
+                    "recording: error starting recording on {addr}: recorder closed the stream"
+                ));
+            }
+            Ok(Err(e)) => attempts.push(format!(
+                "recording: error starting recording on {addr}: {e}"
+            )),
+            Err(_) => attempts.push(format!(
+                "recording: error starting recording on {addr}: timed out"
+            )),
+        }
+    }
+    Err(attempts)
+}
+
+type Started = (
+    mpsc::Sender<Bytes>,
+    watch::Receiver<Option<String>>,
+    watch::Receiver<u64>,
+);
+
+async fn start_one(addr: SocketAddr, token: Option<&str>) -> Result<Started, String> {
+    let stream = tokio::time::timeout(DIAL_TIMEOUT, tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| "dial timed out".to_owned())?
+        .map_err(|e| format!("dial: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let (mut send, conn) = hyper::client::conn::http2::handshake::<_, _, Body>(
+        TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .map_err(|e| format!("h2: {e}"))?;
+    tokio::spawn(conn);
+    let empty: Body = StreamBody::new(futures::stream::empty().boxed());
+    let probe = hyper::Request::head(format!("http://{addr}/v2/record"))
+        .body(empty)
+        .map_err(|e| e.to_string())?;
+    let probed = send
+        .send_request(probe)
+        .await
+        .map_err(|e| format!("probe: {e}"))?;
+    if probed.status() != hyper::StatusCode::OK {
+        return Err(format!("unexpected status: {}", probed.status()));
+    }
+    let (tx, rx) = mpsc::channel::<Bytes>(QUEUE_FRAMES);
+    let body = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok(Frame::data(b)), rx))
+    })
+    .boxed();
+    let mut request = hyper::Request::post(format!("http://{addr}/v2/record"))
+        .header("user-agent", "castvault-gateway");
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let request = request
+        .body(StreamBody::new(body))
+        .map_err(|e| e.to_string())?;
+    let response = send
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())?;
+    if response.status() != hyper::StatusCode::OK {
+        let status = response.status();
+        let text = response
+            .into_body()
+            .collect()
+            .await
+            .map(|b| String::from_utf8_lossy(&b.to_bytes()).trim().to_owned())
+            .unwrap_or_default();
+        return Err(format!("unexpected status: {status}: {text}"));
+    }
+    let (failed_tx, failed) = watch::channel(None);
+    let (acked_tx, acked) = watch::channel(0u64);
+    tokio::spawn(read_acks(response.into_body(), failed_tx, acked_tx));
+    Ok((tx, failed, acked))
+}
+
+/// Reads the ack stream until it ends; a failure is published on `failed`.
+async fn read_acks(
+    mut body: hyper::body::Incoming,
+    failed: watch::Sender<Option<String>>,
+    acked: watch::Sender<u64>,
+) {
+    let mut buf = Vec::new();
+    loop {
+        let frame = match tokio::time::timeout(ACK_WINDOW, body.frame()).await {
+            Err(_) => {
+                let _ = failed.send(Some("recorder sent no ack for 30s".to_owned()));
+                return;
+            }
+            Ok(None) => {
+                // The response ended: after the final ack this is the normal end (nobody
+                // watches any more); before it, the recorder gave up on the recording.
+                let _ = failed.send(Some("recorder ended the recording".to_owned()));
+                return;
+            }
+            Ok(Some(Err(e))) => {
+                let _ = failed.send(Some(format!("recorder connection failed: {e}")));
+                return;
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        buf.extend_from_slice(&data);
+        while let Some(pos) = memchr::memchr(b'\n', &buf) {
+            let line: Vec<u8> = buf.drain(..=pos).collect();
+            let Ok(v) = serde_json::from_slice::<Value>(&line) else {
+                let _ = failed.send(Some("recorder sent a malformed ack".to_owned()));
+                return;
+            };
+            if let Some(n) = v.get("ack").and_then(Value::as_u64) {
+                acked.send_if_modified(|a| {
+                    let raised = n > *a;
+                    *a = (*a).max(n);
+                    raised
+                });
+            }
+            if let Some(e) = v.get("error").and_then(Value::as_str) {
+                let _ = failed.send(Some(format!("recorder failed: {e}")));
+                return;
+            }
+        }
+    }
+}
+
+impl Recording {
+    async fn send(&mut self, bytes: Bytes) -> Result<(), String> {
+        if let Some(reason) = self.failed.borrow().clone() {
+            return Err(reason);
+        }
+        let tx = self.tx.as_ref().ok_or("recording already ended")?;
+        let n = bytes.len() as u64;
+        tx.send(bytes)
+            .await
+            .map_err(|_| "recorder connection closed".to_owned())?;
+        self.sent += n;
+        Ok(())
+    }
+
+    fn elapsed(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    async fn event(&mut self, code: &str, data: &str) -> Result<(), String> {
+        let mut line =
+            serde_json::to_vec(&(round6(self.elapsed()), code, data)).unwrap_or_default();
+        line.push(b'\n');
+        self.send(Bytes::from(line)).await
+    }
+
+    /// Terminal output (`o`).
+    ///
+    /// # Errors
+    /// The recording failed.
+    pub async fn output(&mut self, bytes: &[u8]) -> Result<(), String> {
+        let text = self.utf8.decode(bytes);
+        if text.is_empty() {
+            return Ok(());
+        }
+        self.event("o", &text).await
+    }
+
+    /// Input (`i`), when the policy records it.
+    ///
+    /// # Errors
+    /// The recording failed.
+    pub async fn input(&mut self, bytes: &[u8]) -> Result<(), String> {
+        if !self.record_input {
+            return Ok(());
+        }
+        self.event("i", &String::from_utf8_lossy(bytes)).await
+    }
+
+    /// A terminal resize (`r`, `COLSxROWS`).
+    ///
+    /// # Errors
+    /// The recording failed.
+    pub async fn resize(&mut self, cols: u32, rows: u32) -> Result<(), String> {
+        self.event("r", &format!("{cols}x{rows}")).await
+    }
+
+    /// Resolves once the recording has failed, with the reason.
+    pub async fn failure(&mut self) -> String {
+        loop {
+            if let Some(reason) = self.failed.borrow().clone() {
+                return reason;
+            }
+            if self.failed.changed().await.is_err() {
+                return "recorder connection closed".to_owned();
+            }
+        }
+    }
+
+    /// Ends the body and waits for the recorder to ack everything sent.
+    ///
+    /// # Errors
+    /// The recording failed or the final ack did not come in time.
+    pub async fn finish(mut self) -> Result<(), String> {
+        let tail = self.utf8.flush();
+        if !tail.is_empty() {
+            self.event("o", &tail).await?;
+        }
+        self.tx.take();
+        let sent = self.sent;
+        let mut acked = self.acked.clone();
+        let done = tokio::time::timeout(FINAL_ACK_WAIT, acked.wait_for(|&a| a >= sent)).await;
+        match done {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(self
+                .failed
+                .borrow()
+                .clone()
+                .unwrap_or_else(|| "recorder did not ack the end of the recording".to_owned())),
+        }
+    }
+}
+
+fn round6(t: f64) -> f64 {
+    (t * 1e6).round() / 1e6
+}
+
+/// Turns a byte stream into text without splitting a UTF-8 sequence across events: an
+/// incomplete sequence at the end of a read waits for the next; invalid bytes become U+FFFD
+/// (as Go's JSON encoding of Tailscale's recorder does).
+#[derive(Debug, Default)]
+pub struct Utf8Carry {
+    pending: Vec<u8>,
+}
+
+impl Utf8Carry {
+    pub fn decode(&mut self, bytes: &[u8]) -> String {
+        self.pending.extend_from_slice(bytes);
+        let keep = incomplete_tail(&self.pending);
+        let cut = self.pending.len() - keep;
+        let text = String::from_utf8_lossy(&self.pending[..cut]).into_owned();
+        self.pending.drain(..cut);
+        text
+    }
+
+    pub fn flush(&mut self) -> String {
+        let text = String::from_utf8_lossy(&self.pending).into_owned();
+        self.pending.clear();
+        text
+    }
+}
+
+/// Length of a UTF-8 sequence begun but not finished at the end of `bytes` (0 to 3).
+fn incomplete_tail(bytes: &[u8]) -> usize {
+    for back in 1..=3.min(bytes.len()) {
+        let b = bytes[bytes.len() - back];
+        if b & 0xC0 == 0x80 {
+            continue;
+        }
+        let need = match b {
+            0xC0..=0xDF => 2,
+            0xE0..=0xEF => 3,
+            0xF0..=0xF7 => 4,
+            _ => return 0,
+        };
+        return if need > back { back } else { 0 };
+    }
+    0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utf8_split_across_reads() {
+        let mut c = Utf8Carry::default();
+        let snowman = "☃".as_bytes();
+        assert_eq!(c.decode(&[b'a', snowman[0]]), "a");
+        assert_eq!(c.decode(&snowman[1..2]), "");
+        assert_eq!(c.decode(&[snowman[2], b'b']), "☃b");
+        assert_eq!(c.decode(&[0xff, b'c']), "\u{fffd}c");
+        assert_eq!(c.decode(&[0xe2]), "");
+        assert_eq!(c.flush(), "\u{fffd}");
+    }
+}

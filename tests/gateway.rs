@@ -1,0 +1,568 @@
+//! The recording SSH gateway with real peers: the OpenSSH client (under tmux for a real
+//! terminal) → `castvault gateway` → a real OpenSSH sshd on loopback, recorded on a real
+//! castvault node.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::Node;
+
+/// Longest wait for anything a session shows.
+const WAIT: Duration = Duration::from_secs(30);
+
+fn run(cmd: &mut Command) -> std::process::Output {
+    let out = cmd.output().expect("run");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn keygen(path: &Path) {
+    run(Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "test", "-f"])
+        .arg(path));
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn whoami() -> String {
+    String::from_utf8(run(Command::new("id").arg("-un")).stdout)
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A real sshd on 127.0.0.1 that admits `authorized` for the current user.
+struct Sshd {
+    port: u16,
+    _child: Killed,
+}
+
+impl Sshd {
+    fn start(dir: &Path, authorized: &Path) -> Self {
+        std::fs::create_dir_all("/run/sshd").unwrap();
+        let host_key = dir.join("target_host_key");
+        if !host_key.exists() {
+            keygen(&host_key);
+        }
+        let port = free_port();
+        let config = dir.join("sshd_config");
+        std::fs::write(
+            &config,
+            format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nPidFile {}\nAuthorizedKeysFile {}\nStrictModes no\nUsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\nPermitRootLogin prohibit-password\nSubsystem sftp internal-sftp\nLogLevel ERROR\n",
+                host_key.display(),
+                dir.join("sshd.pid").display(),
+                authorized.display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f"])
+            .arg(&config)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start sshd (apt: openssh-server)");
+        let deadline = Instant::now() + WAIT;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "sshd never listened");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self {
+            port,
+            _child: Killed(child),
+        }
+    }
+}
+
+/// Keys, the target sshd, and a recorder.
+struct Lab {
+    dir: PathBuf,
+    sshd: Sshd,
+    user_key: PathBuf,
+    node: Node,
+}
+
+impl Lab {
+    async fn new(dir: &Path) -> Self {
+        let dir = dir.to_owned();
+        // The gateway's own key, admitted by the target.
+        keygen(&dir.join("gateway_key"));
+        std::fs::copy(
+            dir.join("gateway_key.pub"),
+            dir.join("target_authorized_keys"),
+        )
+        .unwrap();
+        let sshd = Sshd::start(&dir, &dir.join("target_authorized_keys"));
+        let host_pub = std::fs::read_to_string(dir.join("target_host_key.pub")).unwrap();
+        let pinned: Vec<&str> = host_pub.split_whitespace().take(2).collect();
+        std::fs::write(
+            dir.join("known_hosts"),
+            format!("[127.0.0.1]:{} {}\n", sshd.port, pinned.join(" ")),
+        )
+        .unwrap();
+        // alice's key, authorized at the gateway.
+        let user_key = dir.join("alice_key");
+        keygen(&user_key);
+        std::fs::create_dir_all(dir.join("keys")).unwrap();
+        std::fs::copy(dir.join("alice_key.pub"), dir.join("keys/alice")).unwrap();
+        std::fs::copy(dir.join("alice_key.pub"), dir.join("keys/bob")).unwrap();
+        // A user CA.
+        keygen(&dir.join("user_ca"));
+        let node = Node::start(&dir.join("recorder"), &[], &[]).await;
+        Self {
+            dir,
+            sshd,
+            user_key,
+            node,
+        }
+    }
+
+    fn config(&self, name: &str, recorders: &[SocketAddr], extra: &str) -> PathBuf {
+        let recorders: Vec<String> = recorders.iter().map(|r| format!("\"{r}\"")).collect();
+        let text = format!(
+            "[gateway]\nlisten = \"127.0.0.1:0\"\nclient_key = {:?}\nauthorized_keys = {:?}\nuser_ca_keys = {:?}\nknown_hosts = {:?}\nrecorders = [{}]\n{extra}\n[gateway.targets.db]\naddress = \"127.0.0.1:{}\"\nuser = {:?}\n[gateway.users.bob]\ntarget = \"db\"\n",
+            self.dir.join("gateway_key").display().to_string(),
+            format!("{}/keys/%u", self.dir.display()),
+            self.dir.join("user_ca.pub").display().to_string(),
+            self.dir.join("known_hosts").display().to_string(),
+            recorders.join(", "),
+            self.sshd.port,
+            whoami(),
+        );
+        let path = self.dir.join(format!("{name}.toml"));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn gateway(&self, name: &str, config: &Path) -> Gateway {
+        let mut child = Command::new(common::BIN)
+            .arg("gateway")
+            .arg("--config")
+            .arg(config)
+            .arg("--data-dir")
+            .arg(self.dir.join(format!("gw-{name}")))
+            .env("RUST_LOG", "castvault=info,warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line:?}: {e}"));
+        Gateway {
+            addr: v["gateway"].as_str().unwrap().parse().unwrap(),
+            _child: Killed(child),
+        }
+    }
+
+    /// `ssh` through the gateway, non-interactive, with `key` (or alice's).
+    fn ssh(
+        &self,
+        gw: &Gateway,
+        login: &str,
+        key: Option<&Path>,
+        extra: &[&str],
+        command: &str,
+    ) -> std::process::Output {
+        Command::new("ssh")
+            .args(ssh_options(gw, key.unwrap_or(&self.user_key)))
+            .args(extra)
+            .arg(format!("{login}@127.0.0.1"))
+            .arg(command)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+}
+
+fn ssh_options(gw: &Gateway, key: &Path) -> Vec<String> {
+    vec![
+        "-p".into(),
+        gw.addr.port().to_string(),
+        "-i".into(),
+        key.display().to_string(),
+        "-o".into(),
+        "IdentitiesOnly=yes".into(),
+        "-o".into(),
+        "BatchMode=yes".into(),
+        "-o".into(),
+        "StrictHostKeyChecking=no".into(),
+        "-o".into(),
+        "UserKnownHostsFile=/dev/null".into(),
+        "-o".into(),
+        "LogLevel=ERROR".into(),
+    ]
+}
+
+struct Gateway {
+    addr: SocketAddr,
+    _child: Killed,
+}
+
+/// A tmux server of the test's own, with one window running `command`.
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    fn start(name: &str, command: &str) -> Self {
+        let socket = format!("castvault-test-{name}-{}", std::process::id());
+        run(Command::new("tmux").args([
+            "-L",
+            &socket,
+            "-f",
+            "/dev/null",
+            "new-session",
+            "-d",
+            "-s",
+            "t",
+            "-x",
+            "100",
+            "-y",
+            "30",
+            command,
+        ]));
+        Self { socket }
+    }
+
+    fn keys(&self, keys: &str) {
+        run(Command::new("tmux").args(["-L", &self.socket, "send-keys", "-t", "t", keys, "Enter"]));
+    }
+
+    fn screen(&self) -> String {
+        let out = Command::new("tmux")
+            .args(["-L", &self.socket, "capture-pane", "-p", "-t", "t"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn wait_for(&self, text: &str) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let screen = self.screen();
+            if screen.contains(text) {
+                return screen;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{text:?} never appeared; screen:\n{screen}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn resize(&self, cols: u16, rows: u16) {
+        run(Command::new("tmux").args([
+            "-L",
+            &self.socket,
+            "resize-window",
+            "-t",
+            "t",
+            "-x",
+            &cols.to_string(),
+            "-y",
+            &rows.to_string(),
+        ]));
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .args(["-L", &self.socket, "kill-server"])
+            .output();
+    }
+}
+
+fn interactive(lab: &Lab, gw: &Gateway, name: &str, login: &str) -> (Tmux, PathBuf) {
+    let exit_file = lab.dir.join(format!("{name}.exit"));
+    let command = format!(
+        "ssh -tt {} {login}@127.0.0.1; echo \"exit=$?\" > {}; sleep 60",
+        ssh_options(gw, &lab.user_key).join(" "),
+        exit_file.display()
+    );
+    (Tmux::start(name, &command), exit_file)
+}
+
+fn wait_file(path: &Path) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path)
+            && !text.is_empty()
+        {
+            return text.trim().to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never written",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// An interactive session under tmux: commands run, the window is resized, the exit status
+/// reaches the client; the recording holds the output, the resize and the header facts. Exec
+/// sessions, certificates and every refusal are checked on the same gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_are_proxied_and_recorded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lab = Lab::new(tmp.path()).await;
+    let config = lab.config("main", &[lab.node.ingest], "");
+    let gw = lab.gateway("main", &config);
+
+    let (tmux, exit_file) = interactive(&lab, &gw, "main", "alice%db");
+    tmux.keys("echo hello-$((6*7))");
+    tmux.wait_for("hello-42");
+    tmux.resize(120, 40);
+    std::thread::sleep(Duration::from_millis(500));
+    tmux.keys("stty size");
+    tmux.wait_for("40 120");
+    tmux.keys("exit 3");
+    assert_eq!(wait_file(&exit_file), "exit=3");
+
+    let rows = lab.node.wait_finalized(1).await;
+    let id = rows[0]["id"].as_str().unwrap();
+    let cast = String::from_utf8(lab.node.export(id)).unwrap();
+    let header: serde_json::Value = serde_json::from_str(cast.lines().next().unwrap()).unwrap();
+    assert_eq!(header["target"], "db");
+    assert_eq!(header["sshUser"], whoami());
+    assert_eq!(header["srcNodeUser"], "alice");
+    assert!(
+        header["srcNode"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:")
+    );
+    assert_eq!(
+        (header["width"].as_u64(), header["height"].as_u64()),
+        (Some(100), Some(30))
+    );
+    assert_eq!(header["recordsInput"], false);
+    assert!(cast.contains("hello-42"), "{cast}");
+    assert!(
+        cast.lines().any(|l| l.contains("\"r\",\"120x40\"")),
+        "no resize event:\n{cast}"
+    );
+    assert!(
+        !cast.lines().skip(1).any(|l| l.contains("\"i\",")),
+        "input recorded against policy"
+    );
+
+    // Exec: output and exit status; the command is in the header.
+    let out = lab.ssh(&gw, "bob", None, &[], "echo via-exec; exit 7");
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "via-exec");
+    let rows = lab.node.wait_finalized(2).await;
+    let exec = rows.iter().find(|r| r["id"] != id).unwrap();
+    let cast = String::from_utf8(lab.node.export(exec["id"].as_str().unwrap())).unwrap();
+    assert!(
+        cast.lines()
+            .next()
+            .unwrap()
+            .contains("\"command\":\"echo via-exec; exit 7\"")
+    );
+
+    // A user certificate from the trusted CA signs in; one from another CA does not.
+    let cert_key = lab.dir.join("cert_key");
+    keygen(&cert_key);
+    run(Command::new("ssh-keygen")
+        .args(["-q", "-s"])
+        .arg(lab.dir.join("user_ca"))
+        .args(["-I", "alice-cert", "-n", "alice", "-V", "+1h"])
+        .arg(cert_key.with_extension("pub")));
+    let out = lab.ssh(
+        &gw,
+        "alice%db",
+        Some(&cert_key),
+        &[
+            "-o",
+            &format!(
+                "CertificateFile={}",
+                lab.dir.join("cert_key-cert.pub").display()
+            ),
+        ],
+        "echo by-cert",
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "by-cert",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rogue_ca = lab.dir.join("rogue_ca");
+    keygen(&rogue_ca);
+    let rogue_key = lab.dir.join("rogue_key");
+    keygen(&rogue_key);
+    run(Command::new("ssh-keygen")
+        .args(["-q", "-s"])
+        .arg(&rogue_ca)
+        .args(["-I", "rogue", "-n", "alice", "-V", "+1h"])
+        .arg(rogue_key.with_extension("pub")));
+    let out = lab.ssh(
+        &gw,
+        "alice%db",
+        Some(&rogue_key),
+        &[
+            "-o",
+            &format!(
+                "CertificateFile={}",
+                lab.dir.join("rogue_key-cert.pub").display()
+            ),
+        ],
+        "true",
+    );
+    assert_eq!(out.status.code(), Some(255));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Permission denied"));
+
+    // Refusals: wrong key, unknown user, unknown target, SFTP.
+    let stranger = lab.dir.join("stranger");
+    keygen(&stranger);
+    let out = lab.ssh(&gw, "alice%db", Some(&stranger), &[], "true");
+    assert_eq!(out.status.code(), Some(255));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Permission denied"));
+    let out = lab.ssh(&gw, "mallory", None, &[], "true");
+    assert_eq!(out.status.code(), Some(255));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Permission denied"));
+    let out = lab.ssh(&gw, "alice%nowhere", None, &[], "true");
+    assert_eq!(out.status.code(), Some(255));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unknown target \"nowhere\""),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sftp = Command::new("sftp")
+        .args(["-P", &gw.addr.port().to_string(), "-i"])
+        .arg(&lab.user_key)
+        .args([
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "alice%db@127.0.0.1",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!sftp.status.success());
+    assert!(
+        String::from_utf8_lossy(&sftp.stderr).contains("subsystem request failed"),
+        "{}",
+        String::from_utf8_lossy(&sftp.stderr)
+    );
+
+    // A target whose host key changed is refused.
+    let other = lab.dir.join("other_host");
+    keygen(&other);
+    let other_pub = std::fs::read_to_string(other.with_extension("pub")).unwrap();
+    let pinned: Vec<&str> = other_pub.split_whitespace().take(2).collect();
+    std::fs::write(
+        lab.dir.join("known_hosts"),
+        format!("[127.0.0.1]:{} {}\n", lab.sshd.port, pinned.join(" ")),
+    )
+    .unwrap();
+    let out = lab.ssh(&gw, "alice%db", None, &[], "true");
+    assert_eq!(out.status.code(), Some(255));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("TARGET HOST KEY CHANGED"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Recorder failures under each policy: none reachable refuses the session; a recorder killed
+/// mid-session ends it under `terminate`, and lets it go on under `continue`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recorder_failures_follow_the_policy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut lab = Lab::new(tmp.path()).await;
+
+    let dead = lab.config("dead", &[common::dead_addr()], "");
+    let gw = lab.gateway("dead", &dead);
+    let out = lab.ssh(&gw, "alice%db", None, &[], "echo should-not-run");
+    assert_eq!(out.status.code(), Some(255));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("session refused: no recorder accepted the recording"),
+        "{err}"
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("should-not-run"));
+
+    // The first recorder is down, the second takes it (the ordered list).
+    let failover = lab.config("failover", &[common::dead_addr(), lab.node.ingest], "");
+    let gw = lab.gateway("failover", &failover);
+    let out = lab.ssh(&gw, "alice%db", None, &[], "echo recorded-on-second");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "recorded-on-second"
+    );
+
+    // Killed mid-session, fail-open: the session goes on, with a warning.
+    let open = lab.config(
+        "open",
+        &[lab.node.ingest],
+        "on_recording_failure = \"continue\"\n",
+    );
+    let gw_open = lab.gateway("open", &open);
+    let (tmux, exit_file) = interactive(&lab, &gw_open, "open", "alice%db");
+    tmux.keys("echo before-$((1+1))");
+    tmux.wait_for("before-2");
+    lab.node.kill9();
+    tmux.keys("echo after-$((2+2))");
+    tmux.wait_for("no longer recorded");
+    tmux.keys("echo still-$((3+3))");
+    tmux.wait_for("still-6");
+    tmux.keys("exit 0");
+    assert_eq!(wait_file(&exit_file), "exit=0");
+    drop(tmux);
+
+    // Killed mid-session, terminate: the session ends with the message.
+    lab.node.restart().await;
+    let strict = lab.config("strict", &[lab.node.ingest], "");
+    let gw_strict = lab.gateway("strict", &strict);
+    let (tmux, exit_file) = interactive(&lab, &gw_strict, "strict", "alice%db");
+    tmux.keys("echo before-$((1+1))");
+    tmux.wait_for("before-2");
+    lab.node.kill9();
+    tmux.keys("echo after-$((2+2))");
+    tmux.wait_for("recording failed, session terminated");
+    assert_eq!(wait_file(&exit_file), "exit=255");
+}
