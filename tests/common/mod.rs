@@ -4,6 +4,7 @@
 
 #[path = "../../benches/corpus/mod.rs"]
 pub mod corpus;
+pub mod ssh;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
