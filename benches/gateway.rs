@@ -51,8 +51,21 @@ fn main() {
         key: &lab.user_key,
         login: "alice%db",
     };
+    // The same gateway with no recorder (fail-open), to show what recording costs.
+    let bare_config = lab.config(
+        "bare",
+        &[common::dead_addr()],
+        "on_recorder_unavailable = \"allow\"\n",
+    );
+    let bare = lab.gateway("bare", &bare_config);
+    let bare_port = bare.addr.port().to_string();
+    let unrecorded = Route {
+        port: &bare_port,
+        key: &lab.user_key,
+        login: "alice%db",
+    };
     if wants("throughput") {
-        throughput(&lab.dir, &direct, &via_gateway);
+        throughput(&lab.dir, &direct, &via_gateway, &unrecorded);
     }
     if wants("latency") {
         latency(&direct, &via_gateway);
@@ -126,7 +139,7 @@ fn write_corpus(path: &Path, bytes: u64) {
     out.flush().unwrap();
 }
 
-fn throughput(dir: &Path, direct: &Route, gateway: &Route) {
+fn throughput(dir: &Path, direct: &Route, gateway: &Route, unrecorded: &Route) {
     let mib: u64 = std::env::var("CASTVAULT_GW_BENCH_MIB")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -149,7 +162,14 @@ fn throughput(dir: &Path, direct: &Route, gateway: &Route) {
     let _ = time(direct);
     let d = time(direct);
     let g = time(gateway);
+    let u = time(unrecorded);
     let rate = |t: Duration| size as f64 / t.as_secs_f64() / 1e6;
+    println!(
+        "gateway without recording (no recorder, fail-open): {:.2}s ({:.1} MB/s); ratio {:.2}",
+        u.as_secs_f64(),
+        rate(u),
+        d.as_secs_f64() / u.as_secs_f64()
+    );
     println!(
         "gateway throughput: {size} bytes; direct sshd {:.2}s ({:.1} MB/s), through the gateway with recording {:.2}s ({:.1} MB/s); ratio {:.2} (target >= 0.5)",
         d.as_secs_f64(),

@@ -225,6 +225,17 @@ fn load_or_create_key(path: &Path) -> anyhow::Result<PrivateKey> {
     Ok(key)
 }
 
+/// Ciphers offered, AES-GCM first and ChaCha20-Poly1305 not at all: OpenSSH clients pick the
+/// first of their own list the server offers, which is ChaCha20, and russh runs ChaCha20 in
+/// software while AES-GCM runs on the CPU's AES instructions (ring), several times faster.
+pub(crate) const CIPHERS: &[russh::cipher::Name] = &[
+    russh::cipher::AES_256_GCM,
+    russh::cipher::AES_128_GCM,
+    russh::cipher::AES_256_CTR,
+    russh::cipher::AES_192_CTR,
+    russh::cipher::AES_128_CTR,
+];
+
 /// Everything the gateway's connections share.
 pub struct Gateway {
     pub config: GatewayConfig,
@@ -364,6 +375,10 @@ pub async fn run(
         keepalive_max: 4,
         max_auth_attempts: 6,
         nodelay: true,
+        preferred: russh::Preferred {
+            cipher: std::borrow::Cow::Borrowed(CIPHERS),
+            ..Default::default()
+        },
         ..Default::default()
     });
     let gateway = Arc::new(Gateway {

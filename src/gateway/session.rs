@@ -354,6 +354,10 @@ impl Session {
             inactivity_timeout: None,
             keepalive_interval: Some(std::time::Duration::from_secs(30)),
             nodelay: true,
+            preferred: russh::Preferred {
+                cipher: std::borrow::Cow::Borrowed(super::CIPHERS),
+                ..Default::default()
+            },
             ..Default::default()
         });
         let connect = russh::client::connect(config, (host.as_str(), port), handler);
