@@ -311,10 +311,16 @@ pub struct Utf8Carry {
 
 impl Utf8Carry {
     pub fn decode(&mut self, bytes: &[u8]) -> String {
+        if self.pending.is_empty() {
+            let keep = incomplete_tail(bytes);
+            let (text, tail) = bytes.split_at(bytes.len() - keep);
+            self.pending.extend_from_slice(tail);
+            return to_text(text);
+        }
         self.pending.extend_from_slice(bytes);
         let keep = incomplete_tail(&self.pending);
         let cut = self.pending.len() - keep;
-        let text = String::from_utf8_lossy(&self.pending[..cut]).into_owned();
+        let text = to_text(&self.pending[..cut]);
         self.pending.drain(..cut);
         text
     }
@@ -323,6 +329,15 @@ impl Utf8Carry {
         let text = String::from_utf8_lossy(&self.pending).into_owned();
         self.pending.clear();
         text
+    }
+}
+
+/// Valid UTF-8 (the usual case) is checked by the fast validator and copied once; only
+/// invalid bytes take the replacing path.
+fn to_text(bytes: &[u8]) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => text.to_owned(),
+        Err(_) => String::from_utf8_lossy(bytes).into_owned(),
     }
 }
 

@@ -355,7 +355,7 @@ impl Session {
             keepalive_interval: Some(std::time::Duration::from_secs(30)),
             nodelay: true,
             preferred: russh::Preferred {
-                cipher: std::borrow::Cow::Borrowed(super::CIPHERS),
+                cipher: std::borrow::Cow::Borrowed(super::CLIENT_CIPHERS),
                 ..Default::default()
             },
             ..Default::default()
