@@ -181,6 +181,40 @@ async fn sessions_are_proxied_and_recorded() {
             .contains("\"command\":\"echo via-exec; exit 7\"")
     );
 
+    // With input recording on, what the user sends is recorded as `i` events, and the header
+    // says so.
+    let typed = lab.config("typed", &[lab.node.ingest], "record_input = true\n");
+    let gw_typed = lab.gateway("typed", &typed);
+    let mut cat = Command::new("ssh")
+        .args(ssh_options(&gw_typed, &lab.user_key))
+        .args(["alice%db@127.0.0.1", "cat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        let mut stdin = cat.stdin.take().unwrap();
+        stdin.write_all(b"typed-secret-input\n").unwrap();
+    }
+    let out = cat.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "typed-secret-input"
+    );
+    let rows = lab.node.wait_finalized(3).await;
+    let typed_cast = rows
+        .iter()
+        .map(|r| String::from_utf8(lab.node.export(r["id"].as_str().unwrap())).unwrap())
+        .find(|c| c.lines().next().unwrap().contains("\"recordsInput\":true"))
+        .expect("the input-recording session");
+    assert!(
+        typed_cast
+            .lines()
+            .any(|l| l.contains("\"i\",\"typed-secret-input\\n\"")),
+        "{typed_cast}"
+    );
+
     // A user certificate from the trusted CA signs in; one from another CA does not.
     let cert_key = lab.dir.join("cert_key");
     keygen(&cert_key);
