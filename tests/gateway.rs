@@ -384,3 +384,66 @@ async fn recorder_failures_follow_the_policy() {
     tmux.wait_for("recording failed, session terminated");
     assert_eq!(wait_file(&exit_file), "exit=255");
 }
+
+/// Limits: connections per address, authentication attempts per address, idle connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_limits_hold() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lab = Lab::new(tmp.path()).await;
+    let config = lab.config(
+        "limits",
+        &[lab.node.ingest],
+        "max_connections_per_peer = 2\nauth_attempts_per_minute = 3\nidle_timeout = \"2s\"\n",
+    );
+    let gw = lab.gateway("limits", &config);
+
+    // Two connections held open; the third from the same address is closed at once.
+    let held: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| std::net::TcpStream::connect(gw.addr).unwrap())
+        .collect();
+    let out = lab.ssh(&gw, "alice%db", None, &[], "true");
+    assert_eq!(
+        out.status.code(),
+        Some(255),
+        "a third connection was served"
+    );
+    drop(held);
+    // Idle connections were closed by the idle timeout meanwhile; a session works again.
+    std::thread::sleep(Duration::from_secs(3));
+    let out = lab.ssh(&gw, "alice%db", None, &[], "echo ok");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "ok",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // An idle interactive session is closed after the idle timeout.
+    let started = Instant::now();
+    let mut idle = Command::new("ssh")
+        .args(ssh_options(&gw, &lab.user_key))
+        .args(["alice%db@127.0.0.1", "sleep 600"])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let status = loop {
+        if let Some(status) = idle.try_wait().unwrap() {
+            break status;
+        }
+        assert!(started.elapsed() < WAIT, "an idle session was never closed");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success());
+
+    // Authentication attempts: wrong keys use up the address's allowance; then even the right
+    // key is refused for a while.
+    let stranger = lab.dir.join("stranger");
+    keygen(&stranger);
+    for _ in 0..3 {
+        let out = lab.ssh(&gw, "alice%db", Some(&stranger), &[], "true");
+        assert_eq!(out.status.code(), Some(255));
+    }
+    let out = lab.ssh(&gw, "alice%db", None, &[], "echo should-not-run");
+    assert_eq!(out.status.code(), Some(255), "rate limit not applied");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Permission denied"));
+}
