@@ -42,6 +42,10 @@ const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a connection over its peer's limit is kept to deliver the 429 before it is closed.
 const REFUSAL_LINGER: Duration = Duration::from_secs(2);
 
+/// Refusals being answered at once; past it a connection over its limit is closed without an
+/// answer, so a peer flooding connections cannot fill the listener with refusals.
+const REFUSALS_IN_FLIGHT: usize = 256;
+
 /// What one listener allows.
 #[derive(Clone)]
 pub struct Limits {
@@ -119,6 +123,7 @@ pub async fn serve(
     let builder = Arc::new(builder);
     let connections = TaskTracker::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let refusals = Arc::new(Semaphore::new(REFUSALS_IN_FLIGHT));
     loop {
         let permit = tokio::select! {
             permit = slots.clone().acquire_owned() => permit,
@@ -149,6 +154,9 @@ pub async fn serve(
             Some(counts) => match counts.take(peer.ip()) {
                 Some(slot) => Some(slot),
                 None => {
+                    let Ok(refusal) = refusals.clone().try_acquire_owned() else {
+                        continue;
+                    };
                     let builder = builder.clone();
                     connections.spawn(async move {
                         tracing::debug!(%peer, "connection over the per-address limit");
@@ -165,6 +173,7 @@ pub async fn serve(
                         }));
                         let conn = builder.serve_connection(TokioIo::new(stream), refuse);
                         let _ = tokio::time::timeout(REFUSAL_LINGER, conn).await;
+                        drop(refusal);
                         drop(permit);
                     });
                     continue;
