@@ -26,7 +26,7 @@ cargo fuzz build "${flags[@]}"
 for t in "${targets[@]}"; do
   work=../target/fuzz-corpus/$t
   mkdir -p "$work"
-  log=../target/fuzz-$t.log
+  log=../target/fuzz-${FUZZ_QUICK:+quick-}$t.log
   if ! cargo fuzz run "${flags[@]}" "$t" "$work" "corpus/$t" -- -max_total_time="$seconds" -rss_limit_mb=4096 -timeout=30 >"$log" 2>&1; then
     tail -40 "$log"
     echo "fuzz target $t failed; input saved under fuzz/artifacts/$t/" >&2
