@@ -144,6 +144,14 @@ impl Default for GatewayConfig {
 impl GatewayConfig {
     pub fn validate(&self) -> Vec<String> {
         let mut problems = Vec::new();
+        if let Some(pattern) = &self.authorized_keys
+            && !pattern.contains("%u")
+        {
+            // One file for everyone would let any listed key sign in as any gateway user.
+            problems.push(format!(
+                "gateway.authorized_keys {pattern:?} must contain %u (one file per gateway user)"
+            ));
+        }
         if self.authorized_keys.is_none() && self.user_ca_keys.is_none() {
             problems
                 .push("gateway: set authorized_keys or user_ca_keys, or nobody can sign in".into());
@@ -582,5 +590,20 @@ mod tests {
         assert_eq!(parse_login(&config, "%x"), None);
         assert_eq!(split_host_port("[::1]:22"), Some(("::1".into(), 22)));
         assert_eq!(split_host_port("h:x"), None);
+    }
+
+    #[test]
+    fn shared_authorized_keys_are_refused() {
+        let config = GatewayConfig {
+            authorized_keys: Some("/etc/castvault/authorized_keys".into()),
+            recorders: vec!["127.0.0.1:80".parse().unwrap()],
+            ..GatewayConfig::default()
+        };
+        assert_eq!(config.validate().len(), 1, "{:?}", config.validate());
+        let config = GatewayConfig {
+            authorized_keys: Some("/etc/castvault/keys/%u".into()),
+            ..config
+        };
+        assert!(config.validate().is_empty(), "{:?}", config.validate());
     }
 }
