@@ -132,6 +132,26 @@ fn check_signature(
     }
 }
 
+/// Lines with their newline (the last may lack one), found with memchr (`split_inclusive`
+/// tests a closure per byte).
+struct Lines<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Iterator for Lines<'a> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        if self.rest.is_empty() {
+            return None;
+        }
+        let end = memchr::memchr(b'\n', self.rest).map_or(self.rest.len(), |i| i + 1);
+        let (line, rest) = self.rest.split_at(end);
+        self.rest = rest;
+        Some(line)
+    }
+}
+
 /// Checks a seal over `manifest_bytes` and parses the manifest.
 ///
 /// # Errors
@@ -259,7 +279,7 @@ impl<'m> BodyCheck<'m> {
 
     fn lines(&mut self, raw: &[u8], header_first: bool, entry: &ChunkEntry) -> Result<(), Fail> {
         let seq = entry.seq;
-        let mut lines = raw.split_inclusive(|&b| b == b'\n');
+        let mut lines = Lines { rest: raw };
         if header_first {
             let line = lines.next().unwrap_or_default();
             let header = CastHeader::parse(line.trim_ascii())
@@ -599,7 +619,7 @@ async fn verify_unfinished(
         let raw = chunk::decode(&stored, MAX_DECODED_CHUNK_BYTES)
             .map_err(|e| format!("chunk {seq}: does not decode: {e}"))?;
         chain.push(&chunk::digest(&raw), seq, offset, raw.len() as u64);
-        let mut lines = raw.split_inclusive(|&b| b == b'\n');
+        let mut lines = Lines { rest: &raw };
         if seq == 0 {
             let header = lines.next().unwrap_or_default();
             CastHeader::parse(header.trim_ascii())
