@@ -19,9 +19,22 @@ fuzz_target!(|data: &[u8]| {
         assert!(CastHeader::parse(&again).is_ok());
     }
     for line in data.split(|&b| b == b'\n') {
-        if let Some((time, _code)) = parse_event(line) {
+        let parsed = parse_event(line);
+        if let Some((time, _code)) = parsed {
             assert!(time.is_finite() && time >= 0.0);
         }
+        // The parser's fast path must agree with plain serde_json on every line.
+        let reference =
+            serde_json::from_slice::<(f64, String, serde::de::IgnoredAny)>(line.trim_ascii())
+                .ok()
+                .filter(|(t, _, _)| t.is_finite() && *t >= 0.0)
+                .map(|(t, _, _)| t);
+        assert_eq!(
+            parsed.map(|(t, _)| t.to_bits()),
+            reference.map(f64::to_bits),
+            "{:?}",
+            String::from_utf8_lossy(line)
+        );
         if let Ok(text) = std::str::from_utf8(line) {
             let _ = parse_resize(text);
         }
