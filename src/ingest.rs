@@ -515,11 +515,16 @@ async fn receive_recording(
     };
     let mut received: u64 = 0;
     let limits = &ingest.limits;
-    let header_deadline = tokio::time::Instant::now() + limits.header_timeout;
+    // Both timers are made once: `select!` builds every branch's future on every turn, even a
+    // disabled one, and this loop turns once per body frame.
+    let header_timer = tokio::time::sleep(limits.header_timeout);
+    tokio::pin!(header_timer);
     // Events beyond the per-stream rate are not dropped: the body is read more slowly, which
     // pushes back on the sender through HTTP/2 flow control or TCP.
     let mut pace = Bucket::new(limits.stream_events_per_second, limits.stream_event_burst);
-    let mut resume_at: Option<tokio::time::Instant> = None;
+    let pause = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(pause);
+    let mut paused = false;
 
     // Phase 1: the body, until it ends, breaks or is refused.
     let ended: Ended = loop {
@@ -528,16 +533,16 @@ async fn receive_recording(
             () = ingest.close_streams.cancelled() => {
                 break Ended::Failed("recorder shut down before the stream ended".to_owned());
             }
-            () = tokio::time::sleep_until(header_deadline), if active.is_none() => {
+            () = &mut header_timer, if active.is_none() => {
                 return finish_refused(ingest, StreamResult::Rejected(
                     StatusCode::REQUEST_TIMEOUT,
                     format!("no asciicast header line within {:?}", limits.header_timeout),
                 ));
             }
-            () = tokio::time::sleep_until(resume_at.unwrap_or_else(tokio::time::Instant::now)), if resume_at.is_some() => {
-                resume_at = None;
+            () = &mut pause, if paused => {
+                paused = false;
             }
-            next = body.next(), if resume_at.is_none() => match next {
+            next = body.next(), if !paused => match next {
                 Some(Ok(data)) => {
                     received += data.len() as u64;
                     Metrics::add(&ingest.metrics.bytes_received, data.len() as u64);
@@ -545,7 +550,8 @@ async fn receive_recording(
                     let wait = pace.take(lines.newlines, std::time::Instant::now());
                     if !wait.is_zero() {
                         Metrics::add(&ingest.metrics.streams_throttled, 1);
-                        resume_at = Some(tokio::time::Instant::now() + wait);
+                        pause.as_mut().reset(tokio::time::Instant::now() + wait);
+                        paused = true;
                     }
                     if let Some(active) = &mut active {
                         active.arrived(active.file.received() + data.len() as u64);

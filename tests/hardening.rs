@@ -92,6 +92,11 @@ fn write_config(dir: &Path, text: &str) -> String {
     path.display().to_string()
 }
 
+/// A v1 recording `body` from 127.0.0.1 with extra request `headers`; the whole answer.
+async fn record_v1(to: SocketAddr, body: &[u8], headers: &str) -> Vec<u8> {
+    exchange(ip(1), to, &chunked("/record", body, headers), true).await
+}
+
 /// `castvault config check --config PATH`.
 fn config_check(path: &str) -> std::process::Output {
     std::process::Command::new(common::BIN)
@@ -139,13 +144,7 @@ async fn admission_refuses_before_storing_and_the_client_moves_on() {
     assert_eq!(manifest["sender"]["name"], "127.0.0.1");
 
     // The refusing node answered 403 on both protocols and stored nothing.
-    let answer = exchange(
-        ip(1),
-        closed.ingest,
-        &chunked("/record", &body[..1000], ""),
-        true,
-    )
-    .await;
+    let answer = record_v1(closed.ingest, &body[..1000], "").await;
     assert_eq!(status(&answer), 403, "{}", String::from_utf8_lossy(&answer));
     assert!(String::from_utf8_lossy(&answer).contains("not in this recorder's allowed networks"));
     assert!(closed.list().is_empty());
@@ -170,36 +169,20 @@ async fn admission_refuses_before_storing_and_the_client_moves_on() {
     );
     let tokens = Node::start(&token_dir, &["--config", &config], &[]).await;
     let small = header("") + "[0.5,\"o\",\"hello\"]\n";
-    let without = exchange(
-        ip(1),
-        tokens.ingest,
-        &chunked("/record", small.as_bytes(), ""),
-        true,
-    )
-    .await;
+    let without = record_v1(tokens.ingest, small.as_bytes(), "").await;
     assert_eq!(status(&without), 403);
-    let wrong = exchange(
-        ip(1),
+    let wrong = record_v1(
         tokens.ingest,
-        &chunked(
-            "/record",
-            small.as_bytes(),
-            "Authorization: Bearer nope\r\n",
-        ),
-        true,
+        small.as_bytes(),
+        "Authorization: Bearer nope\r\n",
     )
     .await;
     assert_eq!(status(&wrong), 403);
     assert!(String::from_utf8_lossy(&wrong).contains("unknown ingest token"));
-    let right = exchange(
-        ip(1),
+    let right = record_v1(
         tokens.ingest,
-        &chunked(
-            "/record",
-            small.as_bytes(),
-            &format!("Authorization: Bearer {token}\r\n"),
-        ),
-        true,
+        small.as_bytes(),
+        &format!("Authorization: Bearer {token}\r\n"),
     )
     .await;
     assert_eq!(status(&right), 200, "{}", String::from_utf8_lossy(&right));
@@ -261,32 +244,14 @@ async fn admission_refuses_before_storing_and_the_client_moves_on() {
         .lock()
         .unwrap()
         .clone_from(&Some(OTHER_WHOIS.to_owned()));
-    let refused = exchange(
-        ip(1),
-        whois.ingest,
-        &chunked("/record", small.as_bytes(), ""),
-        true,
-    )
-    .await;
+    let refused = record_v1(whois.ingest, small.as_bytes(), "").await;
     assert_eq!(status(&refused), 403);
     assert!(String::from_utf8_lossy(&refused).contains("laptop.tail-net.ts.net"));
     answers.lock().unwrap().take();
-    let unknown = exchange(
-        ip(1),
-        whois.ingest,
-        &chunked("/record", small.as_bytes(), ""),
-        true,
-    )
-    .await;
+    let unknown = record_v1(whois.ingest, small.as_bytes(), "").await;
     assert_eq!(status(&unknown), 403);
     std::fs::remove_file(&socket).unwrap();
-    let down = exchange(
-        ip(1),
-        whois.ingest,
-        &chunked("/record", small.as_bytes(), ""),
-        true,
-    )
-    .await;
+    let down = record_v1(whois.ingest, small.as_bytes(), "").await;
     assert_eq!(status(&down), 503);
     assert_eq!(whois.list().len(), 1);
 }
@@ -1309,13 +1274,7 @@ async fn secrets_stay_out_of_logs_checks_and_metrics() {
         let body = format!(
             "{{\"version\":2,\"width\":80,\"height\":24,\"sshUser\":\"{user}\"}}\n[0.1,\"o\",\"x\"]\n"
         );
-        let _ = exchange(
-            ip(1),
-            node.ingest,
-            &chunked("/record", body.as_bytes(), ""),
-            true,
-        )
-        .await;
+        let _ = record_v1(node.ingest, body.as_bytes(), "").await;
     }
     tokio::time::sleep(Duration::from_secs(4)).await;
     let metrics = common::http_get(node.web, "/metrics").await.unwrap().1;
