@@ -3,7 +3,8 @@
 # certificates), OpenSSH server and client and tmux (the gateway's tests), Node.js/npm and
 # Chromium; from tests/tools' npm lockfile, Azurite and playwright-core; from ui's lockfile,
 # asciinema-player (to check the vendored copy the binary embeds); from PyPI (in a venv under
-# target/), the asciinema CLI and the checkers of deploy/ (scripts/check-deploy.sh). Each test starts and stops
+# target/), the asciinema CLI, moto (a real S3-compatible server) and the checkers of deploy/
+# (scripts/check-deploy.sh). Each test starts and stops
 # its own components (castvault nodes, Azurite, Chromium) on 127.0.0.1 and stops only the
 # processes it started. Last, every cargo-fuzz target runs briefly (cargo-fuzz is installed
 # from crates.io if missing).
@@ -26,7 +27,7 @@ fi
 # Python tools, pinned, in a venv: the asciinema CLI (exports must play in it) and the checkers
 # of deploy/.
 venv=target/test-venv
-if [[ ! -x $venv/bin/asciinema || ! -x $venv/bin/kubernetes-validate ]]; then
+if [[ ! -x $venv/bin/asciinema || ! -x $venv/bin/kubernetes-validate || ! -x $venv/bin/moto_server ]]; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q --disable-pip-version-check -r scripts/test-requirements.txt
 fi

@@ -336,7 +336,9 @@ impl Config {
     pub fn ack_level(&self) -> AckLevel {
         self.ack
             .unwrap_or(match StoreUrl::parse(&self.store_url()) {
-                Ok(StoreUrl::Azure { .. }) => AckLevel::Storage,
+                Ok(StoreUrl::Azure { .. } | StoreUrl::S3 { .. } | StoreUrl::Gcs { .. }) => {
+                    AckLevel::Storage
+                }
                 _ => AckLevel::Spool,
             })
     }

@@ -171,3 +171,38 @@ async fn azurite() {
     .collect();
     conformance(store::open("az://conformance", &options).unwrap()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_on_moto() {
+    let moto = common::Moto::start().await;
+    moto.create_bucket("conformance").await;
+    let s3 = store::open("s3://conformance", &moto.store_options()).unwrap();
+    conformance(s3.clone()).await;
+
+    // Leases need conditional updates on ETags; S3 has them (If-Match / If-None-Match).
+    let path = object_store::path::Path::from("live/lease-test");
+    let first = s3
+        .put_opts(&path, "a".into(), object_store::PutMode::Create.into())
+        .await
+        .unwrap();
+    let update = object_store::UpdateVersion {
+        e_tag: first.e_tag.clone(),
+        version: None,
+    };
+    s3.put_opts(
+        &path,
+        "b".into(),
+        object_store::PutMode::Update(update.clone()).into(),
+    )
+    .await
+    .unwrap();
+    let stale = s3
+        .put_opts(
+            &path,
+            "c".into(),
+            object_store::PutMode::Update(update).into(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(error_kind(&stale), ErrorKind::Precondition, "{stale}");
+}

@@ -4,6 +4,8 @@
 //! | --- | --- |
 //! | `file:///abs/path` | local disk, fsync on every put (the embedded default) |
 //! | `az://CONTAINER` | Azure Blob through object_store. Settings come from the environment (`AZURE_STORAGE_ACCOUNT_NAME`, `AZURE_STORAGE_ACCOUNT_KEY`, `AZURE_STORAGE_SAS_KEY`, `AZURE_FEDERATED_TOKEN_FILE` for workload identity, managed identity by default, `AZURE_STORAGE_USE_EMULATOR` for Azurite) and from the config's `store_options`, which win. |
+//! | `s3://BUCKET` | Amazon S3 or an S3-compatible store. Settings come from the `AWS_*` environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION`, `AWS_ENDPOINT_URL` for S3-compatible stores, `AWS_WEB_IDENTITY_TOKEN_FILE` + `AWS_ROLE_ARN` for IRSA, ECS container credentials), else from a shared-credentials profile (`AWS_PROFILE`, default `default`, in `~/.aws/credentials` and `~/.aws/config`), else from the EC2 instance role (IMDSv2); the config's `store_options` win over all of them. |
+//! | `gs://BUCKET` | Google Cloud Storage. Settings from `GOOGLE_SERVICE_ACCOUNT` (a key file) or `GOOGLE_SERVICE_ACCOUNT_KEY`, else application default credentials, else the GCE/GKE metadata server; `store_options` win. |
 //! | `memory://` | in memory, for tests |
 //!
 //! Immutable objects (chunks, manifests, events) are written with [`put_create`] so an existing
@@ -16,7 +18,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
+use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path;
@@ -95,6 +99,8 @@ pub fn error_kind(e: &object_store::Error) -> ErrorKind {
 pub enum StoreUrl {
     File(PathBuf),
     Azure { container: String },
+    S3 { bucket: String },
+    Gcs { bucket: String },
     Memory,
 }
 
@@ -130,8 +136,36 @@ impl StoreUrl {
                     container: container.to_owned(),
                 })
             }
+            scheme @ ("s3" | "gs") => {
+                let bucket = parsed.host_str().unwrap_or_default();
+                // The rules both clouds share: 3 to 63 of a-z, 0-9, '.', '-', starting and
+                // ending with a letter or digit (GCS also allows '_').
+                let edge =
+                    |b: Option<u8>| b.is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+                let valid = (3..=63).contains(&bucket.len())
+                    && bucket.bytes().all(|b| {
+                        b.is_ascii_lowercase()
+                            || b.is_ascii_digit()
+                            || b == b'.'
+                            || b == b'-'
+                            || (b == b'_' && scheme == "gs")
+                    })
+                    && edge(bucket.bytes().next())
+                    && edge(bucket.bytes().last());
+                if !valid || !parsed.path().trim_matches('/').is_empty() {
+                    return Err(invalid(&format!(
+                        "expected {scheme}://BUCKET (3 to 63 of a-z, 0-9, '.', '-')"
+                    )));
+                }
+                let bucket = bucket.to_owned();
+                Ok(if scheme == "s3" {
+                    Self::S3 { bucket }
+                } else {
+                    Self::Gcs { bucket }
+                })
+            }
             other => Err(invalid(&format!(
-                "unsupported scheme {other:?} (file, az, memory)"
+                "unsupported scheme {other:?} (file, az, s3, gs, memory)"
             ))),
         }
     }
@@ -182,6 +216,125 @@ pub fn open(url: &str, options: &BTreeMap<String, String>) -> Result<DynStore, S
             })?;
             Ok(Arc::new(store))
         }
+        StoreUrl::S3 { bucket } => {
+            install_crypto_provider();
+            let mut builder = AmazonS3Builder::from_env()
+                .with_bucket_name(bucket)
+                .with_retry(retry_config());
+            let explicit_key = std::env::var_os("AWS_ACCESS_KEY_ID").is_some()
+                || options.keys().any(|k| {
+                    matches!(
+                        AmazonS3ConfigKey::from_str(k),
+                        Ok(AmazonS3ConfigKey::AccessKeyId)
+                    )
+                });
+            if !explicit_key {
+                for (key, value) in aws_profile::settings() {
+                    builder = builder.with_config(key, value);
+                }
+            }
+            for (key, value) in options {
+                let key =
+                    AmazonS3ConfigKey::from_str(key).map_err(|_| StoreError::UnknownOption {
+                        url: url.to_owned(),
+                        key: key.clone(),
+                    })?;
+                builder = builder.with_config(key, value);
+            }
+            let store = builder.build().map_err(|source| StoreError::Open {
+                url: url.to_owned(),
+                source,
+            })?;
+            Ok(Arc::new(store))
+        }
+        StoreUrl::Gcs { bucket } => {
+            install_crypto_provider();
+            let mut builder = GoogleCloudStorageBuilder::from_env()
+                .with_bucket_name(bucket)
+                .with_retry(retry_config());
+            for (key, value) in options {
+                let key =
+                    GoogleConfigKey::from_str(key).map_err(|_| StoreError::UnknownOption {
+                        url: url.to_owned(),
+                        key: key.clone(),
+                    })?;
+                builder = builder.with_config(key, value);
+            }
+            let store = builder.build().map_err(|source| StoreError::Open {
+                url: url.to_owned(),
+                source,
+            })?;
+            Ok(Arc::new(store))
+        }
+    }
+}
+
+/// AWS shared-credentials profiles, which object_store does not read itself: static keys from
+/// `AWS_SHARED_CREDENTIALS_FILE` (default `~/.aws/credentials`) and the region from
+/// `AWS_CONFIG_FILE` (default `~/.aws/config`), for the profile `AWS_PROFILE` names (default
+/// `default`). Profiles that assume roles or use SSO are not followed; use IRSA
+/// (`AWS_WEB_IDENTITY_TOKEN_FILE` + `AWS_ROLE_ARN`) or the instance role for those.
+mod aws_profile {
+    use std::path::PathBuf;
+
+    use object_store::aws::AmazonS3ConfigKey;
+
+    pub fn settings() -> Vec<(AmazonS3ConfigKey, String)> {
+        let home = std::env::var_os("HOME").map(PathBuf::from);
+        let file = |var: &str, default: &str| {
+            std::env::var_os(var)
+                .map(PathBuf::from)
+                .or_else(|| home.as_ref().map(|h| h.join(".aws").join(default)))
+        };
+        let profile = std::env::var("AWS_PROFILE").unwrap_or_else(|_| "default".to_owned());
+        let read = |path: Option<PathBuf>| path.and_then(|p| std::fs::read_to_string(p).ok());
+        let mut out = Vec::new();
+        if let Some(text) = read(file("AWS_SHARED_CREDENTIALS_FILE", "credentials")) {
+            for (key, value) in section(&text, &profile) {
+                let key = match key.as_str() {
+                    "aws_access_key_id" => AmazonS3ConfigKey::AccessKeyId,
+                    "aws_secret_access_key" => AmazonS3ConfigKey::SecretAccessKey,
+                    "aws_session_token" => AmazonS3ConfigKey::Token,
+                    _ => continue,
+                };
+                out.push((key, value));
+            }
+        }
+        // Only when the environment did not name a region.
+        if std::env::var_os("AWS_REGION").is_none()
+            && std::env::var_os("AWS_DEFAULT_REGION").is_none()
+            && let Some(text) = read(file("AWS_CONFIG_FILE", "config"))
+        {
+            let name = if profile == "default" {
+                profile.clone()
+            } else {
+                format!("profile {profile}")
+            };
+            out.extend(
+                section(&text, &name)
+                    .into_iter()
+                    .filter(|(k, _)| k == "region")
+                    .map(|(_, v)| (AmazonS3ConfigKey::Region, v)),
+            );
+        }
+        out
+    }
+
+    /// The `key = value` lines of `[name]` in an INI file.
+    pub fn section(text: &str, name: &str) -> Vec<(String, String)> {
+        let mut inside = false;
+        let mut out = Vec::new();
+        for line in text.lines().map(str::trim) {
+            if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+                continue;
+            }
+            if let Some(header) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                inside = header.trim() == name;
+            } else if inside && let Some((k, v)) = line.split_once('=') {
+                out.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
+            }
+        }
+        out
     }
 }
 
@@ -191,8 +344,8 @@ pub struct RegionStore {
     pub store: DynStore,
     /// The URL it was opened from (no secrets: options are kept apart).
     pub url: String,
-    /// Conditional updates on ETags work (Azure, memory); the local disk has none, so leases
-    /// there are single-node (see `castvault::lease`).
+    /// Conditional updates on ETags work (Azure, S3, GCS, memory); the local disk has none, so
+    /// leases there are single-node (see `castvault::lease`).
     pub conditional_updates: bool,
 }
 
@@ -378,6 +531,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn profile_sections_are_read() {
+        let text = "[default]\naws_access_key_id = A\n# note\n[profile ops]\nregion=eu-west-1\n[ops]\naws_secret_access_key = S\n";
+        assert_eq!(
+            aws_profile::section(text, "default"),
+            [("aws_access_key_id".to_owned(), "A".to_owned())]
+        );
+        assert_eq!(
+            aws_profile::section(text, "profile ops"),
+            [("region".to_owned(), "eu-west-1".to_owned())]
+        );
+        assert_eq!(
+            aws_profile::section(text, "ops"),
+            [("aws_secret_access_key".to_owned(), "S".to_owned())]
+        );
+        assert!(aws_profile::section(text, "none").is_empty());
+    }
+
+    #[test]
     fn urls_parse_strictly() {
         assert_eq!(
             StoreUrl::parse("file:///tmp/x").unwrap(),
@@ -390,10 +561,26 @@ mod tests {
                 container: "recordings".into()
             }
         );
+        assert_eq!(
+            StoreUrl::parse("s3://castvault.rec-1").unwrap(),
+            StoreUrl::S3 {
+                bucket: "castvault.rec-1".into()
+            }
+        );
+        assert_eq!(
+            StoreUrl::parse("gs://rec_eu").unwrap(),
+            StoreUrl::Gcs {
+                bucket: "rec_eu".into()
+            }
+        );
         for bad in [
             "s4://x",
             "az://A",
             "az://ok-name/sub",
+            "s3://Bad",
+            "s3://-edge",
+            "s3://b/sub",
+            "gs://x",
             "file://remotehost/x",
             "nonsense",
         ] {

@@ -910,3 +910,90 @@ pub async fn sse(
     });
     Ok(rx)
 }
+
+/// A real S3-compatible server: moto's standalone server (PyPI `moto[server]`, installed into
+/// the test venv by the README's test command), on a free loopback port.
+pub struct Moto {
+    child: Child,
+    pub url: String,
+}
+
+impl Moto {
+    pub async fn start() -> Self {
+        let bin = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+            .map(|dir| dir.join("moto_server"))
+            .find(|p| p.exists())
+            .expect("moto_server is not on PATH: run the README's test command (it installs moto into target/test-venv)");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn moto_server");
+        let moto = Self {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        };
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while http_get(addr, "/").await.is_err() {
+            assert!(Instant::now() < deadline, "moto_server did not start");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        moto
+    }
+
+    /// `store_options` for `s3://BUCKET` on this server (moto accepts any key pair).
+    pub fn store_options(&self) -> std::collections::BTreeMap<String, String> {
+        [
+            ("access_key_id", "castvault-test".to_owned()),
+            ("secret_access_key", "castvault-test-secret".to_owned()),
+            ("region", "us-east-1".to_owned()),
+            ("endpoint", self.url.clone()),
+            ("allow_http", "true".to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    }
+
+    /// [`Self::store_options`] as an inline TOML table.
+    pub fn store_options_toml(&self) -> String {
+        let pairs: Vec<String> = self
+            .store_options()
+            .iter()
+            .map(|(k, v)| format!("{k} = {v:?}"))
+            .collect();
+        format!("{{ {} }}", pairs.join(", "))
+    }
+
+    /// Creates a bucket (object_store cannot): an unsigned path-style `PUT /BUCKET`, which moto
+    /// accepts.
+    pub async fn create_bucket(&self, name: &str) {
+        let addr: SocketAddr = self.url.trim_start_matches("http://").parse().unwrap();
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = hyper::Request::put(format!("/{name}"))
+            .header("host", addr.to_string())
+            .header("content-length", "0")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let status = send.send_request(req).await.unwrap().status();
+        assert!(status == 200 || status == 409, "create bucket: {status}");
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
