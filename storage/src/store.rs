@@ -20,7 +20,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
-use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
+use object_store::gcp::GoogleCloudStorageBuilder;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path;
@@ -199,28 +199,12 @@ pub fn open(url: &str, options: &BTreeMap<String, String>) -> Result<DynStore, S
         }
         StoreUrl::Memory => Ok(Arc::new(InMemory::new())),
         StoreUrl::Azure { container } => {
-            install_crypto_provider();
-            let mut builder = MicrosoftAzureBuilder::from_env()
-                .with_container_name(container)
-                .with_retry(retry_config());
-            for (key, value) in options {
-                let key = AzureConfigKey::from_str(key).map_err(|_| StoreError::UnknownOption {
-                    url: url.to_owned(),
-                    key: key.clone(),
-                })?;
-                builder = builder.with_config(key, value);
-            }
-            let store = builder.build().map_err(|source| StoreError::Open {
-                url: url.to_owned(),
-                source,
-            })?;
-            Ok(Arc::new(store))
+            let builder = MicrosoftAzureBuilder::from_env().with_container_name(container);
+            let builder = configure(url, options, builder, MicrosoftAzureBuilder::with_config)?;
+            finish(url, builder.with_retry(retry_config()).build())
         }
         StoreUrl::S3 { bucket } => {
-            install_crypto_provider();
-            let mut builder = AmazonS3Builder::from_env()
-                .with_bucket_name(bucket)
-                .with_retry(retry_config());
+            let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
             let explicit_key = std::env::var_os("AWS_ACCESS_KEY_ID").is_some()
                 || options.keys().any(|k| {
                     matches!(
@@ -233,40 +217,50 @@ pub fn open(url: &str, options: &BTreeMap<String, String>) -> Result<DynStore, S
                     builder = builder.with_config(key, value);
                 }
             }
-            for (key, value) in options {
-                let key =
-                    AmazonS3ConfigKey::from_str(key).map_err(|_| StoreError::UnknownOption {
-                        url: url.to_owned(),
-                        key: key.clone(),
-                    })?;
-                builder = builder.with_config(key, value);
-            }
-            let store = builder.build().map_err(|source| StoreError::Open {
-                url: url.to_owned(),
-                source,
-            })?;
-            Ok(Arc::new(store))
+            let builder = configure(url, options, builder, AmazonS3Builder::with_config)?;
+            finish(url, builder.with_retry(retry_config()).build())
         }
         StoreUrl::Gcs { bucket } => {
-            install_crypto_provider();
-            let mut builder = GoogleCloudStorageBuilder::from_env()
-                .with_bucket_name(bucket)
-                .with_retry(retry_config());
-            for (key, value) in options {
-                let key =
-                    GoogleConfigKey::from_str(key).map_err(|_| StoreError::UnknownOption {
-                        url: url.to_owned(),
-                        key: key.clone(),
-                    })?;
-                builder = builder.with_config(key, value);
-            }
-            let store = builder.build().map_err(|source| StoreError::Open {
-                url: url.to_owned(),
-                source,
-            })?;
-            Ok(Arc::new(store))
+            let builder = GoogleCloudStorageBuilder::from_env().with_bucket_name(bucket);
+            let builder = configure(
+                url,
+                options,
+                builder,
+                GoogleCloudStorageBuilder::with_config,
+            )?;
+            finish(url, builder.with_retry(retry_config()).build())
         }
     }
+}
+
+/// Applies the config's `store_options` to a cloud store's builder; a key the store does not
+/// know is an error, not ignored.
+fn configure<B, K: FromStr>(
+    url: &str,
+    options: &BTreeMap<String, String>,
+    mut builder: B,
+    with: impl Fn(B, K, String) -> B,
+) -> Result<B, StoreError> {
+    install_crypto_provider();
+    for (key, value) in options {
+        let key = K::from_str(key).map_err(|_| StoreError::UnknownOption {
+            url: url.to_owned(),
+            key: key.clone(),
+        })?;
+        builder = with(builder, key, value.clone());
+    }
+    Ok(builder)
+}
+
+fn finish<S: ObjectStore>(
+    url: &str,
+    built: Result<S, object_store::Error>,
+) -> Result<DynStore, StoreError> {
+    let store = built.map_err(|source| StoreError::Open {
+        url: url.to_owned(),
+        source,
+    })?;
+    Ok(Arc::new(store))
 }
 
 /// AWS shared-credentials profiles, which object_store does not read itself: static keys from

@@ -800,20 +800,11 @@ impl Azurite {
 
     /// Creates a container (object_store cannot).
     pub async fn create_container(&self, name: &str) {
-        let addr: SocketAddr = self.url.trim_start_matches("http://").parse().unwrap();
-        let stream = TcpStream::connect(addr).await.unwrap();
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        let req = hyper::Request::put(format!(
-            "/devstoreaccount1/{name}?restype=container&{AZURITE_SAS}"
-        ))
-        .header("host", addr.to_string())
-        .header("content-length", "0")
-        .body(Empty::<Bytes>::new())
-        .unwrap();
-        let status = send.send_request(req).await.unwrap().status();
+        let status = put_empty(
+            &self.url,
+            &format!("/devstoreaccount1/{name}?restype=container&{AZURITE_SAS}"),
+        )
+        .await;
         assert!(status == 201 || status == 409, "create container: {status}");
     }
 
@@ -975,18 +966,7 @@ impl Moto {
     /// Creates a bucket (object_store cannot): an unsigned path-style `PUT /BUCKET`, which moto
     /// accepts.
     pub async fn create_bucket(&self, name: &str) {
-        let addr: SocketAddr = self.url.trim_start_matches("http://").parse().unwrap();
-        let stream = TcpStream::connect(addr).await.unwrap();
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        let req = hyper::Request::put(format!("/{name}"))
-            .header("host", addr.to_string())
-            .header("content-length", "0")
-            .body(Empty::<Bytes>::new())
-            .unwrap();
-        let status = send.send_request(req).await.unwrap().status();
+        let status = put_empty(&self.url, &format!("/{name}")).await;
         assert!(status == 200 || status == 409, "create bucket: {status}");
     }
 }
@@ -996,4 +976,20 @@ impl Drop for Moto {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// An empty `PUT` to `http://ADDR` + `path`; the response's status.
+async fn put_empty(base: &str, path: &str) -> u16 {
+    let addr: SocketAddr = base.trim_start_matches("http://").parse().unwrap();
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::put(path)
+        .header("host", addr.to_string())
+        .header("content-length", "0")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    send.send_request(req).await.unwrap().status().as_u16()
 }
