@@ -451,6 +451,7 @@ pub async fn finalize_orphan(
         protocol: meta.protocol.clone(),
         peer: meta.peer.clone(),
         sender: meta.sender.clone(),
+        source: None,
         received_at: meta.received_at,
         ended_at: lease.renewed_at,
         header: meta.header.clone(),

@@ -14,6 +14,8 @@
 //! - [`metrics`]: Prometheus counters, names in one place.
 //! - [`app`]: wiring, start-up recovery and ordered shutdown.
 //! - [`cli`]: the offline commands (`recordings list`, `export`, `config check`).
+//! - [`import`]: `castvault import` from tsrecorder's directory and S3 layouts.
+//! - [`play`]: `castvault play`, a recording in the terminal straight from the store.
 //!
 //! The on-storage format (keys, chunks, manifest, stores) is the `castvault-storage` crate.
 
@@ -28,6 +30,7 @@ pub mod config;
 pub mod export;
 pub mod gateway;
 pub mod health;
+pub mod import;
 pub mod indexer;
 pub mod ingest;
 pub mod keys;
@@ -35,6 +38,7 @@ pub mod lease;
 pub mod listener;
 pub mod live;
 pub mod metrics;
+pub mod play;
 pub mod playback;
 pub mod retention;
 pub mod spool;

@@ -37,6 +37,12 @@ enum Command {
     },
     /// Write a recording out exactly as it was received (verified against its manifest).
     Export(ExportArgs),
+    /// Import Tailscale recorder (tsrecorder) recordings and events from its directory or S3
+    /// bucket. Idempotent and resumable: run it again to take what was skipped or failed.
+    Import(ImportArgs),
+    /// Play a recording in this terminal, reading only the chunks it reaches from the store.
+    /// Keys: space pause, . step (paused), right/left next/previous chunk, q quit.
+    Play(PlayArgs),
     /// Write the compliance bundles of every finalized recording a query matches into one
     /// archive, one recording at a time (each export audited).
     ExportQuery {
@@ -75,6 +81,60 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+}
+
+#[derive(Args)]
+struct ImportArgs {
+    /// tsrecorder's directory (`--dst`), or `s3://BUCKET[/PREFIX]`.
+    source: String,
+    /// An object_store setting of an S3 source, KEY=VALUE (`endpoint`, `region`,
+    /// `access_key_id`, ...); the `AWS_*` environment is used otherwise.
+    #[arg(long = "source-option", value_parser = parse_key_value)]
+    source_options: Vec<(String, String)>,
+    /// Objects modified more recently are taken to be still being written, and skipped.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    min_age: std::time::Duration,
+    /// Recordings imported at once (default: the CPUs; at most 64).
+    #[arg(long)]
+    jobs: Option<usize>,
+    /// Progress bar on stderr: auto (when a terminal), always, never.
+    #[arg(long, default_value = "auto")]
+    progress: Toggle,
+    /// One JSON object per source object and a summary, instead of text.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Toggle {
+    Auto,
+    Always,
+    Never,
+}
+
+#[derive(Args)]
+struct PlayArgs {
+    /// Recording id.
+    id: String,
+    /// Playback speed.
+    #[arg(short, long, default_value_t = 1.0)]
+    speed: f64,
+    /// Longest pause kept, in seconds (longer idle stretches are cut to this).
+    #[arg(short = 'i', long)]
+    idle_time_limit: Option<f64>,
+    /// Start at this chunk (0 is the first).
+    #[arg(long, default_value_t = 0)]
+    from_chunk: u32,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+fn parse_key_value(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{text:?} is not KEY=VALUE"))
 }
 
 #[derive(Args)]
@@ -484,6 +544,54 @@ async fn run(
                 "new signing key {} is current; restart the node to use it",
                 key.key_id()
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Import(args) => {
+            let cfg = cli::load_config(
+                args.store.config.as_deref(),
+                args.store.data_dir,
+                args.store.store,
+            )?;
+            let jobs = args.jobs.unwrap_or_else(|| {
+                std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
+            });
+            if jobs == 0 || jobs > castvault::import::MAX_JOBS {
+                anyhow::bail!(
+                    "--jobs must be between 1 and {}",
+                    castvault::import::MAX_JOBS
+                );
+            }
+            let options = castvault::import::Options {
+                source: args.source,
+                source_options: args.source_options.into_iter().collect(),
+                min_age: args.min_age,
+                jobs,
+                progress: match args.progress {
+                    Toggle::Auto => castvault::import::stderr_is_terminal(),
+                    Toggle::Always => true,
+                    Toggle::Never => false,
+                },
+                json: args.json,
+            };
+            let totals = castvault::import::run(&cfg, options).await?;
+            Ok(if totals.failed > 0 {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Play(args) => {
+            let cfg = cli::load_config(
+                args.store.config.as_deref(),
+                args.store.data_dir,
+                args.store.store,
+            )?;
+            let options = castvault::play::Options {
+                speed: args.speed,
+                idle_time_limit: args.idle_time_limit,
+                from_chunk: args.from_chunk,
+            };
+            castvault::play::run(&cfg, &args.id, options).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Token {

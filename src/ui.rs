@@ -200,7 +200,7 @@ fn filter_form(q: &Query) -> String {
         .and_then(|s| serde_json::to_value(s).ok())
         .and_then(|v| v.as_str().map(str::to_owned));
     out.push_str("<label>Status<select name=\"status\"><option value=\"\">any</option>");
-    for s in ["live", "complete", "interrupted", "recovered"] {
+    for s in ["live", "complete", "interrupted", "recovered", "imported"] {
         let sel = if status.as_deref() == Some(s) {
             " selected"
         } else {

@@ -1047,6 +1047,7 @@ impl Inner {
             protocol: upload.meta.protocol.clone(),
             peer: upload.meta.peer.clone(),
             sender: upload.meta.sender.clone(),
+            source: None,
             received_at: upload.meta.received_at,
             ended_at: end.ended_at,
             header: upload.meta.header.clone(),

@@ -108,6 +108,7 @@ async fn conformance(store: DynStore) {
         protocol: "v2".into(),
         peer: None,
         sender: None,
+        source: None,
         received_at: time::OffsetDateTime::UNIX_EPOCH,
         ended_at: time::OffsetDateTime::UNIX_EPOCH,
         header: serde_json::json!({"version": 2}),

@@ -31,6 +31,9 @@ pub enum RecordingStatus {
     Interrupted,
     /// The client ended cleanly, but the node crashed before finalizing; finalized on restart.
     Recovered,
+    /// Brought in by `castvault import` from another recorder's storage (tsrecorder); the
+    /// manifest's `source` names where it came from.
+    Imported,
 }
 
 /// One chunk's entry in the manifest.
@@ -104,6 +107,20 @@ pub struct Sender {
     pub user: Option<String>,
 }
 
+/// The object an imported recording was read from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportSource {
+    /// What was imported: `tsrecorder-dir` or `tsrecorder-s3`.
+    pub kind: String,
+    /// The object's full location (`file:///...` or `s3://bucket/key`).
+    pub url: String,
+    /// Its key below the imported root (`<stableNodeID>/<time>.cast`); the import's identity.
+    pub key: String,
+    /// Its last modification time in the source, when known.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub modified: Option<OffsetDateTime>,
+}
+
 /// The manifest of a finalized recording.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -123,6 +140,9 @@ pub struct Manifest {
     /// admission recorded it, and then left out of the manifest's canonical form).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sender: Option<Sender>,
+    /// Where an imported recording came from (status `imported` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<ImportSource>,
     #[serde(with = "time::serde::rfc3339")]
     pub received_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
