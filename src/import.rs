@@ -439,8 +439,9 @@ impl Importer {
     }
 
     async fn try_recording(&self, meta: &ObjectMeta, key: &str) -> anyhow::Result<Outcome> {
-        let age = self.started.unix_timestamp() * 1000 - meta.last_modified.timestamp_millis();
-        if age < self.min_age.as_millis() as i64 {
+        let started_ms = (self.started.unix_timestamp_nanos() / 1_000_000) as i64;
+        let age = started_ms - meta.last_modified.timestamp_millis();
+        if !self.min_age.is_zero() && age < self.min_age.as_millis() as i64 {
             return Ok(Outcome::Skipped {
                 reason: format!(
                     "still being written (modified {:.0} s ago, less than --min-age {} s)",
@@ -485,6 +486,7 @@ impl Importer {
             let id = RecordingId::new(other, unix_ms, random);
             match entry.store.head(&ObjectKey::manifest(&id)).await {
                 Ok(_) => {
+                    self.complete(&entry.store, &id).await?;
                     return Ok(Outcome::Skipped {
                         reason: format!("already imported as {id}"),
                     });
@@ -630,6 +632,35 @@ impl Importer {
             id: id.to_string(),
             bytes: manifest.bytes,
         })
+    }
+
+    /// Finishes an import that was stopped between its manifest and its catalog row: the seal
+    /// over the stored manifest's exact bytes, and the row.
+    async fn complete(&self, store: &DynStore, id: &RecordingId) -> anyhow::Result<()> {
+        let row_path = ObjectKey::catalog(id);
+        match store.head(&row_path).await {
+            Ok(_) => return Ok(()),
+            Err(e) if error_kind(&e) == ErrorKind::NotFound => {}
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("checking {row_path}"))),
+        }
+        let path = ObjectKey::manifest(id);
+        let bytes = match store.get(&path).await {
+            Ok(got) => got.bytes().await,
+            Err(e) => Err(e),
+        }
+        .with_context(|| format!("reading {path}"))?;
+        let manifest: Manifest =
+            serde_json::from_slice(&bytes).with_context(|| format!("parsing {path}"))?;
+        let seal = self.actor.key.seal(&self.node_id, id.as_str(), &bytes);
+        self.create(store, &ObjectKey::seal(id), seal.to_bytes())
+            .await?;
+        if let Some(row) = CatalogRow::from_manifest(&manifest) {
+            let row = serde_json::to_vec(&row).context("encoding the catalog row")?;
+            put_overwrite(store.as_ref(), &row_path, Bytes::from(row))
+                .await
+                .context("storing the catalog row")?;
+        }
+        Ok(())
     }
 
     /// Compresses, scans and hashes one chunk off the async threads, then stores it.

@@ -164,8 +164,8 @@ impl Player {
         Ok(())
     }
 
-    /// Rebuilds the screen as it was at the start of chunk `seq`; returns the time there.
-    async fn seek(&mut self, seq: u32) -> anyhow::Result<f64> {
+    /// Rebuilds the screen as it was at the start of chunk `seq`.
+    async fn seek(&mut self, seq: u32) -> anyhow::Result<()> {
         let snapshot = self.index.as_ref().and_then(|i| {
             i.snapshots
                 .iter()
@@ -175,20 +175,17 @@ impl Player {
         // RIS: a fresh terminal, as the snapshot (or chunk 0) expects.
         self.write("\x1bc")?;
         if let Some(snapshot) = snapshot {
-            self.write(&snapshot.init)?;
-            return Ok(snapshot.time);
+            return self.write(&snapshot.init);
         }
-        let mut time = 0.0;
         for earlier in 0..seq {
             let raw = self.chunk(earlier).await?;
-            let mut text = String::new();
-            for o in outputs(&raw, earlier == 0) {
-                text.push_str(&o.data);
-                time = o.time;
-            }
+            let text: String = outputs(&raw, earlier == 0)
+                .into_iter()
+                .map(|o| o.data)
+                .collect();
             self.write(&text)?;
         }
-        Ok(time)
+        Ok(())
     }
 }
 
@@ -262,11 +259,17 @@ async fn play(
 ) -> anyhow::Result<()> {
     let chunks = player.manifest.chunks.len() as u32;
     let mut seq = options.from_chunk;
-    let mut last_time = if seq > 0 {
-        player.seek(seq).await?
-    } else {
-        0.0
-    };
+    // The time of the event shown last; `None` after a jump, so the chunk's first event shows
+    // at once.
+    let mut last_time = Some(0.0);
+    if seq > 0 {
+        player.seek(seq).await?;
+        last_time = None;
+    }
+    // The chunk on screen: that of the event shown last, or the one jumped to. Jumps are
+    // relative to it (while a pause runs on to the next chunk's first event, the screen still
+    // shows the earlier one).
+    let mut shown = seq;
     let mut paused = false;
     let mut keys_open = true;
     let mut prefetched: Option<(u32, Prefetch)> = None;
@@ -298,7 +301,7 @@ async fn play(
             prefetched = Some((seq + 1, fetch));
         }
         for event in outputs(&raw, seq == 0) {
-            let mut gap = (event.time - last_time).max(0.0);
+            let mut gap = last_time.map_or(0.0, |last| (event.time - last).max(0.0));
             if let Some(limit) = idle_limit {
                 gap = gap.min(limit);
             }
@@ -323,21 +326,26 @@ async fn play(
                     Some(Key::Quit) => return Ok(()),
                     Some(Key::Pause) => paused = !paused,
                     Some(Key::Step) if paused => break,
-                    Some(Key::Next) if seq + 1 < chunks => {
-                        seq += 1;
-                        last_time = player.seek(seq).await?;
+                    Some(key @ (Key::Next | Key::Previous)) => {
+                        let target = match key {
+                            Key::Next => shown + 1,
+                            _ => shown.saturating_sub(1),
+                        };
+                        if target >= chunks {
+                            continue;
+                        }
+                        seq = target;
+                        shown = target;
+                        player.seek(seq).await?;
+                        last_time = None;
                         continue 'chunks;
                     }
-                    Some(Key::Previous) => {
-                        seq = seq.saturating_sub(1);
-                        last_time = player.seek(seq).await?;
-                        continue 'chunks;
-                    }
-                    Some(Key::Step | Key::Next) => {}
+                    Some(Key::Step) => {}
                 }
             }
             player.write(&event.data)?;
-            last_time = event.time;
+            last_time = Some(event.time);
+            shown = seq;
         }
         seq += 1;
     }

@@ -5,6 +5,7 @@
 #[path = "../../benches/corpus/mod.rs"]
 pub mod corpus;
 pub mod ssh;
+pub mod tmux;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
