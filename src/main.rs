@@ -94,7 +94,7 @@ struct ImportArgs {
     /// Objects modified more recently are taken to be still being written, and skipped.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     min_age: std::time::Duration,
-    /// Recordings imported at once (default: the CPUs; at most 64).
+    /// Recordings imported at once (default: 4 per CPU, at most 16; at most 64).
     #[arg(long)]
     jobs: Option<usize>,
     /// Progress bar on stderr: auto (when a terminal), always, never.
@@ -552,9 +552,7 @@ async fn run(
                 args.store.data_dir,
                 args.store.store,
             )?;
-            let jobs = args.jobs.unwrap_or_else(|| {
-                std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
-            });
+            let jobs = args.jobs.unwrap_or_else(castvault::import::default_jobs);
             if jobs == 0 || jobs > castvault::import::MAX_JOBS {
                 anyhow::bail!(
                     "--jobs must be between 1 and {}",
