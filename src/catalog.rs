@@ -5,7 +5,8 @@
 //!
 //! Kept current three ways: this node's uploader upserts a row whenever it writes one (a
 //! recording starts or ends); a scan of the store's recent catalog days catches other nodes'
-//! recordings every [`RECENT_SCAN_EVERY`]; a full scan runs on start and drops rows whose
+//! recordings every [`RECENT_SCAN_EVERY`], with the notices of recent days that name rows
+//! written under older days (`castvault import`); a full scan runs on start and drops rows whose
 //! recordings are gone from the store.
 //!
 //! Listing uses keyset pagination: the cursor is the last row's sort value and id, so page N
@@ -39,6 +40,10 @@ const SCAN_FETCHES_IN_FLIGHT: usize = 32;
 
 /// Rows written per transaction during a scan.
 const SCAN_BATCH: usize = 500;
+
+/// Notice names remembered as read; past this the set is cleared (a notice read again only
+/// costs a catalog lookup per id).
+const MAX_NOTICES_REMEMBERED: usize = 100_000;
 
 /// Page size when the request names none, and the largest page served.
 pub const DEFAULT_PAGE: usize = 50;
@@ -695,6 +700,77 @@ impl Catalog {
     }
 }
 
+/// The body of an [`ObjectKey::notice`].
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Notice {
+    pub ids: Vec<String>,
+}
+
+impl Catalog {
+    /// Reads the notices of `days` not in `done` (and adds them there): the catalog rows of
+    /// recordings they name that this catalog lacks are fetched and added.
+    ///
+    /// # Errors
+    /// Store listing errors; SQLite errors. Unreadable notices and rows are skipped.
+    pub async fn scan_notices(
+        self: &Arc<Self>,
+        store: &DynStore,
+        days: &[OffsetDateTime],
+        done: &mut std::collections::HashSet<String>,
+    ) -> Result<usize, CatalogError> {
+        let mut added = 0;
+        for day in days {
+            let metas: Vec<_> = store
+                .list(Some(&ObjectKey::notices_day(*day)))
+                .try_collect()
+                .await
+                .map_err(CatalogError::Store)?;
+            for meta in metas {
+                if done.contains(meta.location.as_ref()) {
+                    continue;
+                }
+                let notice = match store.get(&meta.location).await {
+                    Ok(got) => got.bytes().await.map_err(CatalogError::Store)?,
+                    Err(object_store::Error::NotFound { .. }) => continue,
+                    Err(e) => return Err(CatalogError::Store(e)),
+                };
+                let ids = match serde_json::from_slice::<Notice>(&notice) {
+                    Ok(n) => n.ids,
+                    Err(e) => {
+                        tracing::warn!(path = %meta.location, error = %e, "skipping unreadable notice");
+                        Vec::new()
+                    }
+                };
+                let mut rows = Vec::new();
+                for id in ids {
+                    let Ok(rid) = castvault_storage::keys::RecordingId::parse(&id) else {
+                        continue;
+                    };
+                    if self.get(id).await?.is_some() {
+                        continue;
+                    }
+                    // The row itself, not the notice, says what there is: a recording deleted
+                    // since has no row and is not listed.
+                    match store.get(&ObjectKey::catalog(&rid)).await {
+                        Ok(got) => {
+                            let bytes = got.bytes().await.map_err(CatalogError::Store)?;
+                            if let Ok(row) = serde_json::from_slice::<CatalogRow>(&bytes) {
+                                rows.push(row);
+                            }
+                        }
+                        Err(object_store::Error::NotFound { .. }) => {}
+                        Err(e) => return Err(CatalogError::Store(e)),
+                    }
+                }
+                added += rows.len();
+                self.upsert(rows).await?;
+                done.insert(meta.location.to_string());
+            }
+        }
+        Ok(added)
+    }
+}
+
 /// Groups non-empty transcript lines into blocks of about [`BLOCK_BYTES`]: each block is its
 /// lines joined by newlines, and their times, space-separated, in the same order.
 fn blocks(lines: &[TranscriptLine]) -> impl Iterator<Item = (String, String)> + '_ {
@@ -927,6 +1003,8 @@ pub async fn keep_current(
             }
         }
     }
+    // Notices read so far (those of the last two days, so the set stays small in practice).
+    let mut notices = std::collections::HashSet::new();
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
@@ -941,6 +1019,20 @@ pub async fn keep_current(
             {
                 tracing::warn!(%region, error = %crate::upload::error_chain(&e), "recent catalog scan failed");
             }
+            match catalog
+                .scan_notices(&entry.store, &days, &mut notices)
+                .await
+            {
+                Ok(0) => {}
+                Ok(added) => tracing::info!(%region, added, "catalog rows added from notices"),
+                Err(e) => {
+                    tracing::warn!(%region, error = %crate::upload::error_chain(&e), "notice scan failed");
+                }
+            }
+        }
+        if notices.len() > MAX_NOTICES_REMEMBERED {
+            // Re-reading a notice costs a lookup per id; forgetting bounds the memory.
+            notices.clear();
         }
     }
 }

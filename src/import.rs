@@ -74,6 +74,10 @@ pub fn default_jobs() -> usize {
     (cpus * DEFAULT_JOBS_PER_CPU).min(DEFAULT_JOBS_MAX)
 }
 
+/// Imported recordings named per catalog notice (see `ObjectKey::notice`): running nodes list
+/// them within a recent-scan period instead of at their next start.
+const NOTICE_BATCH: usize = 500;
+
 /// The progress bar is redrawn this often.
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 
@@ -96,9 +100,19 @@ pub struct Options {
 #[derive(Debug, Serialize)]
 #[serde(tag = "result", rename_all = "lowercase")]
 pub enum Outcome {
-    Imported { id: String, bytes: u64 },
-    Skipped { reason: String },
-    Failed { reason: String },
+    Imported {
+        id: String,
+        bytes: u64,
+    },
+    Skipped {
+        reason: String,
+        /// The id it has, when it was imported before.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
+    },
+    Failed {
+        reason: String,
+    },
 }
 
 /// The final report's counts.
@@ -323,6 +337,7 @@ pub async fn run(cfg: &Config, options: Options) -> anyhow::Result<Totals> {
             }
         })
         .buffer_unordered(jobs);
+    let mut notices: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut out = std::io::stdout().lock();
     while let Some(result) = results.next().await {
         let (kind, key, outcome) = match result {
@@ -338,17 +353,35 @@ pub async fn run(cfg: &Config, options: Options) -> anyhow::Result<Totals> {
             totals.ignored += 1;
             continue;
         };
-        match &outcome {
-            Outcome::Imported { bytes, .. } => {
+        // Recordings in the catalog now: named in a notice for running nodes. Those imported
+        // before are named again, in case the run that imported them stopped before its notice.
+        let listed = match &outcome {
+            Outcome::Imported { bytes, id } => {
                 if kind == Kind::Recording {
                     totals.recordings_imported += 1;
                 } else {
                     totals.events_imported += 1;
                 }
                 totals.bytes_imported += bytes;
+                Some(id)
             }
-            Outcome::Skipped { .. } => totals.skipped += 1,
-            Outcome::Failed { .. } => totals.failed += 1,
+            Outcome::Skipped { id, .. } => {
+                totals.skipped += 1;
+                id.as_ref()
+            }
+            Outcome::Failed { .. } => {
+                totals.failed += 1;
+                None
+            }
+        };
+        if let Some(id) = listed.filter(|_| kind == Kind::Recording) {
+            let region = id.rsplit_once('-').map_or("", |(_, r)| r).to_owned();
+            let batch = notices.entry(region.clone()).or_default();
+            batch.push(id.clone());
+            if batch.len() >= NOTICE_BATCH {
+                let ids = std::mem::take(batch);
+                importer.notify(&region, ids).await?;
+            }
         }
         if options.progress {
             // Clear the bar's line before printing under it.
@@ -363,12 +396,17 @@ pub async fn run(cfg: &Config, options: Options) -> anyhow::Result<Totals> {
         } else {
             match &outcome {
                 Outcome::Imported { .. } => None,
-                Outcome::Skipped { reason } => Some(format!("skipped {key}: {reason}")),
+                Outcome::Skipped { reason, .. } => Some(format!("skipped {key}: {reason}")),
                 Outcome::Failed { reason } => Some(format!("failed  {key}: {reason}")),
             }
         };
         if let Some(line) = line {
             let _ = writeln!(out, "{line}");
+        }
+    }
+    for (region, ids) in notices {
+        if !ids.is_empty() {
+            importer.notify(&region, ids).await?;
         }
     }
     if let Some(bar) = bar {
@@ -481,6 +519,7 @@ impl Importer {
         let age = started_ms - meta.last_modified.timestamp_millis();
         if !self.min_age.is_zero() && age < self.min_age.as_millis() as i64 {
             return Ok(Outcome::Skipped {
+                id: None,
                 reason: format!(
                     "still being written (modified {:.0} s ago, less than --min-age {} s)",
                     (age.max(0) as f64) / 1000.0,
@@ -490,6 +529,7 @@ impl Importer {
         }
         if meta.size == 0 {
             return Ok(Outcome::Skipped {
+                id: None,
                 reason: "empty: tsrecorder made the file but no header arrived".to_owned(),
             });
         }
@@ -526,6 +566,7 @@ impl Importer {
                 Ok(_) => {
                     self.complete(&entry.store, &id).await?;
                     return Ok(Outcome::Skipped {
+                        id: Some(id.to_string()),
                         reason: format!("already imported as {id}"),
                     });
                 }
@@ -641,6 +682,7 @@ impl Importer {
             Ok(()) => {}
             Err(e) if error_kind(&e) == ErrorKind::AlreadyExists => {
                 return Ok(Outcome::Skipped {
+                    id: None,
                     reason: format!("imported as {id} by another run at the same time"),
                 });
             }
@@ -672,6 +714,30 @@ impl Importer {
             id: id.to_string(),
             bytes: manifest.bytes,
         })
+    }
+
+    /// Tells running nodes of `region` about imported recordings (see `NOTICE_BATCH`).
+    async fn notify(&self, region: &str, ids: Vec<String>) -> anyhow::Result<()> {
+        let store = self
+            .stores
+            .region(region)
+            .with_context(|| format!("region {region} is not configured"))?;
+        let now = OffsetDateTime::now_utc();
+        let name = format!(
+            "{}-{}-{}",
+            self.node_id,
+            now.unix_timestamp_nanos() / 1_000_000,
+            ids.len()
+        );
+        let notice = crate::catalog::Notice { ids };
+        let path = ObjectKey::notice(now, &name);
+        put_create(
+            store.store.as_ref(),
+            &path,
+            Bytes::from(serde_json::to_vec(&notice).context("encoding a notice")?),
+        )
+        .await
+        .with_context(|| format!("storing {path}"))
     }
 
     /// Finishes an import that was stopped between its manifest and its catalog row: the seal
@@ -836,6 +902,7 @@ impl Importer {
                 bytes: len,
             }),
             Err(e) if error_kind(&e) == ErrorKind::AlreadyExists => Ok(Outcome::Skipped {
+                id: None,
                 reason: format!("already imported as {id}"),
             }),
             Err(e) => Err(anyhow::Error::new(e).context("storing the event")),

@@ -202,16 +202,7 @@ fn ids_of(lines: &[serde_json::Value]) -> BTreeMap<String, String> {
     lines
         .iter()
         .filter(|l| l["key"].as_str().unwrap().ends_with(".cast"))
-        .filter_map(|l| {
-            let id = match l["result"].as_str().unwrap() {
-                "imported" => l["id"].as_str().unwrap().to_owned(),
-                _ => l["reason"]
-                    .as_str()?
-                    .strip_prefix("already imported as ")?
-                    .to_owned(),
-            };
-            Some((l["key"].as_str().unwrap().to_owned(), id))
-        })
+        .filter_map(|l| Some((l["key"].as_str()?.to_owned(), l["id"].as_str()?.to_owned())))
         .collect()
 }
 
@@ -428,6 +419,12 @@ async fn imports_a_tsrecorder_s3_bucket_into_s3_regions_that_a_node_then_serves(
     source_args.extend(["--min-age".to_owned(), "0s".to_owned()]);
     let extra: Vec<&str> = source_args.iter().map(String::as_str).collect();
 
+    // A node whose regions are these S3 buckets, running while the import runs: it records a
+    // live session into S3 like into Azure, and lists the imported recordings from the
+    // import's notices within its recent catalog scan (no restart).
+    let node_dir = tempfile::tempdir().unwrap();
+    let node = Node::start(node_dir.path(), &["--config", cfg.to_str().unwrap()], &[]).await;
+
     let (lines, totals, ok) = import(&cfg, "s3://tsrecorder", &extra);
     assert!(ok, "{lines:#?}");
     assert_eq!(totals["recordings_imported"], RECORDINGS as u64);
@@ -440,10 +437,6 @@ async fn imports_a_tsrecorder_s3_bucket_into_s3_regions_that_a_node_then_serves(
     assert_eq!(totals["skipped"], (RECORDINGS + EVENTS) as u64);
     assert_exports_match(&cfg, &ids_of(&lines), &recordings);
 
-    // A node whose regions are these S3 buckets: it lists the imports and records a live
-    // session into S3 like into Azure.
-    let node_dir = tempfile::tempdir().unwrap();
-    let node = Node::start(node_dir.path(), &["--config", cfg.to_str().unwrap()], &[]).await;
     let body = common::corpus::generate(4242, 300_000);
     common::connect_and_upload(&[node.ingest], &body, 8192)
         .await
@@ -455,16 +448,24 @@ async fn imports_a_tsrecorder_s3_bucket_into_s3_regions_that_a_node_then_serves(
         sha256(&node.export(live[0]["id"].as_str().unwrap())),
         sha256(&body)
     );
-    let (status, page) = node
-        .api("/api/v1/recordings?status=imported&limit=500")
-        .await;
-    assert_eq!(status, 200);
-    let page: serde_json::Value = serde_json::from_slice(&page).unwrap();
-    assert_eq!(
-        page["recordings"].as_array().unwrap().len(),
-        RECORDINGS,
-        "{page}"
-    );
+    // The notices are read every RECENT_SCAN_EVERY (30 s).
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let (status, page) = node
+            .api("/api/v1/recordings?status=imported&limit=500")
+            .await;
+        assert_eq!(status, 200);
+        let page: serde_json::Value = serde_json::from_slice(&page).unwrap();
+        let listed = page["recordings"].as_array().unwrap().len();
+        if listed == RECORDINGS {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the running node lists {listed} of {RECORDINGS} imported recordings"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// One event line of about 900 bytes that clears the screen and shows `name`, so with 1 KiB

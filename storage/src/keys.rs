@@ -212,6 +212,18 @@ impl ObjectKey {
         Path::from("v1/catalog")
     }
 
+    /// A notice that recordings were added to the catalog out of time order (by `castvault
+    /// import`), written on `day`: `{"ids": [...]}`. Nodes read the notices of recent days with
+    /// their recent catalog scans, so an import of old recordings is listed without a full scan.
+    pub fn notice(day: OffsetDateTime, name: &str) -> Path {
+        Path::from(format!("v1/notices/{}/{name}.json", date_path(day)))
+    }
+
+    /// The notices written on `day` (UTC).
+    pub fn notices_day(day: OffsetDateTime) -> Path {
+        Path::from(format!("v1/notices/{}", date_path(day)))
+    }
+
     /// The Kubernetes API events of one day (UTC).
     pub fn events_day(day: OffsetDateTime) -> Path {
         Path::from(format!("v1/events/{}", date_path(day)))
