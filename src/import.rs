@@ -43,10 +43,10 @@ use castvault_storage::keys::{ObjectKey, RecordingId, Region};
 use castvault_storage::manifest::{
     CatalogRow, ChunkEntry, HashChain, ImportSource, MANIFEST_FORMAT, Manifest, RecordingStatus,
 };
-use castvault_storage::routing;
 use castvault_storage::store::{
     DynStore, ErrorKind, Stores, error_kind, put_create, put_overwrite,
 };
+use castvault_storage::{reader, routing};
 use futures::{StreamExt, TryStreamExt};
 use object_store::ObjectMeta;
 use object_store::ObjectStoreExt;
@@ -517,31 +517,40 @@ impl Importer {
     async fn try_recording(&self, meta: &ObjectMeta, key: &str) -> anyhow::Result<Outcome> {
         let started_ms = (self.started.unix_timestamp_nanos() / 1_000_000) as i64;
         let age = started_ms - meta.last_modified.timestamp_millis();
-        if !self.min_age.is_zero() && age < self.min_age.as_millis() as i64 {
-            return Ok(Outcome::Skipped {
-                id: None,
-                reason: format!(
-                    "still being written (modified {:.0} s ago, less than --min-age {} s)",
-                    (age.max(0) as f64) / 1000.0,
-                    self.min_age.as_secs()
-                ),
-            });
-        }
+        let recent = !self.min_age.is_zero() && age < self.min_age.as_millis() as i64;
+        let still_written = || Outcome::Skipped {
+            id: None,
+            reason: format!(
+                "still being written (modified {:.0} s ago, less than --min-age {} s)",
+                (age.max(0) as f64) / 1000.0,
+                self.min_age.as_secs()
+            ),
+        };
         if meta.size == 0 {
-            return Ok(Outcome::Skipped {
-                id: None,
-                reason: "empty: tsrecorder made the file but no header arrived".to_owned(),
+            return Ok(if recent {
+                still_written()
+            } else {
+                Outcome::Skipped {
+                    id: None,
+                    reason: "empty: tsrecorder made the file but no header arrived".to_owned(),
+                }
             });
         }
         // The header, from the first window.
         let window = (meta.size as usize).min(self.max_chunk_bytes.max(64 << 10));
         let mut pending = self.read(meta, 0, window).await?.to_vec();
         let mut read = pending.len() as u64;
-        let Some(header_end) = memchr::memchr(b'\n', &pending) else {
-            anyhow::bail!("no header line in the first {window} bytes");
+        let header = memchr::memchr(b'\n', &pending)
+            .ok_or_else(|| format!("no header line in the first {window} bytes"))
+            .and_then(|end| {
+                CastHeader::parse(&pending[..end])
+                    .map_err(|e| format!("not an asciicast v2 recording: {e}"))
+            });
+        let header = match header {
+            Ok(header) => header,
+            Err(_) if recent => return Ok(still_written()),
+            Err(reason) => return Ok(Outcome::Failed { reason }),
         };
-        let header = CastHeader::parse(&pending[..header_end])
-            .map_err(|e| anyhow::anyhow!("not an asciicast v2 recording: {e}"))?;
         let region = routing::route(&self.routing, &header)
             .map(|rule| rule.region.clone())
             .unwrap_or_else(|| self.stores.home().to_string());
@@ -562,19 +571,32 @@ impl Importer {
         let random = id_random(key);
         for (other, entry) in self.stores.iter() {
             let id = RecordingId::new(other, unix_ms, random);
-            match entry.store.head(&ObjectKey::manifest(&id)).await {
-                Ok(_) => {
+            match reader::read_manifest(entry.store.as_ref(), &id).await {
+                Ok(manifest) => {
                     self.complete(&entry.store, &id).await?;
+                    if manifest.bytes != meta.size {
+                        // tsrecorder wrote on after the import took it (a session idle for
+                        // longer than --min-age); the stored recording is immutable.
+                        return Ok(Outcome::Failed {
+                            reason: format!(
+                                "changed since it was imported as {id}: {} bytes then, {} now (tsrecorder was still writing it; a larger --min-age avoids this)",
+                                manifest.bytes, meta.size
+                            ),
+                        });
+                    }
                     return Ok(Outcome::Skipped {
                         id: Some(id.to_string()),
                         reason: format!("already imported as {id}"),
                     });
                 }
-                Err(e) if error_kind(&e) == ErrorKind::NotFound => {}
+                Err(reader::ReadError::NotFound { .. }) => {}
                 Err(e) => {
                     return Err(anyhow::Error::new(e).context(format!("checking region {other}")));
                 }
             }
+        }
+        if recent {
+            return Ok(still_written());
         }
         let id = RecordingId::new(&region, unix_ms, random);
         // Objects of an import that was interrupted before its manifest.

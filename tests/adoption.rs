@@ -373,6 +373,28 @@ async fn imports_a_tsrecorder_directory_idempotently_and_resumes_after_a_kill() 
     let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(rows.len(), RECORDINGS);
     assert!(rows.iter().all(|r| r["status"] == "imported"));
+
+    // A recording that grew after it was imported (tsrecorder was still writing it) is
+    // reported, not silently skipped; a recent one is still only "being written".
+    let grown = &recordings[1];
+    let mut bytes = grown.bytes.clone();
+    bytes.extend_from_slice(b"[999.0,\"o\",\"later\"]\n");
+    write(&grown.key, &bytes, an_hour_ago);
+    let (lines, totals, ok) = import(&cfg, source, &[]);
+    assert!(!ok);
+    assert_eq!(totals["recordings_imported"], 0);
+    let line = lines
+        .iter()
+        .find(|l| l["key"] == grown.key.as_str())
+        .unwrap();
+    assert_eq!(line["result"], "failed", "{line}");
+    assert!(
+        line["reason"]
+            .as_str()
+            .unwrap()
+            .contains("changed since it was imported"),
+        "{line}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
