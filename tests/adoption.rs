@@ -206,6 +206,20 @@ fn ids_of(lines: &[serde_json::Value]) -> BTreeMap<String, String> {
         .collect()
 }
 
+fn find_file(dir: &Path, name: &str) -> Option<PathBuf> {
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            if let Some(found) = find_file(&path, name) {
+                return Some(found);
+            }
+        } else if path.file_name().is_some_and(|n| n == name) {
+            return Some(path);
+        }
+    }
+    None
+}
+
 fn count_files(dir: &Path, suffix: &str) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
@@ -567,6 +581,30 @@ async fn play_shows_a_recording_in_the_terminal_and_seeks_by_chunk() {
     assert!(!screen.contains("play-exit"), "{screen}");
     tmux.press("q");
     tmux.wait_for("play-exit=0");
+
+    // Once a node has indexed it, a jump starts from the index's snapshot: with the chunks
+    // before it gone, playing from chunk 2 still works, since it reads only the manifest, the
+    // index and chunk 2.
+    let node_dir = tempfile::tempdir().unwrap();
+    let node = Node::start(node_dir.path(), &["--config", cfg.to_str().unwrap()], &[]).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while count_files(&store, "index.json") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the node never indexed the recording"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(node);
+    for seq in 0..2 {
+        let chunk = format!("chunk-{seq:08}.zst");
+        let path = find_file(&store, &chunk).unwrap();
+        std::fs::remove_file(path).unwrap();
+    }
+    let tmux = play("play-snapshot", "--from-chunk 2 -i 0.2");
+    let screen = tmux.wait_for("play-exit=0");
+    assert!(screen.contains("SCREEN-THREE"), "{screen}");
+    drop(tmux);
 
     // Errors are clear and fail the command.
     let out = cli(&[
