@@ -180,24 +180,29 @@ async fn s3_on_moto() {
     let s3 = store::open("s3://conformance", &moto.store_options()).unwrap();
     conformance(s3.clone()).await;
 
-    // Leases need conditional updates on ETags; S3 has them (If-Match / If-None-Match).
+    conditional_updates(s3).await;
+}
+
+/// Leases need conditional updates on the object's version: a stale one must lose.
+async fn conditional_updates(store: DynStore) {
     let path = object_store::path::Path::from("live/lease-test");
-    let first = s3
+    let first = store
         .put_opts(&path, "a".into(), object_store::PutMode::Create.into())
         .await
         .unwrap();
     let update = object_store::UpdateVersion {
         e_tag: first.e_tag.clone(),
-        version: None,
+        version: first.version.clone(),
     };
-    s3.put_opts(
-        &path,
-        "b".into(),
-        object_store::PutMode::Update(update.clone()).into(),
-    )
-    .await
-    .unwrap();
-    let stale = s3
+    store
+        .put_opts(
+            &path,
+            "b".into(),
+            object_store::PutMode::Update(update.clone()).into(),
+        )
+        .await
+        .unwrap();
+    let stale = store
         .put_opts(
             &path,
             "c".into(),
