@@ -123,4 +123,8 @@ async fn run() {
         "recording: {:.0} MB raw; verify target >= 300 MB/s on one core",
         raw / 1e6
     );
+    // For profiling the verifier on its own: `CASTVAULT_BENCH_KEEP=DIR` keeps the bundle there.
+    if let Some(keep) = std::env::var_os("CASTVAULT_BENCH_KEEP") {
+        std::fs::copy(&bundle, std::path::Path::new(&keep).join("bundle.tar")).unwrap();
+    }
 }

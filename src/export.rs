@@ -383,7 +383,7 @@ async fn pad<W: AsyncWrite + Unpin>(out: &mut W, size: u64) -> Result<(), Export
 }
 
 /// A recording's transcript as plain text in a temporary file, removed on drop: from the
-/// indexer's `transcript.jsonl` when stored, else replayed now. Either way it is produced
+/// indexer's stored transcript when there is one, else replayed now. Either way it is produced
 /// line by line, so memory does not grow with the recording.
 struct TranscriptFile {
     path: std::path::PathBuf,
@@ -397,7 +397,7 @@ impl Drop for TranscriptFile {
     }
 }
 
-/// Longest transcript line carried between two pieces of a streamed `transcript.jsonl`.
+/// Longest transcript line carried between two pieces of a streamed stored transcript.
 const MAX_TRANSCRIPT_LINE: usize = 16 << 20;
 
 impl TranscriptFile {
@@ -425,8 +425,28 @@ impl TranscriptFile {
             out_buf.push(b'\n');
         };
         let mut pending = Vec::new();
-        match store.get(&ObjectKey::transcript(id)).await {
-            Ok(got) => {
+        let mut stored = match store.get(&ObjectKey::transcript(id)).await {
+            Ok(got) => Some((got, true)),
+            Err(e) if error_kind(&e) == ErrorKind::NotFound => None,
+            Err(e) => return Err(ExportError::Store(e.to_string())),
+        };
+        if stored.is_none() {
+            // Written uncompressed by earlier indexers.
+            stored = match store.get(&ObjectKey::transcript_plain(id)).await {
+                Ok(got) => Some((got, false)),
+                Err(e) if error_kind(&e) == ErrorKind::NotFound => None,
+                Err(e) => return Err(ExportError::Store(e.to_string())),
+            };
+        }
+        match stored {
+            Some((got, compressed)) => {
+                let mut decoder = match compressed {
+                    true => Some(
+                        castvault_storage::chunk::StreamDecoder::new()
+                            .map_err(|e| ExportError::Transcript(e.to_string()))?,
+                    ),
+                    false => None,
+                };
                 let mut stream = got.into_stream();
                 let mut carry: Vec<u8> = Vec::new();
                 while let Some(piece) = stream
@@ -434,7 +454,12 @@ impl TranscriptFile {
                     .await
                     .map_err(|e| ExportError::Store(e.to_string()))?
                 {
-                    carry.extend_from_slice(&piece);
+                    match decoder.as_mut() {
+                        Some(d) => d
+                            .feed(&piece, &mut carry)
+                            .map_err(|e| ExportError::Transcript(e.to_string()))?,
+                        None => carry.extend_from_slice(&piece),
+                    }
                     let end = carry.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
                     for line in carry[..end]
                         .split(|&b| b == b'\n')
@@ -455,7 +480,7 @@ impl TranscriptFile {
                     this.flush(&mut out, &mut hash, &mut pending).await?;
                 }
             }
-            Err(e) if error_kind(&e) == ErrorKind::NotFound => {
+            None => {
                 let mut replay = crate::indexer::Replay::new()
                     .map_err(|e| ExportError::Transcript(e.to_string()))?;
                 let chunks = reader::body_chunks(store.as_ref(), manifest);
@@ -474,7 +499,6 @@ impl TranscriptFile {
                 }
                 this.flush(&mut out, &mut hash, &mut pending).await?;
             }
-            Err(e) => return Err(ExportError::Store(e.to_string())),
         }
         out.flush().await.map_err(ExportError::Write)?;
         this.sha256 = hex::encode(hash.finalize());

@@ -2,8 +2,10 @@
 //! asciinema's own) to produce
 //! - a terminal snapshot at each chunk start (`index.json`): escape sequences that rebuild the
 //!   screen as it was, so a player starts at any chunk without replaying the ones before it;
-//! - a transcript (`transcript.jsonl`): each line the screen showed, escape sequences gone,
-//!   with the time it was last on screen, loaded into the catalog's full-text index.
+//! - a transcript (`transcript.jsonl.zst`, zstd-compressed JSON lines; earlier indexers wrote
+//!   `transcript.jsonl` plain, which is still read): each line the screen showed, escape
+//!   sequences gone, with the time it was last on screen, loaded into the catalog's full-text
+//!   index.
 //!
 //! It runs on the background runtime, off the ingest path, one recording at a time, and picks
 //! its work from the catalog: finalized recordings without a transcript. A recording another
@@ -55,6 +57,10 @@ pub const INDEX_FORMAT: &str = "castvault-index-2";
 /// line end), so a player starting anywhere replays at most about this much output, and a
 /// window of two snapshots' spans reads at most two chunks.
 pub const SNAPSHOT_BYTES: usize = 1 << 20;
+
+/// zstd level of stored transcripts: written once, off the ingest path, read on catalog
+/// rebuilds and exports.
+const TRANSCRIPT_LEVEL: i32 = 3;
 
 /// `index.json`: the screen at each snapshot point.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -333,16 +339,35 @@ pub async fn read_transcript(
     store: &DynStore,
     id: &RecordingId,
 ) -> Result<Option<Vec<TranscriptLine>>, IndexError> {
+    let parse = |text: &[u8]| -> Vec<TranscriptLine> {
+        text.split(|&b| b == b'\n')
+            .filter_map(|l| serde_json::from_slice(l).ok())
+            .collect()
+    };
     let path = ObjectKey::transcript(id);
     match store.get(&path).await {
         Ok(got) => {
             let bytes = got.bytes().await.map_err(store_err(&path))?;
-            Ok(Some(
-                bytes
-                    .split(|&b| b == b'\n')
-                    .filter_map(|l| serde_json::from_slice(l).ok())
-                    .collect(),
-            ))
+            let text = tokio::task::spawn_blocking(move || {
+                let mut text = Vec::new();
+                castvault_storage::chunk::StreamDecoder::new()
+                    .and_then(|mut d| d.feed(&bytes, &mut text))
+                    .map(|()| text)
+            })
+            .await
+            .map_err(|e| IndexError::Task(e.to_string()))?
+            .map_err(|e| IndexError::Task(format!("{path}: {e}")))?;
+            return Ok(Some(parse(&text)));
+        }
+        Err(object_store::Error::NotFound { .. }) => {}
+        Err(e) => return Err(store_err(&path)(e)),
+    }
+    // Written uncompressed by earlier indexers.
+    let path = ObjectKey::transcript_plain(id);
+    match store.get(&path).await {
+        Ok(got) => {
+            let bytes = got.bytes().await.map_err(store_err(&path))?;
+            Ok(Some(parse(&bytes)))
         }
         Err(object_store::Error::NotFound { .. }) => Ok(None),
         Err(e) => Err(store_err(&path)(e)),
@@ -377,6 +402,14 @@ pub async fn index_recording(
             }
             // The transcript first: an index without its transcript would be loaded as done.
             let json = serde_json::to_vec(&index).unwrap_or_default();
+            // Compressed (it is most of a recording's text again: stored plain it would take
+            // several times the space of the recording's own chunks).
+            let text = tokio::task::spawn_blocking(move || {
+                castvault_storage::chunk::compress(&text, TRANSCRIPT_LEVEL)
+            })
+            .await
+            .map_err(|e| IndexError::Task(e.to_string()))?
+            .map_err(|e| IndexError::Task(format!("compressing the transcript: {e}")))?;
             // Sealed last: `castvault verify` checks both outputs against the seal.
             let seal = signer.key.seal_digest(
                 INDEX_SEAL_FORMAT,

@@ -389,7 +389,10 @@ async fn sigkill_a_node_its_peer_finalizes_the_orphans() {
             .list(None)
             .try_filter(|m| {
                 futures::future::ready(
-                    m.location.as_ref().contains(id) && m.location.as_ref().ends_with(".zst"),
+                    m.location.as_ref().contains(id)
+                        && m.location
+                            .filename()
+                            .is_some_and(|n| n.starts_with("chunk-")),
                 )
             })
             .try_collect::<Vec<_>>()

@@ -68,6 +68,61 @@ pub fn decode(compressed: &[u8], capacity: usize) -> Result<Vec<u8>, ChunkError>
         .map_err(|source| ChunkError::Decompress { capacity, source })
 }
 
+/// Decompresses zstd frames that arrive in pieces (a stored transcript read as a stream), with
+/// memory bounded by one output window.
+pub struct StreamDecoder {
+    decoder: zstd::stream::raw::Decoder<'static>,
+}
+
+/// Output produced per step of [`StreamDecoder::feed`].
+const STREAM_WINDOW: usize = 128 << 10;
+
+impl StreamDecoder {
+    /// # Errors
+    /// [`ChunkError::Decompress`] when zstd cannot make a context.
+    pub fn new() -> Result<Self, ChunkError> {
+        let decoder =
+            zstd::stream::raw::Decoder::new().map_err(|source| ChunkError::Decompress {
+                capacity: 0,
+                source,
+            })?;
+        Ok(Self { decoder })
+    }
+
+    /// Decompresses `input`, appending what it yields to `out`.
+    ///
+    /// # Errors
+    /// [`ChunkError::Decompress`] on corrupt input.
+    pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<(), ChunkError> {
+        use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
+        let mut window = vec![0u8; STREAM_WINDOW];
+        let mut input = InBuffer::around(input);
+        loop {
+            let mut output = OutBuffer::around(&mut window[..]);
+            self.decoder
+                .run(&mut input, &mut output)
+                .map_err(|source| ChunkError::Decompress {
+                    capacity: 0,
+                    source,
+                })?;
+            let produced = output.pos();
+            out.extend_from_slice(&window[..produced]);
+            // Done when the input is used up and zstd had room to spare (nothing held back).
+            if input.pos() == input.src.len() && produced < STREAM_WINDOW {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Compresses a whole text (a transcript) as one zstd frame with its checksum.
+///
+/// # Errors
+/// [`ChunkError::Compress`] on a zstd failure.
+pub fn compress(raw: &[u8], level: i32) -> Result<Vec<u8>, ChunkError> {
+    ChunkEncoder::new(level)?.encode(raw)
+}
+
 /// A reusable decompression context, for readers that decode many chunks in a row (verify):
 /// a fresh context per chunk costs its allocation every time.
 pub struct ChunkDecoder {
@@ -201,6 +256,26 @@ pub fn digest(raw: &[u8]) -> [u8; 32] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stream_decoder_takes_any_split() {
+        let text: Vec<u8> = (0..200_000u32)
+            .flat_map(|i| format!("{{\"t\":{i}}}\n").into_bytes())
+            .collect();
+        let z = compress(&text, 3).unwrap();
+        for piece in [1, 7, 4096, z.len()] {
+            let mut d = StreamDecoder::new().unwrap();
+            let mut out = Vec::new();
+            for p in z.chunks(piece) {
+                d.feed(p, &mut out).unwrap();
+            }
+            assert_eq!(out, text, "pieces of {piece}");
+        }
+        let mut bad = z.clone();
+        bad[z.len() / 2] ^= 0xff;
+        let mut out = Vec::new();
+        assert!(StreamDecoder::new().unwrap().feed(&bad, &mut out).is_err());
+    }
 
     #[test]
     fn round_trip_is_byte_exact_and_capped() {

@@ -144,6 +144,12 @@ fn date_path(t: OffsetDateTime) -> String {
 /// Names every object castvault writes.
 pub struct ObjectKey;
 
+/// The transcript's object name (see [`ObjectKey::transcript`]).
+pub const TRANSCRIPT: &str = "transcript.jsonl.zst";
+
+/// The uncompressed transcript's name, as earlier indexers wrote it.
+pub const TRANSCRIPT_PLAIN: &str = "transcript.jsonl";
+
 impl ObjectKey {
     /// Prefix holding all objects of one recording.
     pub fn recording_prefix(id: &RecordingId) -> Path {
@@ -249,8 +255,14 @@ impl ObjectKey {
 
     /// A recording's transcript: what the screen showed, one JSON line `{"t":..,"text":..}` per
     /// screen line, written by the indexer.
+    /// The indexer's transcript: JSON lines, zstd-compressed.
     pub fn transcript(id: &RecordingId) -> Path {
-        Path::from(format!("v1/rec/{}/{id}/transcript.jsonl", id.date_path()))
+        Path::from(format!("v1/rec/{}/{id}/{TRANSCRIPT}", id.date_path()))
+    }
+
+    /// Where indexers before the compressed transcript wrote it, uncompressed; still read.
+    pub fn transcript_plain(id: &RecordingId) -> Path {
+        Path::from(format!("v1/rec/{}/{id}/{TRANSCRIPT_PLAIN}", id.date_path()))
     }
 
     pub fn event(id: &EventId) -> Path {

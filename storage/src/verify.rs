@@ -414,11 +414,12 @@ fn preview(line: &[u8]) -> String {
 }
 
 /// Object names a recording's prefix may hold besides its chunks.
-const KNOWN_OBJECTS: [&str; 5] = [
+const KNOWN_OBJECTS: [&str; 6] = [
     "manifest.json",
     "manifest.sig.json",
     "index.json",
-    "transcript.jsonl",
+    crate::keys::TRANSCRIPT,
+    crate::keys::TRANSCRIPT_PLAIN,
     "index.sig.json",
 ];
 
@@ -526,8 +527,19 @@ async fn check_index(
     names: &[String],
 ) -> Result<(), Fail> {
     let has = |n: &str| names.iter().any(|x| x == n);
-    if !has("index.json") && !has("transcript.jsonl") && !has("index.sig.json") {
+    let (compressed, plain) = (
+        has(crate::keys::TRANSCRIPT),
+        has(crate::keys::TRANSCRIPT_PLAIN),
+    );
+    if !has("index.json") && !compressed && !plain && !has("index.sig.json") {
         return Ok(());
+    }
+    if compressed && plain {
+        return Err(format!(
+            "{} and {}: a recording has one transcript",
+            crate::keys::TRANSCRIPT,
+            crate::keys::TRANSCRIPT_PLAIN
+        ));
     }
     let seal_bytes = get(store, &ObjectKey::index_seal(id))
         .await?
@@ -537,7 +549,12 @@ async fn check_index(
     keys.load(store, &seal.signed.key_id).await?;
     // Hashed as they stream: a long recording's transcript is large.
     let index = sha256_streamed(store, &ObjectKey::index(id)).await?;
-    let transcript = sha256_streamed(store, &ObjectKey::transcript(id)).await?;
+    let transcript_path = if plain {
+        ObjectKey::transcript_plain(id)
+    } else {
+        ObjectKey::transcript(id)
+    };
+    let transcript = sha256_streamed(store, &transcript_path).await?;
     let mut h = Sha256::new();
     h.update(index);
     h.update(transcript);
@@ -546,7 +563,7 @@ async fn check_index(
         || seal.recording_id != id.as_str()
         || seal.manifest_sha256 != digest
     {
-        return Err("index.json or transcript.jsonl differs from its seal".to_owned());
+        return Err("index.json or the transcript differs from its seal".to_owned());
     }
     report.check(check_signature(
         keys,
