@@ -102,10 +102,11 @@ impl LeaseError {
     }
 }
 
-/// A lease this node holds: the ETag it last wrote, and when to renew.
+/// A lease this node holds: the version (ETag, and the generation GCS needs) it last wrote,
+/// and when to renew.
 #[derive(Debug, Clone)]
 pub struct Held {
-    etag: Option<String>,
+    version: UpdateVersion,
     pub renew_at: Instant,
 }
 
@@ -139,7 +140,10 @@ pub async fn acquire(
         .await;
     match created {
         Ok(put) => Ok(Held {
-            etag: put.e_tag,
+            version: UpdateVersion {
+                e_tag: put.e_tag,
+                version: put.version,
+            },
             renew_at: renew_after(ttl),
         }),
         Err(e) if error_kind(&e) == ErrorKind::AlreadyExists => {
@@ -148,7 +152,10 @@ pub async fn acquire(
                 .get(&path)
                 .await
                 .map_err(LeaseError::store("get", &path))?;
-            let etag = got.meta.e_tag.clone();
+            let version = UpdateVersion {
+                e_tag: got.meta.e_tag.clone(),
+                version: got.meta.version.clone(),
+            };
             let bytes = got.bytes().await.map_err(LeaseError::store("get", &path))?;
             let current: Lease = serde_json::from_slice(&bytes).map_err(|_| LeaseError::Lost {
                 id: id.to_string(),
@@ -160,7 +167,7 @@ pub async fn acquire(
                     holder: current.holder,
                 });
             }
-            renew(store, id, &lease, etag, ttl).await
+            renew(store, id, &lease, version, ttl).await
         }
         Err(e) => Err(LeaseError::store("create", &path)(e)),
     }
@@ -170,14 +177,11 @@ async fn renew(
     store: &DynStore,
     id: &RecordingId,
     lease: &Lease,
-    etag: Option<String>,
+    version: UpdateVersion,
     ttl: Duration,
 ) -> Result<Held, LeaseError> {
     let path = ObjectKey::live(id);
-    let mode = PutMode::Update(UpdateVersion {
-        e_tag: etag,
-        version: None,
-    });
+    let mode = PutMode::Update(version);
     match store
         .put_opts(
             &path,
@@ -187,7 +191,10 @@ async fn renew(
         .await
     {
         Ok(put) => Ok(Held {
-            etag: put.e_tag,
+            version: UpdateVersion {
+                e_tag: put.e_tag,
+                version: put.version,
+            },
             renew_at: renew_after(ttl),
         }),
         Err(e)
@@ -218,7 +225,7 @@ pub async fn keep(
     ttl: Duration,
 ) -> Result<Held, LeaseError> {
     let lease = Lease::held_by(node_id, meta, ttl);
-    match renew(store, id, &lease, held.etag.clone(), ttl).await {
+    match renew(store, id, &lease, held.version.clone(), ttl).await {
         Err(LeaseError::Lost { .. }) => {
             // The lease changed or vanished under us. A peer that took it over has written
             // (or is writing) the manifest, and its lease names it; a store that lost or
@@ -355,7 +362,10 @@ impl Sweeper {
             Err(e) if error_kind(&e) == ErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(error_chain(&e)),
         };
-        let etag = got.meta.e_tag.clone();
+        let version = UpdateVersion {
+            e_tag: got.meta.e_tag.clone(),
+            version: got.meta.version.clone(),
+        };
         let bytes = got.bytes().await.map_err(|e| error_chain(&e))?;
         let lease: Lease =
             serde_json::from_slice(&bytes).map_err(|e| format!("unreadable lease: {e}"))?;
@@ -374,7 +384,7 @@ impl Sweeper {
             ..lease.clone()
         };
         // The same conditional update a renewal makes: only one node can win it.
-        match renew(store, id, &mine, etag, self.ttl).await {
+        match renew(store, id, &mine, version, self.ttl).await {
             Ok(_) => {}
             Err(LeaseError::Lost { .. }) => return Ok(false),
             Err(e) => return Err(error_chain(&e)),
