@@ -288,9 +288,9 @@ pub async fn run(cfg: &Config, options: Options) -> anyhow::Result<Totals> {
         progress: Progress::default(),
     });
 
-    // First pass: count, for the progress bar.
+    // First pass, for the progress bar only: count.
     let (mut total, mut total_bytes) = (0u64, 0u64);
-    {
+    if options.progress {
         let mut listing = importer.source.store.list(importer.source.root.as_ref());
         while let Some(meta) = listing.try_next().await.context("listing the source")? {
             if classify(importer.source.relative(&meta.location)) != Kind::Other {
@@ -299,10 +299,10 @@ pub async fn run(cfg: &Config, options: Options) -> anyhow::Result<Totals> {
             }
         }
     }
+    let started = Instant::now();
     let bar = options.progress.then(|| {
         let importer = importer.clone();
         tokio::spawn(async move {
-            let started = Instant::now();
             loop {
                 tokio::time::sleep(PROGRESS_EVERY).await;
                 draw_bar(&importer.progress, total, total_bytes, started);
@@ -380,7 +380,7 @@ pub async fn run(cfg: &Config, options: Options) -> anyhow::Result<Totals> {
             batch.push(id.clone());
             if batch.len() >= NOTICE_BATCH {
                 let ids = std::mem::take(batch);
-                importer.notify(&region, ids).await?;
+                importer.notify(&region, ids).await;
             }
         }
         if options.progress {
@@ -406,12 +406,12 @@ pub async fn run(cfg: &Config, options: Options) -> anyhow::Result<Totals> {
     }
     for (region, ids) in notices {
         if !ids.is_empty() {
-            importer.notify(&region, ids).await?;
+            importer.notify(&region, ids).await;
         }
     }
     if let Some(bar) = bar {
         bar.abort();
-        draw_bar(&importer.progress, total, total_bytes, Instant::now());
+        draw_bar(&importer.progress, total, total_bytes, started);
         eprintln!();
     }
     let summary = format!(
@@ -738,12 +738,13 @@ impl Importer {
         })
     }
 
-    /// Tells running nodes of `region` about imported recordings (see `NOTICE_BATCH`).
-    async fn notify(&self, region: &str, ids: Vec<String>) -> anyhow::Result<()> {
-        let store = self
-            .stores
-            .region(region)
-            .with_context(|| format!("region {region} is not configured"))?;
+    /// Tells running nodes of `region` about imported recordings (see `NOTICE_BATCH`). A
+    /// notice that cannot be written only delays the listing to the nodes' next full scan, so
+    /// it is a warning, not a failure.
+    async fn notify(&self, region: &str, ids: Vec<String>) {
+        let Some(store) = self.stores.region(region) else {
+            return;
+        };
         let now = OffsetDateTime::now_utc();
         let name = format!(
             "{}-{}-{}",
@@ -751,15 +752,13 @@ impl Importer {
             now.unix_timestamp_nanos() / 1_000_000,
             ids.len()
         );
-        let notice = crate::catalog::Notice { ids };
         let path = ObjectKey::notice(now, &name);
-        put_create(
-            store.store.as_ref(),
-            &path,
-            Bytes::from(serde_json::to_vec(&notice).context("encoding a notice")?),
-        )
-        .await
-        .with_context(|| format!("storing {path}"))
+        let notice = serde_json::to_vec(&crate::catalog::Notice { ids }).unwrap_or_default();
+        if let Err(e) = put_create(store.store.as_ref(), &path, Bytes::from(notice)).await {
+            eprintln!(
+                "castvault: warning: cannot store {path} ({e}); running nodes list these recordings at their next start"
+            );
+        }
     }
 
     /// Finishes an import that was stopped between its manifest and its catalog row: the seal
