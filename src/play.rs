@@ -2,7 +2,8 @@
 //! the store one chunk at a time (the next chunk is fetched while the current one plays, and
 //! each is checked against the manifest's digest before a byte of it is shown).
 //!
-//! Keys (when stdin is a terminal, which is put in raw mode and restored on exit): space pauses
+//! Keys (when stdin is a terminal, which is put in raw mode and restored on exit, SIGTERM and
+//! SIGHUP included): space pauses
 //! and resumes; `.` shows the next event while paused; right and left arrows jump to the start
 //! of the next and previous chunk; `q` or Ctrl-C quits. A jump rebuilds the screen from the
 //! indexer's snapshot at that chunk when the recording is indexed, else by writing out every
@@ -246,7 +247,15 @@ pub async fn run(cfg: &Config, id: &str, options: Options) -> anyhow::Result<()>
         // No keys: a channel that never yields.
         mpsc::channel(1).1
     };
-    let result = play(&mut player, &mut keys, &options, idle_limit).await;
+    // SIGTERM and SIGHUP end playback the way `q` does, so the terminal is restored.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut hangup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    let result = tokio::select! {
+        result = play(&mut player, &mut keys, &options, idle_limit) => result,
+        _ = term.recv() => Ok(()),
+        _ = hangup.recv() => Ok(()),
+    };
     drop(raw_mode);
     result
 }

@@ -582,6 +582,37 @@ async fn play_shows_a_recording_in_the_terminal_and_seeks_by_chunk() {
     tmux.press("q");
     tmux.wait_for("play-exit=0");
 
+    // SIGTERM ends playback and gives the terminal back as it was (canonical mode, echo).
+    let tmux = common::tmux::Tmux::start(
+        "play-term",
+        &format!(
+            "{BIN} play {id} --config {}; echo play-exit=$?; echo \"tty=$(stty -a | tr ' ;' '\\n\\n' | grep -x -e '-\\?icanon' -e '-\\?echo' | tr '\\n' ' ')end\"; sleep 60",
+            cfg.display()
+        ),
+    );
+    tmux.wait_for("SCREEN-ONE");
+    let shell = tmux.pane_pid();
+    let player = Command::new("pgrep")
+        .args(["-P", &shell.to_string()])
+        .output()
+        .unwrap();
+    let player: i32 = String::from_utf8(player.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .expect("the player's pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(player),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let screen = tmux.wait_for("end");
+    assert!(
+        screen.contains("play-exit=0") && screen.contains("tty=icanon echo end"),
+        "{screen}"
+    );
+    drop(tmux);
+
     // Once a node has indexed it, a jump starts from the index's snapshot: with the chunks
     // before it gone, playing from chunk 2 still works, since it reads only the manifest, the
     // index and chunk 2.
