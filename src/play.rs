@@ -244,7 +244,7 @@ pub async fn run(cfg: &Config, id: &str, options: Options) -> anyhow::Result<()>
     let mut keys = if raw_mode.is_some() {
         read_keys()
     } else {
-        // No keys: a channel that never yields.
+        // No keys: a channel closed at once (its sender is dropped here).
         mpsc::channel(1).1
     };
     // SIGTERM and SIGHUP end playback the way `q` does, so the terminal is restored.
