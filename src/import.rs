@@ -325,9 +325,12 @@ pub async fn run(cfg: &Config, options: Options) -> anyhow::Result<Totals> {
                 let kind = classify(&key);
                 let outcome = match kind {
                     Kind::Other => return Ok((kind, key, None)),
-                    Kind::Recording => importer.recording(&meta, &key).await,
-                    Kind::Event => importer.event(&meta, &key).await,
-                };
+                    Kind::Recording => importer.try_recording(&meta, &key).await,
+                    Kind::Event => importer.try_event(&meta, &key).await,
+                }
+                .unwrap_or_else(|e| Outcome::Failed {
+                    reason: format!("{e:#}"),
+                });
                 importer.progress.done.fetch_add(1, Ordering::Relaxed);
                 importer
                     .progress
@@ -502,15 +505,6 @@ impl Importer {
                 i128::from(meta.last_modified.timestamp_millis()) * 1_000_000,
             )
             .ok(),
-        }
-    }
-
-    async fn recording(&self, meta: &ObjectMeta, key: &str) -> Outcome {
-        match self.try_recording(meta, key).await {
-            Ok(outcome) => outcome,
-            Err(e) => Outcome::Failed {
-                reason: format!("{e:#}"),
-            },
         }
     }
 
@@ -861,15 +855,6 @@ impl Importer {
             Ok(()) => Ok(()),
             Err(e) if error_kind(&e) == ErrorKind::AlreadyExists => Ok(()),
             Err(e) => Err(anyhow::Error::new(e).context(format!("storing {path}"))),
-        }
-    }
-
-    async fn event(&self, meta: &ObjectMeta, key: &str) -> Outcome {
-        match self.try_event(meta, key).await {
-            Ok(outcome) => outcome,
-            Err(e) => Outcome::Failed {
-                reason: format!("{e:#}"),
-            },
         }
     }
 

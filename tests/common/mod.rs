@@ -791,12 +791,7 @@ impl Azurite {
 
     /// [`Self::store_options`] as an inline TOML table.
     pub fn store_options_toml(&self) -> String {
-        let pairs: Vec<String> = self
-            .store_options()
-            .iter()
-            .map(|(k, v)| format!("{k} = {v:?}"))
-            .collect();
-        format!("{{ {} }}", pairs.join(", "))
+        options_toml(&self.store_options())
     }
 
     /// Creates a container (object_store cannot).
@@ -956,12 +951,7 @@ impl Moto {
 
     /// [`Self::store_options`] as an inline TOML table.
     pub fn store_options_toml(&self) -> String {
-        let pairs: Vec<String> = self
-            .store_options()
-            .iter()
-            .map(|(k, v)| format!("{k} = {v:?}"))
-            .collect();
-        format!("{{ {} }}", pairs.join(", "))
+        options_toml(&self.store_options())
     }
 
     /// Creates a bucket (object_store cannot): an unsigned path-style `PUT /BUCKET`, which moto
@@ -993,4 +983,13 @@ async fn put_empty(base: &str, path: &str) -> u16 {
         .body(Empty::<Bytes>::new())
         .unwrap();
     send.send_request(req).await.unwrap().status().as_u16()
+}
+
+/// Store options as an inline TOML table, for a config's `store_options`.
+fn options_toml(options: &std::collections::BTreeMap<String, String>) -> String {
+    let pairs: Vec<String> = options
+        .iter()
+        .map(|(k, v)| format!("{k} = {v:?}"))
+        .collect();
+    format!("{{ {} }}", pairs.join(", "))
 }
