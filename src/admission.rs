@@ -274,10 +274,14 @@ impl Default for LimitsConfig {
             max_request_header_bytes: 16 << 10,
             h2_max_pending_reset_streams: 20,
             events_per_second_per_peer: 200,
-            // A terminal flooded with output (`cat` of a large file) writes a few thousand
-            // events per second; this throttles only far above that.
-            stream_events_per_second: 20_000,
-            stream_event_burst: 100_000,
+            // A terminal flooded with output arrives in pty reads of up to 4 KiB: `cat` of a
+            // large file at 300 MB/s is about 75,000 events per second, and mixed output
+            // (logs, prompts, colour) at the benchmark corpus's 350 bytes per event and
+            // 100 MB/s is 300,000. This bounds the per-event work (line scan, indexer) one
+            // stream can cause, while only a flood of tiny events far above real output is
+            // slowed. (20,000 once held an upload of the benchmark corpus to 10 MB/s.)
+            stream_events_per_second: 200_000,
+            stream_event_burst: 400_000,
         }
     }
 }
