@@ -186,16 +186,47 @@ async fn drain() {
     for t in tasks {
         t.await.unwrap();
     }
+    // Chunks come due for staging within `chunk.max_age` of the streams' end.
+    let settle = Instant::now();
+    let mut staged = 0;
+    while settle.elapsed() < Duration::from_secs(10) {
+        staged = metric(&node, "castvault_spool_staged_bytes").await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if metric(&node, "castvault_spool_staged_bytes").await == staged && staged > 0 {
+            break;
+        }
+    }
+    println!(
+        "drain: {:.1} MiB compressed and staged in the spool during the outage",
+        staged as f64 / 1048576.0
+    );
     let stored_before = metric(&node, "castvault_bytes_stored_total").await;
     let chunks_before = metric(&node, "castvault_chunks_committed_total").await;
     let cpu_before = (cpu_seconds(node.pid()), machine_busy());
     azurite.resume().await;
     let back = Instant::now();
+    let (mut noticed, mut first_commit, mut all_committed) = (None, None, None);
     while metric(&node, "castvault_recordings_finalized_total").await < DRAIN_STREAMS as u64 {
         assert!(back.elapsed() < Duration::from_secs(600), "drain stalled");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        if noticed.is_none() && metric(&node, "castvault_store_up{region=\"eu\"}").await == 1 {
+            noticed = Some(back.elapsed());
+        }
+        let committed = metric(&node, "castvault_bytes_committed_total").await;
+        if committed > 0 {
+            first_commit.get_or_insert(back.elapsed());
+        }
+        if committed >= raw as u64 {
+            all_committed.get_or_insert(back.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let took = back.elapsed();
+    println!(
+        "drain: store noticed back after {:?}, first chunk committed after {:?}, every chunk after {:?}, every recording finalized after {took:?}",
+        noticed.unwrap_or(took),
+        first_commit.unwrap_or(took),
+        all_committed.unwrap_or(took)
+    );
     let node_cpu = cpu_seconds(node.pid()) - cpu_before.0;
     let (busy, total) = machine_busy();
     let machine = (busy - cpu_before.1.0) / (total - cpu_before.1.1).max(1e-9);

@@ -95,6 +95,7 @@ pub async fn run(
                 || config.storage_outage == crate::config::OutagePolicy::Degrade,
             signer: signer.clone(),
             checkpoint_every: config.checkpoint_every,
+            min_free_disk_bytes: config.min_free_disk_bytes,
         },
         metrics.clone(),
         Some(catalog.clone()),

@@ -15,8 +15,8 @@ use std::io;
 /// [`BACKGROUND_BLOCKING_THREADS`].
 pub const BACKGROUND_WORKERS: usize = 2;
 
-/// Blocking threads of the background runtime at most; above the uploader's 16 concurrent
-/// recordings, each of which holds at most a compression and a scan at once.
+/// Blocking threads of the background runtime at most; as many as the uploader's 32 concurrent
+/// recordings (`UPLOAD_CONCURRENCY`), each of which holds at most a compression and a scan at once.
 pub const BACKGROUND_BLOCKING_THREADS: usize = 64;
 
 /// The nice value of background threads. At 10 a busy background thread gets about a tenth of

@@ -40,6 +40,9 @@ use std::collections::HashMap;
 /// How often the indexer looks for work when nothing woke it.
 pub const INDEX_SCAN_EVERY: Duration = Duration::from_secs(2);
 
+/// How often the indexer looks again while the uploader drains staged chunks.
+const DRAIN_WAIT: Duration = Duration::from_millis(200);
+
 /// Recordings picked per look; the rest wait for the next.
 const INDEX_BATCH: usize = 16;
 
@@ -517,6 +520,12 @@ pub async fn run(
 ) {
     let mut live = HashMap::new();
     loop {
+        while uploader.draining_staged() {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(DRAIN_WAIT) => {}
+            }
+        }
         index_live(&uploader, &catalog, &mut live).await;
         let todo = match catalog.unindexed(INDEX_BATCH).await {
             Ok(todo) => todo,

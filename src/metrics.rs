@@ -10,6 +10,7 @@ pub const STREAMS_REFUSED: &str = "castvault_streams_refused_total";
 pub const BYTES_RECEIVED: &str = "castvault_bytes_received_total";
 pub const BYTES_ACKED: &str = "castvault_bytes_acked_total";
 pub const SPOOL_BYTES: &str = "castvault_spool_bytes";
+pub const STAGED_BYTES: &str = "castvault_spool_staged_bytes";
 pub const CHUNKS_COMMITTED: &str = "castvault_chunks_committed_total";
 pub const BYTES_COMMITTED: &str = "castvault_bytes_committed_total";
 pub const BYTES_STORED: &str = "castvault_bytes_stored_total";
@@ -76,6 +77,8 @@ pub struct Metrics {
     pub chunks_committed: AtomicU64,
     pub bytes_committed: AtomicU64,
     pub bytes_stored: AtomicU64,
+    /// Compressed chunks kept in the spool while their store is out of reach.
+    pub staged_bytes: AtomicU64,
     pub upload_failures: AtomicU64,
     pub recordings_finalized: AtomicU64,
     pub recordings_pending: AtomicU64,
@@ -104,7 +107,7 @@ impl Metrics {
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
-        let rows: [(&str, &str, &AtomicU64); 15] = [
+        let rows: [(&str, &str, &AtomicU64); 16] = [
             (STREAMS_OPEN, "gauge", &self.streams_open),
             (STREAMS_TOTAL, "counter", &self.streams_total),
             (STREAMS_REFUSED, "counter", &self.streams_refused),
@@ -113,6 +116,7 @@ impl Metrics {
             (CHUNKS_COMMITTED, "counter", &self.chunks_committed),
             (BYTES_COMMITTED, "counter", &self.bytes_committed),
             (BYTES_STORED, "counter", &self.bytes_stored),
+            (STAGED_BYTES, "gauge", &self.staged_bytes),
             (UPLOAD_FAILURES, "counter", &self.upload_failures),
             (RECORDINGS_FINALIZED, "counter", &self.recordings_finalized),
             (RECORDINGS_PENDING, "gauge", &self.recordings_pending),

@@ -8,6 +8,10 @@
 //! worked on at once and each by one task at a time, so chunks of a recording are committed in
 //! order. A failed put is retried with exponential backoff and jitter, forever, and the failure
 //! is visible (`/api/v1/uploads`, metrics, `Progress::error`); the spool keeps the bytes.
+//! While a recording waits out a failure of its store, the chunks that come due are still cut,
+//! compressed and hashed, and kept in its spool directory (staged), so the drain when the store
+//! returns is puts only; staged chunks live in memory and spool only, and a restart
+//! compresses again.
 //!
 //! After a crash the store may hold chunks the spool's chunk log does not list. Before writing
 //! chunk `n` of a recovered recording (or when a put finds the key taken) the uploader reads the
@@ -47,7 +51,7 @@ use crate::spool::{RecordingMeta, Recovered, SpoolError, SpoolFile, StreamEnd, S
 
 /// Recordings uploaded at once. Puts to the store spend most of their time waiting (fsync,
 /// network), so this is above the core count; memory is bounded by [`UPLOAD_BUFFER_KIB`].
-pub const UPLOAD_CONCURRENCY: usize = 16;
+pub const UPLOAD_CONCURRENCY: usize = 32;
 
 /// Raw chunk bytes held in memory by all uploads together (KiB): a chunk holds its share from
 /// its cut until it is committed. 96 MiB lets 16 uploads pipeline 4 MiB chunks, and keeps the
@@ -59,6 +63,11 @@ pub const UPLOAD_BUFFER_KIB: u32 = 96 << 10;
 /// adopted by reconciliation or removed by the orphan finalizer (it was never acked: acks
 /// count the committed prefix only). Memory stays within [`UPLOAD_BUFFER_KIB`].
 pub const PUTS_IN_FLIGHT: usize = 4;
+
+/// Staging chunks during an outage (see `Inner::stage`) adds their compressed size to the
+/// spool's disk; it stops while free space is below this multiple of `min_free_disk_bytes`,
+/// so it never brings admission's low-disk refusal closer than half way.
+pub const STAGE_MIN_FREE_DISK_FACTOR: u64 = 2;
 
 /// How often the scheduler looks for due recordings when nobody wakes it; bounds how late a
 /// time-based cut can be.
@@ -125,6 +134,9 @@ pub struct UploadConfig {
     pub signer: Arc<NodeKey>,
     /// A recording with chunks past its last checkpoint gets a new one this often.
     pub checkpoint_every: Duration,
+    /// Admission refuses new streams below this much free spool disk; staging (see
+    /// [`STAGE_MIN_FREE_DISK_FACTOR`]) stops well above it.
+    pub min_free_disk_bytes: u64,
 }
 
 /// What a recording's stream can see of its upload.
@@ -156,6 +168,9 @@ pub struct UploadStatus {
     pub last_error: Option<String>,
     /// Set when another node took the recording over; the spool keeps its bytes.
     pub lease_lost: Option<String>,
+    /// Chunks compressed while the store was out of reach, waiting in the spool for it.
+    pub staged_chunks: usize,
+    pub staged_bytes: u64,
 }
 
 struct Upload {
@@ -191,8 +206,11 @@ struct UploadState {
     /// Why the lease was lost; uploading stops for good.
     lease_lost: Option<String>,
     /// Lengths of chunks cut but not yet committed, by sequence number (at most
-    /// [`PUTS_IN_FLIGHT`]); dropped as they commit.
+    /// [`PUTS_IN_FLIGHT`] plus the staged ones); dropped as they commit.
     planned: std::collections::BTreeMap<u32, u64>,
+    /// Chunks compressed into the spool while the store was out of reach, in order from
+    /// `next_seq`.
+    staged: std::collections::VecDeque<Staged>,
     /// A manifest found in the store at reconciliation: another node finalized the recording.
     stored_manifest: Option<Manifest>,
     /// Chunks covered by the last signed checkpoint, and when it was written.
@@ -200,6 +218,61 @@ struct UploadState {
     checkpoint_at: Instant,
     attempts: u32,
     last_error: Option<String>,
+}
+
+/// A chunk compressed and hashed while its store was out of reach; its object waits in the
+/// spool (`SpoolFile::stage`) so that the drain is puts only.
+#[derive(Clone)]
+struct Staged {
+    seq: u32,
+    offset: u64,
+    raw_len: u64,
+    stats: ChunkStats,
+    digest: [u8; 32],
+    body_after: Sha256,
+    stored_len: u64,
+}
+
+/// What the scheduler starts for a recording.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Work {
+    /// Cut, compress, put, commit and finalize.
+    Upload,
+    /// Its store failed and the retry is not due: compress the chunks that are due into the
+    /// spool meanwhile, with the CPU the outage leaves idle.
+    Stage,
+}
+
+/// Chunk puts started and not yet published, oldest first.
+type InFlight = std::collections::VecDeque<(
+    Prepared,
+    tokio::task::JoinHandle<Result<(), object_store::Error>>,
+)>;
+
+/// The answer to a request for buffer budget.
+enum Budget {
+    Granted(tokio::sync::OwnedSemaphorePermit),
+    /// Publishing the chunks in flight first found a chunk key taken: reconcile.
+    KeyTaken,
+    /// The uploader is shutting down.
+    Closed,
+}
+
+/// Starts the put of a prepared chunk.
+fn start_put(
+    upload: &Upload,
+    prepared: Prepared,
+) -> (
+    Prepared,
+    tokio::task::JoinHandle<Result<(), object_store::Error>>,
+) {
+    let path = ObjectKey::chunk(&upload.file.id, prepared.seq);
+    let store = upload.store.clone();
+    let bytes = prepared.compressed.clone();
+    (
+        prepared,
+        tokio::spawn(async move { put_create(store.as_ref(), &path, bytes).await }),
+    )
 }
 
 /// A chunk compressed and hashed, ready to put.
@@ -425,6 +498,19 @@ impl Uploader {
     }
 
     /// The recordings this node is receiving right now (or still uploading).
+    /// True while chunks staged during an outage are going to a store that is back: the
+    /// indexer waits, so the backlog's puts have the store and the CPU to themselves.
+    pub fn draining_staged(&self) -> bool {
+        self.inner
+            .metrics
+            .staged_bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+            && self.registry().values().any(|u| {
+                !u.state().staged.is_empty() && self.inner.health.is_up(u.file.id.region())
+            })
+    }
+
     pub fn live_ids(&self) -> Vec<RecordingId> {
         self.registry().keys().cloned().collect()
     }
@@ -469,6 +555,8 @@ impl Uploader {
                     stream_ended: s.end.is_some(),
                     attempts: s.attempts,
                     last_error: s.last_error.clone(),
+                    staged_chunks: s.staged.len(),
+                    staged_bytes: s.staged.iter().map(|c| c.stored_len).sum(),
                 }
             })
             .collect();
@@ -478,6 +566,13 @@ impl Uploader {
 }
 
 impl UploadState {
+    /// Where the next chunk to stage starts.
+    fn staged_end(&self) -> u64 {
+        self.staged
+            .back()
+            .map_or(self.committed, |c| c.offset + c.raw_len)
+    }
+
     /// A live catalog row is written with a recording's first upload (its first cut, at most
     /// `chunk.max_age` after its first byte), and only while it is still being received: one
     /// that ends sooner goes straight to its final row. That spares short recordings a put (and
@@ -504,6 +599,7 @@ impl UploadState {
             lease: None,
             lease_lost: None,
             planned: std::collections::BTreeMap::new(),
+            staged: std::collections::VecDeque::new(),
             stored_manifest: None,
             checkpointed: 0,
             checkpoint_at: Instant::now(),
@@ -521,18 +617,20 @@ async fn run_scheduler(inner: Arc<Inner>, stop: CancellationToken) {
             () = stop.cancelled() => return,
         }
         let now = Instant::now();
-        let due: Vec<Arc<Upload>> = {
+        let due: Vec<(Arc<Upload>, Work)> = {
             let registry = inner
                 .registry
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             registry
                 .values()
-                .filter(|u| take_if_due(u, now, &inner.config))
-                .cloned()
+                .filter_map(|u| {
+                    let store_down = !inner.health.is_up(u.file.id.region());
+                    Some((u.clone(), take_if_due(u, now, &inner.config, store_down)?))
+                })
                 .collect()
         };
-        for upload in due {
+        for (upload, work) in due {
             let permit = tokio::select! {
                 permit = inner.permits.clone().acquire_owned() => permit,
                 () = stop.cancelled() => return,
@@ -542,7 +640,10 @@ async fn run_scheduler(inner: Arc<Inner>, stop: CancellationToken) {
             let span = tracing::info_span!("upload", recording_id = %upload.file.id);
             tokio::spawn(
                 async move {
-                    inner.process(&upload).await;
+                    match work {
+                        Work::Upload => inner.process(&upload).await,
+                        Work::Stage => inner.stage(&upload).await,
+                    }
                     upload.state().busy = false;
                     drop(permit);
                 }
@@ -583,28 +684,44 @@ fn age_cut_due(now: Instant, max_age: Duration) -> Instant {
     now + max_age.mul_f64(rand::rng().random_range(0.5..=1.0))
 }
 
-/// Marks the upload busy and returns true when it has work to do now.
-fn take_if_due(upload: &Upload, now: Instant, config: &UploadConfig) -> bool {
+/// Marks the upload busy and returns the work it has to do now, if any.
+fn take_if_due(
+    upload: &Upload,
+    now: Instant,
+    config: &UploadConfig,
+    store_down: bool,
+) -> Option<Work> {
     let mut s = upload.state();
-    if s.busy || s.lease_lost.is_some() || s.retry_at.is_some_and(|at| at > now) {
-        return false;
+    if s.busy || s.lease_lost.is_some() {
+        return None;
     }
-    let lease_due = s.lease.as_ref().is_some_and(|l| now >= l.renew_at);
-    let checkpoint_due =
-        s.next_seq > s.checkpointed && s.checkpoint_at.elapsed() >= config.checkpoint_every;
     let pending = upload.file.written().saturating_sub(s.committed);
     if pending > 0 && s.cut_due.is_none() {
         s.cut_due = Some(age_cut_due(now, config.max_chunk_age));
     }
     let aged = s.cut_due.is_some_and(|due| now >= due);
-    let due = !s.reconciled
-        || lease_due
-        || checkpoint_due
-        || s.end.is_some()
-        || pending >= config.max_chunk_bytes as u64
-        || (pending > 0 && aged);
-    s.busy = due;
-    due
+    let work = if s.retry_at.is_some_and(|at| at > now) {
+        let unstaged = upload.file.written().saturating_sub(s.staged_end());
+        let ended = s.end.is_some() && upload.file.settled();
+        (store_down
+            && s.reconciled
+            && unstaged > 0
+            && (ended || aged || unstaged >= config.max_chunk_bytes as u64))
+            .then_some(Work::Stage)
+    } else {
+        let lease_due = s.lease.as_ref().is_some_and(|l| now >= l.renew_at);
+        let checkpoint_due =
+            s.next_seq > s.checkpointed && s.checkpoint_at.elapsed() >= config.checkpoint_every;
+        (!s.reconciled
+            || lease_due
+            || checkpoint_due
+            || s.end.is_some()
+            || pending >= config.max_chunk_bytes as u64
+            || (pending > 0 && aged))
+            .then_some(Work::Upload)
+    };
+    s.busy = work.is_some();
+    work
 }
 
 impl Inner {
@@ -625,6 +742,7 @@ impl Inner {
                     "another node took the recording over ({holder}); the spool keeps its bytes"
                 );
                 tracing::error!(recording_id = %upload.file.id, %message, "lease lost; uploading stops");
+                self.drop_staged(upload).await;
                 upload.state().lease_lost = Some(message.clone());
                 upload.progress.send_modify(|p| p.lost = Some(message));
             }
@@ -685,15 +803,15 @@ impl Inner {
         if finalized_elsewhere {
             return self.finalize(upload).await;
         }
+        if !self.put_staged(upload).await? {
+            return self.reconcile(upload).await;
+        }
         // Two-stage pipeline: chunk n+1 is cut and compressed while chunk n is being put.
         let (mut offset, mut seq, mut body) = {
             let s = upload.state();
             (s.committed, s.next_seq, s.body.clone())
         };
-        let mut in_flight: std::collections::VecDeque<(
-            Prepared,
-            tokio::task::JoinHandle<Result<(), object_store::Error>>,
-        )> = std::collections::VecDeque::with_capacity(PUTS_IN_FLIGHT);
+        let mut in_flight = InFlight::with_capacity(PUTS_IN_FLIGHT);
         loop {
             let (ended, aged) = {
                 let s = upload.state();
@@ -712,31 +830,12 @@ impl Inner {
             let want_kib = u32::try_from(want_kib)
                 .unwrap_or(u32::MAX)
                 .clamp(1, UPLOAD_BUFFER_KIB);
-            // Never wait for budget while holding some: publish the chunks in flight first.
-            let buffer = match self.buffers.clone().try_acquire_many_owned(want_kib) {
-                Ok(buffer) => buffer,
-                Err(_) => {
-                    while let Some((previous, put)) = in_flight.pop_front() {
-                        if !self.publish(upload, previous, put).await? {
-                            return self.reconcile(upload).await;
-                        }
-                    }
-                    let Ok(buffer) = self.buffers.clone().acquire_many_owned(want_kib).await else {
-                        break;
-                    };
-                    buffer
-                }
+            let buffer = match self.buffer(upload, want_kib, &mut in_flight).await? {
+                Budget::Granted(buffer) => buffer,
+                Budget::KeyTaken => return self.reconcile(upload).await,
+                Budget::Closed => break,
             };
-            // A chunk cut before (its put failed while later ones were in flight) is cut again
-            // at the same place, so a later chunk that did land is found identical and adopted.
-            let planned = upload.state().planned.get(&seq).copied();
-            let raw = match planned {
-                Some(len) if len <= pending => {
-                    Some(upload.file.read_at(offset, len as usize).await?)
-                }
-                _ => self.cut(upload, offset, pending, ended).await?,
-            };
-            let Some(raw) = raw else {
+            let Some(raw) = self.next_raw(upload, seq, offset, pending, ended).await? else {
                 break;
             };
             upload.state().planned.insert(seq, raw.len() as u64);
@@ -752,19 +851,11 @@ impl Inner {
                 // Someone else's chunk holds the key: check it, then start over from state.
                 return self.reconcile(upload).await;
             }
-            let path = ObjectKey::chunk(&upload.file.id, prepared.seq);
-            let store = upload.store.clone();
-            let bytes = prepared.compressed.clone();
-            in_flight.push_back((
-                prepared,
-                tokio::spawn(async move { put_create(store.as_ref(), &path, bytes).await }),
-            ));
+            in_flight.push_back(start_put(upload, prepared));
         }
         // Commits happen in order: chunk n+1 counts only once chunk n is stored.
-        while let Some((previous, put)) = in_flight.pop_front() {
-            if !self.publish(upload, previous, put).await? {
-                return self.reconcile(upload).await;
-            }
+        if !self.publish_all(upload, &mut in_flight).await? {
+            return self.reconcile(upload).await;
         }
         let checkpoint_due = {
             let s = upload.state();
@@ -783,6 +874,207 @@ impl Inner {
             self.finalize(upload).await?;
         }
         Ok(())
+    }
+
+    /// Takes `kib` of the buffer budget. It never waits for budget while holding some: the
+    /// chunks in flight are published first.
+    async fn buffer(
+        &self,
+        upload: &Upload,
+        kib: u32,
+        in_flight: &mut InFlight,
+    ) -> Result<Budget, UploadError> {
+        if let Ok(buffer) = self.buffers.clone().try_acquire_many_owned(kib) {
+            return Ok(Budget::Granted(buffer));
+        }
+        if !self.publish_all(upload, in_flight).await? {
+            return Ok(Budget::KeyTaken);
+        }
+        Ok(match self.buffers.clone().acquire_many_owned(kib).await {
+            Ok(buffer) => Budget::Granted(buffer),
+            Err(_) => Budget::Closed,
+        })
+    }
+
+    /// Publishes the chunks in flight, in order. False when a chunk key was taken.
+    async fn publish_all(
+        &self,
+        upload: &Upload,
+        in_flight: &mut InFlight,
+    ) -> Result<bool, UploadError> {
+        while let Some((previous, put)) = in_flight.pop_front() {
+            if !self.publish(upload, previous, put).await? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// The raw bytes of chunk `seq` at `offset`, or `None` to wait for the line to end. A chunk
+    /// cut before (its put failed while later ones were in flight, or it was staged) is cut
+    /// again at the same place, so a later chunk that did land is found identical and adopted.
+    async fn next_raw(
+        &self,
+        upload: &Upload,
+        seq: u32,
+        offset: u64,
+        pending: u64,
+        ended: bool,
+    ) -> Result<Option<Vec<u8>>, UploadError> {
+        let planned = upload.state().planned.get(&seq).copied();
+        match planned {
+            Some(len) if len <= pending => {
+                Ok(Some(upload.file.read_at(offset, len as usize).await?))
+            }
+            _ => self.cut(upload, offset, pending, ended).await,
+        }
+    }
+
+    /// While the store is out of reach, cuts and compresses the chunks that are due into the
+    /// spool, so that the drain when it returns is puts only. Staging only saves work: on any
+    /// error it stops, and the upload compresses from the data file as usual. It leaves
+    /// [`STAGE_MIN_FREE_DISK_FACTOR`] × the admission threshold of the disk free.
+    async fn stage(&self, upload: &Upload) {
+        loop {
+            let (offset, seq, body, ended, aged) = {
+                let s = upload.state();
+                let (seq, body) = s.staged.back().map_or_else(
+                    || (s.next_seq, s.body.clone()),
+                    |last| (last.seq + 1, last.body_after.clone()),
+                );
+                (
+                    s.staged_end(),
+                    seq,
+                    body,
+                    s.end.is_some() && upload.file.settled(),
+                    s.cut_due.is_some_and(|due| Instant::now() >= due),
+                )
+            };
+            let pending = upload.file.written().saturating_sub(offset);
+            if pending == 0 || !(ended || aged || pending >= self.config.max_chunk_bytes as u64) {
+                return;
+            }
+            let min_free = self
+                .config
+                .min_free_disk_bytes
+                .saturating_mul(STAGE_MIN_FREE_DISK_FACTOR);
+            if upload.file.free_bytes().is_none_or(|free| free < min_free) {
+                return;
+            }
+            let want_kib = u32::try_from(
+                pending
+                    .min(self.config.max_chunk_bytes as u64)
+                    .div_ceil(1024),
+            )
+            .unwrap_or(u32::MAX)
+            .clamp(1, UPLOAD_BUFFER_KIB);
+            let Ok(_buffer) = self.buffers.clone().acquire_many_owned(want_kib).await else {
+                return;
+            };
+            let prepared = match self.next_raw(upload, seq, offset, pending, ended).await {
+                Ok(Some(raw)) => self.prepare(upload, seq, offset, raw, body, None).await,
+                Ok(None) => return,
+                Err(e) => Err(e),
+            };
+            let prepared = match prepared {
+                Ok(prepared) => prepared,
+                Err(e) => {
+                    tracing::warn!(recording_id = %upload.file.id, error = %error_chain(&e), "cannot stage a chunk; it is compressed when the store is back");
+                    return;
+                }
+            };
+            let stored_len = prepared.compressed.len() as u64;
+            if let Err(e) = upload.file.stage(seq, prepared.compressed).await {
+                tracing::warn!(recording_id = %upload.file.id, error = %error_chain(&e), "cannot stage a chunk; it is compressed when the store is back");
+                upload.file.unstage(seq).await;
+                return;
+            }
+            Metrics::add(&self.metrics.staged_bytes, stored_len);
+            let mut s = upload.state();
+            s.planned.insert(seq, prepared.raw_len);
+            s.staged.push_back(Staged {
+                seq,
+                offset,
+                raw_len: prepared.raw_len,
+                stats: prepared.stats,
+                digest: prepared.digest,
+                body_after: prepared.body_after,
+                stored_len,
+            });
+            let end = offset + prepared.raw_len;
+            s.cut_due = (upload.file.written() > end)
+                .then(|| age_cut_due(Instant::now(), self.config.max_chunk_age));
+        }
+    }
+
+    /// Puts the chunks staged during an outage, in order, [`PUTS_IN_FLIGHT`] at a time; each
+    /// staged file goes once its chunk is committed. False when a chunk key was taken.
+    async fn put_staged(&self, upload: &Upload) -> Result<bool, UploadError> {
+        let staged: Vec<Staged> = {
+            let s = upload.state();
+            match s.staged.front() {
+                None => return Ok(true),
+                Some(first) if first.seq == s.next_seq && first.offset == s.committed => {
+                    s.staged.iter().cloned().collect()
+                }
+                // Commits moved on without them (adopted chunks): compress again.
+                Some(_) => Vec::new(),
+            }
+        };
+        if staged.is_empty() {
+            self.drop_staged(upload).await;
+            return Ok(true);
+        }
+        let mut in_flight = InFlight::with_capacity(PUTS_IN_FLIGHT);
+        for chunk in staged {
+            let kib = u32::try_from(chunk.stored_len.div_ceil(1024))
+                .unwrap_or(u32::MAX)
+                .clamp(1, UPLOAD_BUFFER_KIB);
+            let buffer = match self.buffer(upload, kib, &mut in_flight).await? {
+                Budget::Granted(buffer) => buffer,
+                Budget::KeyTaken => return Ok(false),
+                Budget::Closed => break,
+            };
+            let compressed = match upload.file.staged(chunk.seq).await {
+                Ok(compressed) => compressed,
+                Err(e) => {
+                    tracing::warn!(recording_id = %upload.file.id, error = %error_chain(&e), "cannot read a staged chunk; compressing again");
+                    break;
+                }
+            };
+            if in_flight.len() >= PUTS_IN_FLIGHT
+                && let Some((previous, put)) = in_flight.pop_front()
+                && !self.publish(upload, previous, put).await?
+            {
+                return Ok(false);
+            }
+            let prepared = Prepared {
+                seq: chunk.seq,
+                offset: chunk.offset,
+                raw_len: chunk.raw_len,
+                compressed,
+                stats: chunk.stats,
+                digest: chunk.digest,
+                body_after: chunk.body_after,
+                buffer: Some(buffer),
+            };
+            in_flight.push_back(start_put(upload, prepared));
+        }
+        if !self.publish_all(upload, &mut in_flight).await? {
+            return Ok(false);
+        }
+        // Whatever is still staged could not be read: it is cut and compressed again.
+        self.drop_staged(upload).await;
+        Ok(true)
+    }
+
+    /// Gives up the staged chunks (their bytes are still in the data file).
+    async fn drop_staged(&self, upload: &Upload) {
+        let staged = std::mem::take(&mut upload.state().staged);
+        for chunk in staged {
+            Metrics::sub(&self.metrics.staged_bytes, chunk.stored_len);
+            upload.file.unstage(chunk.seq).await;
+        }
     }
 
     /// Reads the next chunk's raw bytes from the spool, or `None` to wait for the line to end.
@@ -914,17 +1206,28 @@ impl Inner {
             body_after,
             buffer: _,
         } = prepared;
-        let entry = {
+        let (entry, staged) = {
             let mut s = upload.state();
             let link = s.chain.push(&digest, seq, offset, raw_len);
             s.planned.remove(&seq);
+            let staged = if s.staged.front().is_some_and(|c| c.seq == seq) {
+                s.staged.pop_front()
+            } else {
+                None
+            };
             s.body = body_after;
             s.next_seq = seq + 1;
             s.committed = offset + raw_len;
             s.cut_due = (upload.file.written() > s.committed)
                 .then(|| age_cut_due(Instant::now(), self.config.max_chunk_age));
-            link
+            (link, staged)
         };
+        if let Some(staged) = staged {
+            Metrics::sub(&self.metrics.staged_bytes, staged.stored_len);
+            // Off the commit path: the next put waits for this commit.
+            let file = upload.file.clone();
+            tokio::spawn(async move { file.unstage(seq).await });
+        }
         // Hashing the stored object is kept out of the lock others take to read progress.
         let entry = ChunkEntry::new(seq, offset, raw_len, &compressed, &stats, &digest, &entry);
         if let Err(e) = upload.file.log_chunk(&entry).await {
@@ -943,6 +1246,7 @@ impl Inner {
     /// Adopts chunks found in the store past the chunk log, if they match the spool exactly.
     async fn reconcile(&self, upload: &Upload) -> Result<(), UploadError> {
         let id = &upload.file.id;
+        self.drop_staged(upload).await;
         loop {
             let (seq, offset) = {
                 let s = upload.state();

@@ -86,6 +86,7 @@ async fn restart(setup: &Setup) -> Uploader {
         acks_from_spool: true,
         signer: Arc::new(NodeKey::load_or_create(&setup.spool_dir.join("../keys")).unwrap()),
         checkpoint_every: Duration::from_secs(60),
+        min_free_disk_bytes: 256 << 20,
     };
     let stores = Stores::single(Region::new("local").unwrap(), setup.store.clone());
     let uploader = Uploader::start(

@@ -443,12 +443,26 @@ async fn store_outage_degrade_drains_and_fail_ends_streams() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Chunks that come due during the outage are compressed into the spool meanwhile.
+    while metric(&c.eu1, "castvault_spool_staged_bytes").await == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "nothing staged during the outage"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let (_, uploads) = c.eu1.api("/api/v1/uploads").await;
     let uploads: Vec<Value> = serde_json::from_slice(&uploads).unwrap();
     assert!(
         uploads
             .iter()
             .any(|u| u["store_up"] == false && u["last_error"].is_string()),
+        "{uploads:?}"
+    );
+    assert!(
+        uploads
+            .iter()
+            .any(|u| u["staged_chunks"].as_u64() > Some(0)),
         "{uploads:?}"
     );
     tokio::time::sleep(OUTAGE.saturating_sub(outage_started.elapsed())).await;
@@ -469,6 +483,7 @@ async fn store_outage_degrade_drains_and_fail_ends_streams() {
     let rows = finalized_rows(&c.eu1, "degrade", SESSIONS).await;
     assert!(rows.iter().all(|r| r["status"] == "complete"), "{rows:?}");
     assert_nothing_acked_lost(&c.eu1, &rows, &degrade, true);
+    assert_eq!(metric(&c.eu1, "castvault_spool_staged_bytes").await, 0);
     let rows = finalized_rows(&c.eu2, "fail", SESSIONS).await;
     assert!(
         rows.iter().all(|r| r["status"] == "interrupted"),
@@ -561,4 +576,80 @@ async fn routing_keeps_each_region_in_its_store_and_every_node_serves_all() {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
+}
+
+/// Chunks staged in the spool during an outage live in memory and spool only: after a crash
+/// they are compressed again, and the recording reaches the store whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_staged_in_an_outage_survive_a_crash() {
+    let mut azurite = Azurite::start().await;
+    azurite.create_container("recordings").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("castvault.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "node_id = \"solo\"\nregion = \"eu\"\nzone = \"a\"\nack = \"storage\"\nstorage_outage = \"degrade\"\nlease_ttl = \"{LEASE_TTL}\"\n\n[chunk]\nmax_bytes = 1048576\n\n[regions.eu]\nstore = \"az://recordings\"\nstore_options = {}\n",
+            azurite.store_options_toml()
+        ),
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    let mut node = Node::start(dir.path(), &["--config", &config], &[]).await;
+    azurite.stop();
+    let deadline = Instant::now() + WAIT;
+    while common::http_get(node.web, "/readyz").await.unwrap().0 != 503 {
+        assert!(Instant::now() < deadline, "readyz stayed ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let body = common::corpus::generate(11, 6 << 20);
+    let mut upload = start_v2(node.ingest).await.unwrap();
+    for piece in body.chunks(64 << 10) {
+        upload.send(piece).await.unwrap();
+    }
+    let (result, log) = upload.finish().await;
+    result.unwrap();
+    assert_eq!(log.acks.last().map(|a| a.1), Some(body.len() as u64));
+    let spool = dir.path().join("spool");
+    let staged_files = || {
+        walk(&spool)
+            .into_iter()
+            .filter(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("staged-")
+            })
+            .count()
+    };
+    while metric(&node, "castvault_spool_staged_bytes").await == 0 || staged_files() < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "nothing staged during the outage"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    node.kill9();
+    assert!(staged_files() >= 5);
+    node.restart().await;
+    azurite.resume().await;
+    let rows = node.wait_finalized(1).await;
+    assert_eq!(rows[0]["status"], "recovered", "{rows:?}");
+    let id = rows[0]["id"].as_str().unwrap();
+    assert_eq!(node.export(id), body);
+    assert_eq!(metric(&node, "castvault_spool_staged_bytes").await, 0);
+    assert_eq!(staged_files(), 0);
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
 }

@@ -7,6 +7,8 @@
 //! {data_dir}/spool/{recording_id}/data          the body exactly as received, append-only
 //! {data_dir}/spool/{recording_id}/chunks.jsonl  one manifest chunk entry per committed chunk
 //! {data_dir}/spool/{recording_id}/end.json      how the stream ended, written when it ends
+//! {data_dir}/spool/{recording_id}/staged-{seq}.zst  a chunk compressed while the store was
+//!                                                   out of reach (removed on start)
 //! ```
 //! None of these is fsynced when written. `meta.json` and `end.json` also go into the journal as
 //! metadata records and are durable once committed (before the first ack, and before the final
@@ -128,6 +130,9 @@ pub struct StreamEnd {
 
 /// Name of the journal directory inside the spool root.
 const JOURNAL_DIR: &str = "journal";
+
+/// Names of staged chunk files in a recording's directory.
+const STAGED_PREFIX: &str = "staged-";
 
 /// The node's spool directory and its journal.
 #[derive(Clone)]
@@ -285,6 +290,7 @@ impl Spool {
                 .map_err(io_err("stat data", &path))?
                 .len();
             let chunks = read_chunk_log(&dir.join("chunks.jsonl"));
+            remove_staged(&dir);
             found.push(Recovered {
                 file: Arc::new(SpoolFile::new(id, dir, len, Arc::downgrade(&self.journal))),
                 meta,
@@ -415,6 +421,53 @@ impl SpoolFile {
                 .map_err(io_err("append chunk log", &path))
         })
         .await
+    }
+
+    /// Free bytes on the filesystem of the recording's directory.
+    pub fn free_bytes(&self) -> Option<u64> {
+        free_bytes(&self.dir)
+    }
+
+    /// Keeps chunk `seq`, compressed while the store was out of reach, so that the drain when
+    /// it returns is puts only (see `upload`). Not fsynced and not part of recovery: staged
+    /// chunks are removed on start and compressed again from `data`.
+    ///
+    /// # Errors
+    /// [`SpoolError::Io`] on a file error.
+    pub async fn stage(self: &Arc<Self>, seq: u32, bytes: Bytes) -> Result<(), SpoolError> {
+        let path = self.dir.join(staged_name(seq));
+        blocking(move || fs::write(&path, &bytes).map_err(io_err("write staged chunk", &path)))
+            .await
+    }
+
+    /// A chunk written by [`Self::stage`].
+    ///
+    /// # Errors
+    /// [`SpoolError::Io`] when it cannot be read.
+    pub async fn staged(self: &Arc<Self>, seq: u32) -> Result<Bytes, SpoolError> {
+        let path = self.dir.join(staged_name(seq));
+        blocking(move || {
+            fs::read(&path)
+                .map(Bytes::from)
+                .map_err(io_err("read staged chunk", &path))
+        })
+        .await
+    }
+
+    /// Removes a staged chunk (once its object is committed, or when it is given up).
+    pub async fn unstage(self: &Arc<Self>, seq: u32) {
+        let path = self.dir.join(staged_name(seq));
+        let removed = blocking(move || {
+            match fs::remove_file(&path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            }
+            .map_err(io_err("remove staged chunk", &path))
+        })
+        .await;
+        if let Err(e) = removed {
+            tracing::warn!(recording_id = %self.id, error = %e, "cannot remove a staged chunk; it goes with the recording's directory");
+        }
     }
 
     /// The chunk entries logged so far.
@@ -604,6 +657,24 @@ pub(crate) fn sync_metadata_files(dir: &Path) -> Result<(), SpoolError> {
 }
 
 /// Free bytes on the filesystem holding `path`.
+fn staged_name(seq: u32) -> String {
+    format!("{STAGED_PREFIX}{seq:010}.zst")
+}
+
+/// Removes chunks staged before a restart: their hashes were in memory only.
+fn remove_staged(dir: &Path) {
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(STAGED_PREFIX)
+            && let Err(e) = fs::remove_file(entry.path())
+        {
+            tracing::warn!(path = %entry.path().display(), error = %e, "cannot remove a staged chunk");
+        }
+    }
+}
+
 pub(crate) fn free_bytes(path: &Path) -> Option<u64> {
     let stat = nix::sys::statvfs::statvfs(path).ok()?;
     Some(stat.blocks_available().saturating_mul(stat.fragment_size()))
@@ -711,6 +782,35 @@ mod tests {
         );
         assert_eq!(r.file.written(), body.len() as u64);
         assert_eq!(r.file.read_at(0, body.len()).await.unwrap(), body);
+    }
+
+    #[tokio::test]
+    async fn staged_chunks_round_trip_and_are_removed_on_recovery() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = RecordingId::new(&Region::new("local").unwrap(), 5, 5);
+        {
+            let spool = Spool::open(dir.path().to_owned()).unwrap();
+            let file = open_with_header(&spool, &id).await;
+            file.stage(0, Bytes::from_static(b"zero")).await.unwrap();
+            file.stage(1, Bytes::from_static(b"one")).await.unwrap();
+            assert_eq!(&file.staged(1).await.unwrap()[..], b"one");
+            file.unstage(0).await;
+            assert!(file.staged(0).await.is_err());
+            file.unstage(0).await; // gone already: no error
+            wait_settled(&file).await;
+        }
+        let spool = Spool::open(dir.path().to_owned()).unwrap();
+        let recovered = spool.recover().unwrap();
+        assert_eq!(recovered.len(), 1);
+        assert!(recovered[0].file.staged(1).await.is_err());
+        let left: Vec<String> = fs::read_dir(dir.path().join(id.as_str()))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            left.iter().all(|n| !n.starts_with(STAGED_PREFIX)),
+            "{left:?}"
+        );
     }
 
     #[tokio::test]
