@@ -124,7 +124,7 @@ pub async fn run(
         }
         .run(upload_stop.clone()),
     );
-    background.spawn(indexer::run(
+    crate::background::spawn_indexer(indexer::run(
         stores.clone(),
         catalog.clone(),
         uploader.clone(),
@@ -133,7 +133,8 @@ pub async fn run(
             node_id: config.node_id.clone(),
         },
         upload_stop.clone(),
-    ));
+    ))
+    .context("starting the indexer")?;
     let ready = CancellationToken::new();
     let draining = CancellationToken::new();
     let web_stop = CancellationToken::new();

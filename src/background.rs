@@ -6,7 +6,8 @@
 //! store writes (file creation, fsync) can hold every core for hundreds of milliseconds, and the
 //! ack tail grows with them. On lower-priority threads that work fills the idle time instead;
 //! under load the scheduler still gives it a share ([`BACKGROUND_NICE`]), so uploads keep moving
-//! and the spool keeps draining.
+//! and the spool keeps draining. The indexer runs lower still, on its own runtime
+//! ([`spawn_indexer`]).
 
 use std::io;
 
@@ -41,8 +42,45 @@ pub fn runtime() -> io::Result<tokio::runtime::Runtime> {
 /// Gives the calling thread the background priority. Linux applies a nice value per thread.
 /// Failure only costs latency, so it is logged, never fatal.
 pub fn lower_priority() {
+    set_nice(BACKGROUND_NICE);
+}
+
+fn set_nice(nice: i32) {
     let tid = rustix::thread::gettid();
-    if let Err(e) = rustix::process::setpriority_process(Some(tid), BACKGROUND_NICE) {
-        tracing::warn!(error = %e, "cannot lower a background thread's priority");
+    if let Err(e) = rustix::process::setpriority_process(Some(tid), nice) {
+        tracing::warn!(error = %e, nice, "cannot lower a background thread's priority");
     }
+}
+
+/// The nice value of the indexer's threads, below the uploads': indexing is work that can
+/// wait, and commits (what acks at `storage` level and a drain after an outage wait for) and
+/// the sessions on the same host go first. At 19 a busy indexer thread gets about an eighth
+/// of a core against a busy upload thread (CFS weights 15 against 110), all of an idle one.
+pub const INDEX_NICE: i32 = 19;
+
+/// Blocking threads of the indexer's runtime: one replay and the catalog writes beside it.
+pub const INDEX_BLOCKING_THREADS: usize = 4;
+
+/// Runs `task` on its own thread and single-threaded runtime at [`INDEX_NICE`], blocking pool
+/// included, until it returns.
+///
+/// # Errors
+/// When the thread or its runtime cannot be started.
+pub fn spawn_indexer<F>(task: F) -> io::Result<()>
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .max_blocking_threads(INDEX_BLOCKING_THREADS)
+        .thread_name("castvault-index")
+        .on_thread_start(|| set_nice(INDEX_NICE))
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("castvault-index".to_owned())
+        .spawn(move || {
+            set_nice(INDEX_NICE);
+            runtime.block_on(task);
+        })?;
+    Ok(())
 }
