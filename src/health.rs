@@ -170,7 +170,7 @@ pub async fn probe(health: std::sync::Arc<Health>, stores: Stores, stop: Cancell
     let key = ObjectKey::probe();
     loop {
         for (region, store) in stores.iter() {
-            let answer = tokio::time::timeout(PROBE_TIMEOUT, store.store.head(&key)).await;
+            let answer = tokio::time::timeout(PROBE_TIMEOUT, store.probe.head(&key)).await;
             match answer {
                 Ok(Ok(_)) => health.up(region.as_str()),
                 Ok(Err(e)) if error_kind(&e) == ErrorKind::NotFound => health.up(region.as_str()),

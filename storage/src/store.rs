@@ -176,6 +176,14 @@ impl StoreUrl {
 /// # Errors
 /// [`StoreError`] for a bad URL, an unknown option or a store that cannot be built.
 pub fn open(url: &str, options: &BTreeMap<String, String>) -> Result<DynStore, StoreError> {
+    open_with(url, options, retry_config())
+}
+
+fn open_with(
+    url: &str,
+    options: &BTreeMap<String, String>,
+    retry: RetryConfig,
+) -> Result<DynStore, StoreError> {
     match StoreUrl::parse(url)? {
         StoreUrl::File(path) => {
             if let Some(key) = options.keys().next() {
@@ -201,7 +209,7 @@ pub fn open(url: &str, options: &BTreeMap<String, String>) -> Result<DynStore, S
         StoreUrl::Azure { container } => {
             let builder = MicrosoftAzureBuilder::from_env().with_container_name(container);
             let builder = configure(url, options, builder, MicrosoftAzureBuilder::with_config)?;
-            finish(url, builder.with_retry(retry_config()).build())
+            finish(url, builder.with_retry(retry.clone()).build())
         }
         StoreUrl::S3 { bucket } => {
             let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
@@ -218,7 +226,7 @@ pub fn open(url: &str, options: &BTreeMap<String, String>) -> Result<DynStore, S
                 }
             }
             let builder = configure(url, options, builder, AmazonS3Builder::with_config)?;
-            finish(url, builder.with_retry(retry_config()).build())
+            finish(url, builder.with_retry(retry.clone()).build())
         }
         StoreUrl::Gcs { bucket } => {
             let builder = GoogleCloudStorageBuilder::from_env().with_bucket_name(bucket);
@@ -228,7 +236,7 @@ pub fn open(url: &str, options: &BTreeMap<String, String>) -> Result<DynStore, S
                 builder,
                 GoogleCloudStorageBuilder::with_config,
             )?;
-            finish(url, builder.with_retry(retry_config()).build())
+            finish(url, builder.with_retry(retry.clone()).build())
         }
     }
 }
@@ -336,6 +344,9 @@ mod aws_profile {
 #[derive(Clone)]
 pub struct RegionStore {
     pub store: DynStore,
+    /// The same store without request retries, for health probes: while the store is down,
+    /// a probe answers at once, so its return is seen within one probe interval.
+    pub probe: DynStore,
     /// The URL it was opened from (no secrets: options are kept apart).
     pub url: String,
     /// Conditional updates on ETags work (Azure, S3, GCS, memory); the local disk has none, so
@@ -349,9 +360,24 @@ impl RegionStore {
     /// # Errors
     /// As [`open`].
     pub fn open(url: &str, options: &BTreeMap<String, String>) -> Result<Self, StoreError> {
-        let conditional_updates = !matches!(StoreUrl::parse(url)?, StoreUrl::File(_));
+        let parsed = StoreUrl::parse(url)?;
+        let conditional_updates = !matches!(parsed, StoreUrl::File(_));
+        let store = open(url, options)?;
+        let probe = match parsed {
+            // Local stores do not retry, and a second in-memory store would be another store.
+            StoreUrl::File(_) | StoreUrl::Memory => store.clone(),
+            _ => open_with(
+                url,
+                options,
+                RetryConfig {
+                    max_retries: 0,
+                    ..retry_config()
+                },
+            )?,
+        };
         Ok(Self {
-            store: open(url, options)?,
+            store,
+            probe,
             url: url.to_owned(),
             conditional_updates,
         })
@@ -393,6 +419,7 @@ impl Stores {
     /// One region, one store: tests and single-region tools.
     pub fn single(home: Region, store: DynStore) -> Self {
         let entry = RegionStore {
+            probe: store.clone(),
             store,
             url: "memory://".to_owned(),
             conditional_updates: true,
