@@ -19,6 +19,7 @@
 //! anything else is reported as corruption and never overwritten.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -68,6 +69,11 @@ pub const PUTS_IN_FLIGHT: usize = 4;
 /// spool's disk; it stops while free space is below this multiple of `min_free_disk_bytes`,
 /// so it never brings admission's low-disk refusal closer than half way.
 pub const STAGE_MIN_FREE_DISK_FACTOR: u64 = 2;
+
+/// Chunks staged at once by all recordings: each keeps about 250 bytes in memory (digest,
+/// stats, hash state) for as long as the outage lasts. 65,536 is up to 256 GiB of raw output
+/// at 4 MiB a chunk in about 16 MiB; past it the drain compresses the rest.
+pub const MAX_STAGED_CHUNKS: usize = 65_536;
 
 /// How often the scheduler looks for due recordings when nobody wakes it; bounds how late a
 /// time-based cut can be.
@@ -306,6 +312,8 @@ struct Inner {
     permits: Arc<Semaphore>,
     buffers: Arc<Semaphore>,
     encoders: Mutex<Vec<ChunkEncoder>>,
+    /// Chunks staged by all uploads (see [`MAX_STAGED_CHUNKS`]).
+    staged_chunks: AtomicUsize,
     metrics: Arc<Metrics>,
     /// Told about every catalog row written, so listing sees it at once.
     catalog: Option<Arc<Catalog>>,
@@ -365,6 +373,7 @@ impl Uploader {
             permits: Arc::new(Semaphore::new(UPLOAD_CONCURRENCY)),
             buffers: Arc::new(Semaphore::new(UPLOAD_BUFFER_KIB as usize)),
             encoders: Mutex::new(Vec::new()),
+            staged_chunks: AtomicUsize::new(0),
             metrics,
         });
         background.spawn(run_scheduler(inner.clone(), stop.clone()));
@@ -501,13 +510,14 @@ impl Uploader {
     /// True while chunks staged during an outage are going to a store that is back: the
     /// indexer waits, so the backlog's puts have the store and the CPU to themselves.
     pub fn draining_staged(&self) -> bool {
-        self.inner
-            .metrics
-            .staged_bytes
-            .load(std::sync::atomic::Ordering::Relaxed)
-            > 0
+        self.inner.metrics.staged_bytes.load(Ordering::Relaxed) > 0
             && self.registry().values().any(|u| {
-                !u.state().staged.is_empty() && self.inner.health.is_up(u.file.id.region())
+                let s = u.state();
+                // Not one waiting out a failure: a store that answers probes but refuses puts
+                // must not hold indexing up.
+                !s.staged.is_empty()
+                    && s.retry_at.is_none()
+                    && self.inner.health.is_up(u.file.id.region())
             })
     }
 
@@ -936,6 +946,13 @@ impl Inner {
     /// [`STAGE_MIN_FREE_DISK_FACTOR`] × the admission threshold of the disk free.
     async fn stage(&self, upload: &Upload) {
         loop {
+            // The store is back: stop, so the drain starts now.
+            if self.health.is_up(upload.file.id.region()) {
+                return;
+            }
+            if self.staged_chunks.load(Ordering::Relaxed) >= MAX_STAGED_CHUNKS {
+                return;
+            }
             let (offset, seq, body, ended, aged) = {
                 let s = upload.state();
                 let (seq, body) = s.staged.back().map_or_else(
@@ -990,6 +1007,7 @@ impl Inner {
                 return;
             }
             Metrics::add(&self.metrics.staged_bytes, stored_len);
+            self.staged_chunks.fetch_add(1, Ordering::Relaxed);
             let mut s = upload.state();
             s.planned.insert(seq, prepared.raw_len);
             s.staged.push_back(Staged {
@@ -1073,6 +1091,7 @@ impl Inner {
         let staged = std::mem::take(&mut upload.state().staged);
         for chunk in staged {
             Metrics::sub(&self.metrics.staged_bytes, chunk.stored_len);
+            self.staged_chunks.fetch_sub(1, Ordering::Relaxed);
             upload.file.unstage(chunk.seq).await;
         }
     }
@@ -1224,6 +1243,7 @@ impl Inner {
         };
         if let Some(staged) = staged {
             Metrics::sub(&self.metrics.staged_bytes, staged.stored_len);
+            self.staged_chunks.fetch_sub(1, Ordering::Relaxed);
             // Off the commit path: the next put waits for this commit.
             let file = upload.file.clone();
             tokio::spawn(async move { file.unstage(seq).await });

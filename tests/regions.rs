@@ -631,8 +631,9 @@ async fn chunks_staged_in_an_outage_survive_a_crash() {
     }
     node.kill9();
     assert!(staged_files() >= 5);
-    node.restart().await;
+    // The restarted node removes them before it uploads; it is ready once its store answers.
     azurite.resume().await;
+    node.restart().await;
     let rows = node.wait_finalized(1).await;
     assert_eq!(rows[0]["status"], "recovered", "{rows:?}");
     let id = rows[0]["id"].as_str().unwrap();
