@@ -641,13 +641,37 @@ async fn run_scheduler(inner: Arc<Inner>, stop: CancellationToken) {
                 .collect()
         };
         for (upload, work) in due {
-            let permit = tokio::select! {
-                permit = inner.permits.clone().acquire_owned() => permit,
-                () = stop.cancelled() => return,
-            };
-            let Ok(permit) = permit else { return };
+            if stop.is_cancelled() {
+                return;
+            }
             let inner = inner.clone();
             let span = tracing::info_span!("upload", recording_id = %upload.file.id);
+            let permit = match inner.permits.clone().try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(tokio::sync::TryAcquireError::Closed) => return,
+                Err(tokio::sync::TryAcquireError::NoPermits) => {
+                    // Every upload slot is taken (a drain after an outage): this recording
+                    // waits for the next tick, and its lease is kept alive meanwhile, or a
+                    // peer would take over a recording that is only queued.
+                    let lease_due = upload
+                        .state()
+                        .lease
+                        .as_ref()
+                        .is_some_and(|l| Instant::now() >= l.renew_at);
+                    if work == Work::Upload && lease_due {
+                        tokio::spawn(
+                            async move {
+                                inner.keep_lease(&upload).await;
+                                upload.state().busy = false;
+                            }
+                            .instrument(span),
+                        );
+                    } else {
+                        upload.state().busy = false;
+                    }
+                    continue;
+                }
+            };
             tokio::spawn(
                 async move {
                     match work {
@@ -656,6 +680,8 @@ async fn run_scheduler(inner: Arc<Inner>, stop: CancellationToken) {
                     }
                     upload.state().busy = false;
                     drop(permit);
+                    // A slot is free: whoever waits for one goes now, not at the next tick.
+                    inner.wake.notify_one();
                 }
                 .instrument(span),
             );
@@ -736,8 +762,23 @@ fn take_if_due(
 
 impl Inner {
     async fn process(&self, upload: &Upload) {
+        let result = self.try_process(upload).await;
+        self.settle(upload, result).await;
+    }
+
+    /// Renews the lease of a recording that waits for an upload slot.
+    async fn keep_lease(&self, upload: &Upload) {
+        let result = self.hold_lease(upload).await;
+        if result.is_err() {
+            self.settle(upload, result).await;
+        }
+    }
+
+    /// Records how an upload step ended: success clears the failure state; a lost lease stops
+    /// the upload for good; any other failure backs off.
+    async fn settle(&self, upload: &Upload, result: Result<(), UploadError>) {
         let region = upload.file.id.region();
-        match self.try_process(upload).await {
+        match result {
             Ok(()) => {
                 self.health.up(region);
                 let mut s = upload.state();
@@ -823,6 +864,7 @@ impl Inner {
         };
         let mut in_flight = InFlight::with_capacity(PUTS_IN_FLIGHT);
         loop {
+            self.hold_lease(upload).await?;
             let (ended, aged) = {
                 let s = upload.state();
                 let aged = s.cut_due.is_some_and(|due| Instant::now() >= due);
@@ -1045,6 +1087,8 @@ impl Inner {
         }
         let mut in_flight = InFlight::with_capacity(PUTS_IN_FLIGHT);
         for chunk in staged {
+            // A long drain outlasts a lease: it is renewed as it comes due.
+            self.hold_lease(upload).await?;
             let kib = u32::try_from(chunk.stored_len.div_ceil(1024))
                 .unwrap_or(u32::MAX)
                 .clamp(1, UPLOAD_BUFFER_KIB);
