@@ -264,6 +264,13 @@ enum Budget {
     Closed,
 }
 
+/// The share of [`UPLOAD_BUFFER_KIB`] that `bytes` in memory take.
+fn budget_kib(bytes: u64) -> u32 {
+    u32::try_from(bytes.div_ceil(1024))
+        .unwrap_or(u32::MAX)
+        .clamp(1, UPLOAD_BUFFER_KIB)
+}
+
 /// Starts the put of a prepared chunk.
 fn start_put(
     upload: &Upload,
@@ -876,12 +883,7 @@ impl Inner {
             if pending == 0 || !(ended || aged || pending >= self.config.max_chunk_bytes as u64) {
                 break;
             }
-            let want_kib = pending
-                .min(self.config.max_chunk_bytes as u64)
-                .div_ceil(1024);
-            let want_kib = u32::try_from(want_kib)
-                .unwrap_or(u32::MAX)
-                .clamp(1, UPLOAD_BUFFER_KIB);
+            let want_kib = budget_kib(pending.min(self.config.max_chunk_bytes as u64));
             let buffer = match self.buffer(upload, want_kib, &mut in_flight).await? {
                 Budget::Granted(buffer) => buffer,
                 Budget::KeyTaken => return self.reconcile(upload).await,
@@ -1020,13 +1022,7 @@ impl Inner {
             if upload.file.free_bytes().is_none_or(|free| free < min_free) {
                 return;
             }
-            let want_kib = u32::try_from(
-                pending
-                    .min(self.config.max_chunk_bytes as u64)
-                    .div_ceil(1024),
-            )
-            .unwrap_or(u32::MAX)
-            .clamp(1, UPLOAD_BUFFER_KIB);
+            let want_kib = budget_kib(pending.min(self.config.max_chunk_bytes as u64));
             let Ok(_buffer) = self.buffers.clone().acquire_many_owned(want_kib).await else {
                 return;
             };
@@ -1089,10 +1085,10 @@ impl Inner {
         for chunk in staged {
             // A long drain outlasts a lease: it is renewed as it comes due.
             self.hold_lease(upload).await?;
-            let kib = u32::try_from(chunk.stored_len.div_ceil(1024))
-                .unwrap_or(u32::MAX)
-                .clamp(1, UPLOAD_BUFFER_KIB);
-            let buffer = match self.buffer(upload, kib, &mut in_flight).await? {
+            let buffer = match self
+                .buffer(upload, budget_kib(chunk.stored_len), &mut in_flight)
+                .await?
+            {
                 Budget::Granted(buffer) => buffer,
                 Budget::KeyTaken => return Ok(false),
                 Budget::Closed => break,
