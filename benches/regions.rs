@@ -4,11 +4,12 @@
 //! - orphans: two nodes of one region, 50 streams on the first; SIGKILL it and time until the
 //!   second has finalized all 50 from the store (every catalog row `interrupted`), as a multiple
 //!   of `lease_ttl`. Target ≤ 2.
-//! - drain: a node with `storage_outage = "degrade"` records 20 streams of 16 MiB while its Azurite is
-//!   stopped (acked from the spool), then Azurite comes back and the spool drains. The drain's
-//!   rate in stored (compressed) bytes per second is compared with Azurite's own put rate for
-//!   the same number of objects of the same mean size at 16, 32 and 64 puts at once, put
-//!   straight through object_store in the same run. Target ≥ 0.8.
+//! - drain: a node with `storage_outage = "degrade"` records 20 streams of 16 MiB while it cannot
+//!   reach its Azurite (a relay in between refuses it; `CASTVAULT_BENCH_OUTAGE=restart` stops
+//!   Azurite instead), acked from the spool; then the store is back and the spool drains. The
+//!   drain's rate in stored (compressed) bytes per second is compared with Azurite's own put
+//!   rate for the same number of objects of the same mean size at 16, 32 and 64 puts at once,
+//!   put through object_store and the same relay in the same run. Target ≥ 0.8.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
 #[path = "../tests/common/mod.rs"]
@@ -55,7 +56,7 @@ fn main() {
     });
 }
 
-fn config(dir: &Path, node: &str, zone: &str, azurite: &Azurite) -> String {
+fn config(dir: &Path, node: &str, zone: &str, store_options: &str) -> String {
     let text = format!(
         r#"node_id = "{node}"
 region = "eu"
@@ -67,7 +68,7 @@ lease_ttl = "{LEASE_TTL_SECS}s"
 store = "az://recordings"
 store_options = {}
 "#,
-        azurite.store_options_toml()
+        store_options
     );
     let path = dir.join("castvault.toml");
     std::fs::write(&path, text).unwrap();
@@ -125,8 +126,8 @@ async fn orphans() {
     azurite.create_container("recordings").await;
     let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (c1, c2) = (
-        config(d1.path(), "eu-1", "a", &azurite),
-        config(d2.path(), "eu-2", "b", &azurite),
+        config(d1.path(), "eu-1", "a", &azurite.store_options_toml()),
+        config(d2.path(), "eu-2", "b", &azurite.store_options_toml()),
     );
     let mut a = Node::start(d1.path(), &["--config", &c1], &[]).await;
     let b = Node::start(d2.path(), &["--config", &c2], &[]).await;
@@ -159,9 +160,29 @@ async fn drain() {
     let mut azurite = Azurite::start().await;
     azurite.create_container("recordings").await;
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), "eu-1", "a", &azurite);
+    // The outage: by default the node is cut off from a running Azurite (a network outage, the
+    // store itself unchanged); with CASTVAULT_BENCH_OUTAGE=restart the emulator is stopped and
+    // started again, and the drain then meets a cold Node.js process (its first requests run
+    // several times slower than after warm-up, which the reference puts never see).
+    let restart = std::env::var("CASTVAULT_BENCH_OUTAGE").is_ok_and(|v| v == "restart");
+    let gate =
+        common::Gate::start(azurite.url.trim_start_matches("http://").parse().unwrap()).await;
+    let options = azurite.store_options_via(&gate);
+    let cfg = config(dir.path(), "eu-1", "a", &common::options_toml(&options));
     let node = Node::start(dir.path(), &["--config", &cfg], &[]).await;
-    azurite.stop();
+    if restart {
+        azurite.stop();
+    } else {
+        gate.close();
+    }
+    println!(
+        "drain: outage by {}",
+        if restart {
+            "stopping Azurite"
+        } else {
+            "cutting the node off from Azurite"
+        }
+    );
     // Wait until the node has noticed, so every stream is acked from the spool.
     while common::http_get(node.web, "/readyz").await.unwrap().0 != 503 {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -208,7 +229,11 @@ async fn drain() {
     let stored_before = metric(&node, "castvault_bytes_stored_total").await;
     let chunks_before = metric(&node, "castvault_chunks_committed_total").await;
     let cpu_before = (cpu_seconds(node.pid()), machine_busy());
-    azurite.resume().await;
+    if restart {
+        azurite.resume().await;
+    } else {
+        gate.open();
+    }
     let back = Instant::now();
     let (mut noticed, mut first_commit, mut all_committed) = (None, None, None);
     while metric(&node, "castvault_recordings_finalized_total").await < DRAIN_STREAMS as u64 {
@@ -239,8 +264,9 @@ async fn drain() {
     let chunks = metric(&node, "castvault_chunks_committed_total").await - chunks_before;
     let drain_rate = stored as f64 / took.as_secs_f64();
 
-    // Azurite's own put rate for the same objects, straight through object_store.
-    let store = RegionStore::open("az://recordings", &azurite.store_options())
+    // Azurite's own put rate for the same objects, straight through object_store and the same
+    // relay.
+    let store = RegionStore::open("az://recordings", &options)
         .unwrap()
         .store;
     let size = (stored / chunks.max(1)) as usize;

@@ -413,8 +413,9 @@ impl Sweeper {
     }
 }
 
-/// Writes the manifest of a recording whose node died, from the chunks in the store. A
-/// manifest already there (the node finished after all) wins and is returned.
+/// Writes the manifest of a recording whose node died, from the chunks in the store, and its
+/// seal. A manifest already there (the node finished after all) wins and is returned, sealed
+/// if the node died between the two puts.
 ///
 /// # Errors
 /// Store errors and chunks that do not decode, as text.
@@ -427,8 +428,16 @@ pub async fn finalize_orphan(
     node_id: &str,
 ) -> Result<Manifest, String> {
     let manifest_path = ObjectKey::manifest(id);
-    if let Ok(existing) = castvault_storage::reader::read_manifest(store.as_ref(), id).await {
-        return Ok(existing);
+    let sealed = |manifest: Manifest, bytes: Bytes| async move {
+        crate::upload::put_seal(store.as_ref(), signer, node_id, id, &bytes)
+            .await
+            .map_err(|e| format!("put {}: {}", ObjectKey::seal(id), error_chain(&e)))?;
+        Ok::<_, String>(manifest)
+    };
+    if let Ok((existing, bytes)) =
+        castvault_storage::reader::read_manifest_bytes(store.as_ref(), id).await
+    {
+        return sealed(existing, bytes).await;
     }
     let rebuilt = castvault_storage::reader::rebuild_chunk_table(store.as_ref(), id, None)
         .await
@@ -480,20 +489,13 @@ pub async fn finalize_orphan(
     };
     let bytes = Bytes::from(serde_json::to_vec_pretty(&manifest).unwrap_or_default());
     match put_create(store.as_ref(), &manifest_path, bytes.clone()).await {
-        Ok(()) => {
-            let seal = signer.seal(node_id, id.as_str(), &bytes);
-            let seal_path = ObjectKey::seal(id);
-            let seal_bytes = Bytes::from(seal.to_bytes());
-            match put_create(store.as_ref(), &seal_path, seal_bytes).await {
-                Ok(()) => Ok(manifest),
-                Err(e) if error_kind(&e) == ErrorKind::AlreadyExists => Ok(manifest),
-                Err(e) => Err(format!("put {seal_path}: {}", error_chain(&e))),
-            }
-        }
+        Ok(()) => sealed(manifest, bytes).await,
         Err(e) if error_kind(&e) == ErrorKind::AlreadyExists => {
-            castvault_storage::reader::read_manifest(store.as_ref(), id)
-                .await
-                .map_err(|e| error_chain(&e))
+            let (existing, bytes) =
+                castvault_storage::reader::read_manifest_bytes(store.as_ref(), id)
+                    .await
+                    .map_err(|e| error_chain(&e))?;
+            sealed(existing, bytes).await
         }
         Err(e) => Err(format!("put {manifest_path}: {}", error_chain(&e))),
     }

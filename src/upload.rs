@@ -30,7 +30,7 @@ use castvault_storage::keys::{ObjectKey, RecordingId};
 use castvault_storage::manifest::{
     CatalogRow, ChunkEntry, HashChain, MANIFEST_FORMAT, Manifest, RecordingStatus,
 };
-use castvault_storage::reader::{self, read_manifest};
+use castvault_storage::reader::{self, read_manifest_bytes};
 use castvault_storage::store::{
     DynStore, ErrorKind, Stores, UnknownRegion, error_kind, put_create, put_overwrite,
 };
@@ -218,7 +218,7 @@ struct UploadState {
     /// `next_seq`.
     staged: std::collections::VecDeque<Staged>,
     /// A manifest found in the store at reconciliation: another node finalized the recording.
-    stored_manifest: Option<Manifest>,
+    stored_manifest: Option<(Manifest, Bytes)>,
     /// Chunks covered by the last signed checkpoint, and when it was written.
     checkpointed: u32,
     checkpoint_at: Instant,
@@ -1346,7 +1346,7 @@ impl Inner {
         }
         // Finalized elsewhere while this node was away (a peer took its lease over): no more
         // chunks go next to that manifest; the recording only concludes.
-        match read_manifest(upload.store.as_ref(), id).await {
+        match read_manifest_bytes(upload.store.as_ref(), id).await {
             Ok(stored) => {
                 let mut s = upload.state();
                 s.stored_manifest = Some(stored);
@@ -1372,8 +1372,8 @@ impl Inner {
     async fn finalize(&self, upload: &Upload) -> Result<(), UploadError> {
         let id = &upload.file.id;
         let stored = upload.state().stored_manifest.clone();
-        if let Some(stored) = stored {
-            return self.conclude(upload, stored).await;
+        if let Some((manifest, bytes)) = stored {
+            return self.conclude(upload, manifest, bytes).await;
         }
         let mut chunks = upload.file.chunk_log().await;
         let (end, recovered, chain_head, body_sha256, next_seq) = {
@@ -1428,20 +1428,27 @@ impl Inner {
             chain_head: hex::encode(chain_head),
             chunks,
         };
-        if upload.state().checkpointed < next_seq || next_seq == 0 {
-            self.checkpoint(upload).await?;
-        }
+        // The final checkpoint and the manifest are independent objects: they go together. A
+        // failure of either retries both; the manifest's conditional create then finds the one
+        // stored, and the checkpoint is put again (kept if there).
+        let checkpoint_due = upload.state().checkpointed < next_seq || next_seq == 0;
+        let checkpoint = async {
+            if checkpoint_due {
+                self.checkpoint(upload).await?;
+            }
+            Ok::<(), UploadError>(())
+        };
         let path = ObjectKey::manifest(id);
         let manifest_bytes = json_bytes(&manifest);
-        let manifest = match put_create(upload.store.as_ref(), &path, manifest_bytes.clone()).await
-        {
-            Ok(()) => {
-                self.seal(upload, &manifest_bytes).await?;
-                manifest
-            }
+        let (checkpointed, created) = tokio::join!(
+            checkpoint,
+            put_create(upload.store.as_ref(), &path, manifest_bytes.clone())
+        );
+        let (manifest, manifest_bytes) = match created {
+            Ok(()) => (manifest, manifest_bytes),
             // Finalized before a restart: the stored manifest stands, and the row follows it.
             Err(e) if error_kind(&e) == ErrorKind::AlreadyExists => {
-                read_manifest(upload.store.as_ref(), id)
+                read_manifest_bytes(upload.store.as_ref(), id)
                     .await
                     .map_err(|e| UploadError::Corrupt {
                         recording_id: id.to_string(),
@@ -1450,12 +1457,19 @@ impl Inner {
             }
             Err(e) => return Err(UploadError::store("put", &path)(e)),
         };
-        self.conclude(upload, manifest).await
+        checkpointed?;
+        self.conclude(upload, manifest, manifest_bytes).await
     }
 
     /// Ends a recording whose manifest is stored (by this node or, after a lease takeover, by
-    /// another): its catalog row, its lease, its spool files.
-    async fn conclude(&self, upload: &Upload, manifest: Manifest) -> Result<(), UploadError> {
+    /// another): its seal (put again in case a node died between the manifest and its seal),
+    /// its catalog row, its lease, its spool files.
+    async fn conclude(
+        &self,
+        upload: &Upload,
+        manifest: Manifest,
+        manifest_bytes: Bytes,
+    ) -> Result<(), UploadError> {
         let id = &upload.file.id;
         let bytes = upload.file.written();
         if manifest.bytes < bytes && !self.config.acks_from_spool {
@@ -1478,13 +1492,19 @@ impl Inner {
             .into());
         }
         let status = manifest.status;
-        if let Some(row) = CatalogRow::from_manifest(&manifest) {
-            let path = ObjectKey::catalog(id);
-            put_overwrite(upload.store.as_ref(), &path, json_bytes(&row))
-                .await
-                .map_err(UploadError::store("put", &path))?;
-            self.note_row(row).await;
-        }
+        // The seal and the row both follow the manifest and not each other; the lease goes
+        // only after both, so a node dying in between leaves a lease for a peer to conclude.
+        let row = async {
+            if let Some(row) = CatalogRow::from_manifest(&manifest) {
+                let path = ObjectKey::catalog(id);
+                put_overwrite(upload.store.as_ref(), &path, json_bytes(&row))
+                    .await
+                    .map_err(UploadError::store("put", &path))?;
+                self.note_row(row).await;
+            }
+            Ok::<(), UploadError>(())
+        };
+        tokio::try_join!(self.seal(upload, &manifest_bytes), row)?;
         if upload.leased {
             crate::lease::release(&upload.store, id).await?;
         }
@@ -1547,16 +1567,15 @@ impl Inner {
     /// Stores the seal over a manifest's exact bytes (kept if one is there already).
     async fn seal(&self, upload: &Upload, manifest: &[u8]) -> Result<(), UploadError> {
         let id = &upload.file.id;
-        let seal = self
-            .config
-            .signer
-            .seal(&self.config.node_id, id.as_str(), manifest);
-        let path = ObjectKey::seal(id);
-        match put_create(upload.store.as_ref(), &path, Bytes::from(seal.to_bytes())).await {
-            Ok(()) => Ok(()),
-            Err(e) if error_kind(&e) == ErrorKind::AlreadyExists => Ok(()),
-            Err(e) => Err(UploadError::store("put", &path)(e)),
-        }
+        put_seal(
+            upload.store.as_ref(),
+            &self.config.signer,
+            &self.config.node_id,
+            id,
+            manifest,
+        )
+        .await
+        .map_err(UploadError::store("put", &ObjectKey::seal(id)))
     }
 
     /// Creates the recording's lease before its first put, and renews it when due.
@@ -1628,6 +1647,21 @@ impl Inner {
         if pool.len() < UPLOAD_CONCURRENCY {
             pool.push(encoder);
         }
+    }
+}
+
+/// Puts `node_id`'s seal over a manifest's exact stored bytes; a seal already there is kept.
+pub(crate) async fn put_seal(
+    store: &dyn object_store::ObjectStore,
+    signer: &NodeKey,
+    node_id: &str,
+    id: &RecordingId,
+    manifest: &[u8],
+) -> Result<(), object_store::Error> {
+    let seal = signer.seal(node_id, id.as_str(), manifest);
+    match put_create(store, &ObjectKey::seal(id), Bytes::from(seal.to_bytes())).await {
+        Err(e) if error_kind(&e) != ErrorKind::AlreadyExists => Err(e),
+        _ => Ok(()),
     }
 }
 

@@ -234,6 +234,41 @@ async fn a_manifest_already_stored_wins_and_the_catalog_row_follows_it() {
     );
 }
 
+/// A node that died between storing the manifest and its seal: the restart seals the stored
+/// manifest's exact bytes (the export and `verify` need the seal).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_left_unsealed_by_a_crash_is_sealed_on_restart() {
+    let setup = crashed_recording().await;
+    let copy = setup.spool_dir.with_extension("copy");
+    copy_dir(&setup.spool_dir, &copy);
+    let first = restart(&setup).await;
+    wait_until("finalize", || first.pending() == 0).await;
+    drop(first);
+    std::fs::remove_dir_all(&setup.spool_dir).unwrap();
+    std::fs::rename(&copy, &setup.spool_dir).unwrap();
+    let seal_key = ObjectKey::seal(&setup.id);
+    setup.store.delete(&seal_key).await.unwrap();
+
+    let second = restart(&setup).await;
+    wait_until("finalize again", || second.pending() == 0).await;
+    let manifest = setup
+        .store
+        .get(&ObjectKey::manifest(&setup.id))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let seal = setup.store.get(&seal_key).await.expect("sealed again");
+    let seal: castvault_storage::signing::Seal =
+        serde_json::from_slice(&seal.bytes().await.unwrap()).unwrap();
+    use sha2::Digest;
+    assert_eq!(
+        seal.manifest_sha256,
+        hex::encode(sha2::Sha256::digest(&manifest))
+    );
+}
+
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap().flatten() {

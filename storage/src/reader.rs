@@ -52,6 +52,17 @@ pub async fn read_manifest(
     store: &dyn ObjectStore,
     id: &RecordingId,
 ) -> Result<Manifest, ReadError> {
+    Ok(read_manifest_bytes(store, id).await?.0)
+}
+
+/// [`read_manifest`], with the manifest's exact stored bytes (what its seal signs).
+///
+/// # Errors
+/// As [`read_manifest`].
+pub async fn read_manifest_bytes(
+    store: &dyn ObjectStore,
+    id: &RecordingId,
+) -> Result<(Manifest, Bytes), ReadError> {
     let path = ObjectKey::manifest(id);
     let bytes = match get(store, &path).await {
         Err(ReadError::Store { source, .. }) if error_kind(&source) == ErrorKind::NotFound => {
@@ -69,7 +80,7 @@ pub async fn read_manifest(
             what: "manifest names another recording".into(),
         });
     }
-    Ok(manifest)
+    Ok((manifest, bytes))
 }
 
 /// A recording's body, exactly as received, one verified chunk at a time: each chunk's length,

@@ -688,6 +688,56 @@ pub async fn connect_and_upload(
     Err(attempts)
 }
 
+/// A TCP relay on 127.0.0.1:0 in front of a server, to cut a client off from it (a network
+/// outage) while the server itself keeps running. Closing drops every relayed connection, and
+/// every new one until it opens again.
+pub struct Gate {
+    pub addr: SocketAddr,
+    open: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Gate {
+    pub async fn start(target: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let open = std::sync::Arc::new(tokio::sync::watch::channel(true).0);
+        let gate = open.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let mut is_open = gate.subscribe();
+                if !*is_open.borrow_and_update() {
+                    continue; // dropped: closed before a byte of the request is read
+                }
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = is_open.wait_for(|open| !*open) => {}
+                    }
+                });
+            }
+        });
+        Self { addr, open, task }
+    }
+
+    pub fn close(&self) {
+        self.open.send_replace(false);
+    }
+
+    pub fn open(&self) {
+        self.open.send_replace(true);
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// Real Azurite, started from the test tools' npm lockfile, on a free loopback port.
 pub struct Azurite {
     child: Option<Child>,
@@ -787,6 +837,16 @@ impl Azurite {
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
         .collect()
+    }
+
+    /// [`Self::store_options`] reaching this emulator through `gate`.
+    pub fn store_options_via(&self, gate: &Gate) -> std::collections::BTreeMap<String, String> {
+        let mut options = self.store_options();
+        options.insert(
+            "endpoint".to_owned(),
+            format!("http://{}/devstoreaccount1", gate.addr),
+        );
+        options
     }
 
     /// [`Self::store_options`] as an inline TOML table.
@@ -986,7 +1046,7 @@ async fn put_empty(base: &str, path: &str) -> u16 {
 }
 
 /// Store options as an inline TOML table, for a config's `store_options`.
-fn options_toml(options: &std::collections::BTreeMap<String, String>) -> String {
+pub fn options_toml(options: &std::collections::BTreeMap<String, String>) -> String {
     let pairs: Vec<String> = options
         .iter()
         .map(|(k, v)| format!("{k} = {v:?}"))
