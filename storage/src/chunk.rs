@@ -231,25 +231,30 @@ impl ChunkStats {
             lines.next();
         }
         for line in lines.by_ref() {
-            if line.trim_ascii().is_empty() {
-                continue;
-            }
-            match parse_event(line) {
-                Some((time, _code)) => {
-                    stats.events += 1;
-                    if stats.last_event_time.is_some_and(|last| time < last) {
-                        stats.non_monotonic += 1;
-                    }
-                    stats.first_event_time.get_or_insert(time);
-                    stats.last_event_time = Some(time);
-                }
-                None => stats.malformed_lines += 1,
-            }
+            stats.count(line);
         }
         drop(lines);
         // A last line without its newline (the header counts as a line too).
         stats.partial_last_line = start < raw.len() && !(starts_with_header && start == 0);
         stats
+    }
+
+    /// Counts one complete line.
+    fn count(&mut self, line: &[u8]) {
+        if line.trim_ascii().is_empty() {
+            return;
+        }
+        match parse_event(line) {
+            Some((time, _code)) => {
+                self.events += 1;
+                if self.last_event_time.is_some_and(|last| time < last) {
+                    self.non_monotonic += 1;
+                }
+                self.first_event_time.get_or_insert(time);
+                self.last_event_time = Some(time);
+            }
+            None => self.malformed_lines += 1,
+        }
     }
 }
 
@@ -320,20 +325,7 @@ mod tests {
                     stats.partial_last_line = true;
                     break;
                 }
-                if line.trim_ascii().is_empty() {
-                    continue;
-                }
-                match parse_event(line) {
-                    Some((time, _)) => {
-                        stats.events += 1;
-                        if stats.last_event_time.is_some_and(|last| time < last) {
-                            stats.non_monotonic += 1;
-                        }
-                        stats.first_event_time.get_or_insert(time);
-                        stats.last_event_time = Some(time);
-                    }
-                    None => stats.malformed_lines += 1,
-                }
+                stats.count(line);
             }
             stats
         }
