@@ -43,6 +43,11 @@ pub const INDEX_SCAN_EVERY: Duration = Duration::from_secs(2);
 /// How often the indexer looks again while the uploader drains staged chunks.
 const DRAIN_WAIT: Duration = Duration::from_millis(200);
 
+/// The longest the indexer waits for upload work to pause before each step (a snapshot span of
+/// replay, a recording's transcript into the catalog): under sustained load it still indexes
+/// about [`SNAPSHOT_BYTES`] a second besides what nice 19 gives it.
+const QUIET_MAX: Duration = Duration::from_secs(1);
+
 /// Recordings picked per look; the rest wait for the next.
 const INDEX_BATCH: usize = 16;
 
@@ -267,6 +272,7 @@ fn parse_size(data: &str) -> Option<(usize, usize)> {
 pub async fn build(
     store: &DynStore,
     manifest: &Manifest,
+    uploader: &Uploader,
 ) -> Result<(Index, Vec<TranscriptLine>), IndexError> {
     let mut replay = Replay::new().map_err(|e| IndexError::Task(e.to_string()))?;
     let mut snapshots = Vec::new();
@@ -285,6 +291,7 @@ pub async fn build(
             snapshots.push(replay.snapshot(seq, chunk_offset + pos as u64));
             let end = line_end(&raw, (pos + SNAPSHOT_BYTES).min(raw.len()) - 1);
             let segment = raw.slice(pos..end);
+            uploader.quiet(QUIET_MAX).await;
             replay = tokio::task::spawn_blocking(move || {
                 replay.feed(&segment);
                 replay
@@ -387,6 +394,7 @@ pub async fn index_recording(
     catalog: &Arc<Catalog>,
     id: &RecordingId,
     signer: &Signer,
+    uploader: &Uploader,
 ) -> Result<(), IndexError> {
     let stored = match read_index(store, id).await? {
         Some(_) => read_transcript(store, id).await?,
@@ -396,7 +404,7 @@ pub async fn index_recording(
         Some(lines) => lines,
         None => {
             let manifest = reader::read_manifest(store.as_ref(), id).await?;
-            let (index, lines) = build(store, &manifest).await?;
+            let (index, lines) = build(store, &manifest, uploader).await?;
             let mut text = Vec::new();
             for line in &lines {
                 if serde_json::to_writer(&mut text, line).is_ok() {
@@ -438,6 +446,7 @@ pub async fn index_recording(
             lines
         }
     };
+    uploader.quiet(QUIET_MAX).await;
     catalog.set_transcript(id.to_string(), lines).await?;
     Ok(())
 }
@@ -489,6 +498,7 @@ async fn index_live(
             let Some(mut replay) = state.replay.take() else {
                 break;
             };
+            uploader.quiet(QUIET_MAX).await;
             let fed = tokio::task::spawn_blocking(move || {
                 replay.feed(&lines);
                 let emitted = std::mem::take(&mut replay.lines);
@@ -545,7 +555,7 @@ pub async fn run(
             let Ok(store) = stores.for_id(&rid) else {
                 continue;
             };
-            match index_recording(store, &catalog, &rid, &signer).await {
+            match index_recording(store, &catalog, &rid, &signer, &uploader).await {
                 Ok(()) => {
                     tracing::debug!(recording_id = %id, seconds = started.elapsed().as_secs_f64(), "indexed")
                 }

@@ -50,6 +50,10 @@ use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::spool::{RecordingMeta, Recovered, SpoolError, SpoolFile, StreamEnd, StreamOutcome};
 
+/// How often [`Uploader::quiet`] looks again: short next to an upload step, long next to the
+/// check.
+const QUIET_POLL: Duration = Duration::from_millis(10);
+
 /// Recordings uploaded at once. Puts to the store spend most of their time waiting (fsync,
 /// network), so this is above the core count; memory is bounded by [`UPLOAD_BUFFER_KIB`].
 pub const UPLOAD_CONCURRENCY: usize = 32;
@@ -526,6 +530,20 @@ impl Uploader {
                     && s.retry_at.is_none()
                     && self.inner.health.is_up(u.file.id.region())
             })
+    }
+
+    /// Waits while upload work is running (an upload slot is taken), for at most `max`. The
+    /// indexer calls it between steps: nice 19 alone still let it take about a third of the
+    /// node's CPU during a burst of uploads (it runs whenever an upload thread blocks on a
+    /// write, and shares the cores' caches), which cost the burst a quarter of its speed. The
+    /// bound keeps indexing moving under sustained load.
+    pub async fn quiet(&self, max: Duration) {
+        let deadline = Instant::now() + max;
+        while self.inner.permits.available_permits() < UPLOAD_CONCURRENCY
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(QUIET_POLL).await;
+        }
     }
 
     pub fn live_ids(&self) -> Vec<RecordingId> {
