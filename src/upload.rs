@@ -251,6 +251,9 @@ enum Work {
     /// Its store failed and the retry is not due: compress the chunks that are due into the
     /// spool meanwhile, with the CPU the outage leaves idle.
     Stage,
+    /// Its retry is not due but its lease is, and the store answers: renew the lease alone (no
+    /// upload slot), or a peer would take over a recording that only waits out a backoff.
+    Lease,
 }
 
 /// Chunk puts started and not yet published, oldest first.
@@ -671,6 +674,16 @@ async fn run_scheduler(inner: Arc<Inner>, stop: CancellationToken) {
             }
             let inner = inner.clone();
             let span = tracing::info_span!("upload", recording_id = %upload.file.id);
+            if work == Work::Lease {
+                tokio::spawn(
+                    async move {
+                        inner.keep_lease(&upload).await;
+                        upload.state().busy = false;
+                    }
+                    .instrument(span),
+                );
+                continue;
+            }
             let permit = match inner.permits.clone().try_acquire_owned() {
                 Ok(permit) => permit,
                 Err(tokio::sync::TryAcquireError::Closed) => return,
@@ -702,6 +715,7 @@ async fn run_scheduler(inner: Arc<Inner>, stop: CancellationToken) {
                     match work {
                         Work::Upload => inner.process(&upload).await,
                         Work::Stage => inner.stage(&upload).await,
+                        Work::Lease => inner.keep_lease(&upload).await,
                     }
                     upload.state().busy = false;
                     drop(permit);
@@ -729,7 +743,11 @@ async fn retry_when_back(inner: Arc<Inner>, stop: CancellationToken) {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         for upload in registry.values() {
             if inner.health.is_up(upload.file.id.region()) {
-                upload.state().retry_at = None;
+                // The failures counted were the outage's: a failure now backs off afresh,
+                // not by the outage's longest backoff.
+                let mut s = upload.state();
+                s.retry_at = None;
+                s.attempts = 0;
             }
         }
         drop(registry);
@@ -762,6 +780,11 @@ fn take_if_due(
     }
     let aged = s.cut_due.is_some_and(|due| now >= due);
     let work = if s.retry_at.is_some_and(|at| at > now) {
+        let lease_due = s.lease.as_ref().is_some_and(|l| now >= l.renew_at);
+        if lease_due && !store_down {
+            s.busy = true;
+            return Some(Work::Lease);
+        }
         let unstaged = upload.file.written().saturating_sub(s.staged_end());
         let ended = s.end.is_some() && upload.file.settled();
         (store_down
@@ -791,10 +814,14 @@ impl Inner {
         self.settle(upload, result).await;
     }
 
-    /// Renews the lease of a recording that waits for an upload slot.
+    /// Renews the lease of a recording that waits for an upload slot or out a backoff.
     async fn keep_lease(&self, upload: &Upload) {
         let result = self.hold_lease(upload).await;
         if result.is_err() {
+            // Tried again in an eighth of the lease's life, not on every scheduler tick.
+            if let Some(held) = upload.state().lease.as_mut() {
+                held.renew_at = Instant::now() + self.config.lease_ttl / 8;
+            }
             self.settle(upload, result).await;
         }
     }
