@@ -989,10 +989,28 @@ impl Inner {
         if !self.publish_all(upload, in_flight).await? {
             return Ok(Budget::KeyTaken);
         }
-        Ok(match self.buffers.clone().acquire_many_owned(kib).await {
-            Ok(buffer) => Budget::Granted(buffer),
-            Err(_) => Budget::Closed,
-        })
+        // The wait can outlast the lease (a drain holding the budget against a slow store):
+        // the lease is renewed as it comes due meanwhile.
+        let acquire = self.buffers.clone().acquire_many_owned(kib);
+        tokio::pin!(acquire);
+        loop {
+            let renew_at = upload.state().lease.as_ref().map(|l| l.renew_at);
+            let due = async {
+                match renew_at {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                got = &mut acquire => {
+                    return Ok(match got {
+                        Ok(buffer) => Budget::Granted(buffer),
+                        Err(_) => Budget::Closed,
+                    });
+                }
+                () = due => self.hold_lease(upload).await?,
+            }
+        }
     }
 
     /// Publishes the chunks in flight, in order. False when a chunk key was taken.
