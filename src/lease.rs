@@ -2,8 +2,9 @@
 //!
 //! Before a recording's first chunk goes to the store, the receiving node creates
 //! `v1/live/{id}.json` (conditional create) holding the recording's metadata, and renews it every
-//! third of `lease_ttl` by a conditional update on the ETag it last wrote. The lease is deleted
-//! once the manifest is stored.
+//! third of `lease_ttl` by a conditional update on the ETag it last wrote (one task per node,
+//! `upload::keep_leases`, apart from the uploads, so no upload step can delay a renewal). The
+//! lease is deleted once the manifest is stored.
 //!
 //! Every node of a region sweeps the region's leases every quarter of `lease_ttl`. A lease whose
 //! ETag this node has seen unchanged for a whole `lease_ttl` on its own monotonic clock (so no

@@ -69,6 +69,13 @@ pub const UPLOAD_BUFFER_KIB: u32 = 96 << 10;
 /// count the committed prefix only). Memory stays within [`UPLOAD_BUFFER_KIB`].
 pub const PUTS_IN_FLIGHT: usize = 4;
 
+/// Chunk puts in flight from this node at once, over all recordings (each keeps up to
+/// [`PUTS_IN_FLIGHT`]). A store serves requests from a queue, and a lease renewal waits
+/// behind every put queued before it: past a few dozen, more puts add only queueing, and a
+/// drain after an outage would delay renewals past a short lease's life. 32 puts of 4 MiB
+/// in flight still fill a 10 Gbit/s link at 100 ms a put.
+pub const CHUNK_PUTS_AT_ONCE: usize = 32;
+
 /// Staging chunks during an outage (see `Inner::stage`) adds their compressed size to the
 /// spool's disk; it stops while free space is below this multiple of `min_free_disk_bytes`,
 /// so it never brings admission's low-disk refusal closer than half way.
@@ -82,6 +89,11 @@ pub const MAX_STAGED_CHUNKS: usize = 65_536;
 /// How often the scheduler looks for due recordings when nobody wakes it; bounds how late a
 /// time-based cut can be.
 pub const SCHEDULER_TICK: Duration = Duration::from_millis(200);
+
+/// Lease renewals in flight at once (see [`keep_leases`]). A renewal is one small conditional
+/// put; 64 renew 10,000 recordings' leases (every third of a 30 s lease) with room to spare,
+/// without a drain's worth of requests queueing in front of the store.
+const LEASE_RENEWALS_IN_FLIGHT: usize = 64;
 
 /// Backoff after a failed upload: doubles from the first value up to the cap, with ±50% jitter
 /// so a fleet recovering from an outage does not retry in lockstep.
@@ -190,6 +202,9 @@ struct Upload {
     store: DynStore,
     /// Whether that store takes leases (conditional updates).
     leased: bool,
+    /// Serializes what is done to the lease object (acquire, renew, release), so that a
+    /// renewal never races its own recording's release.
+    lease_op: tokio::sync::Mutex<()>,
     state: Mutex<UploadState>,
     progress: watch::Sender<Progress>,
 }
@@ -215,6 +230,8 @@ struct UploadState {
     lease: Option<crate::lease::Held>,
     /// Why the lease was lost; uploading stops for good.
     lease_lost: Option<String>,
+    /// A renewal of the lease is in flight (see [`keep_leases`]).
+    renewing: bool,
     /// Lengths of chunks cut but not yet committed, by sequence number (at most
     /// [`PUTS_IN_FLIGHT`] plus the staged ones); dropped as they commit.
     planned: std::collections::BTreeMap<u32, u64>,
@@ -251,9 +268,6 @@ enum Work {
     /// Its store failed and the retry is not due: compress the chunks that are due into the
     /// spool meanwhile, with the CPU the outage leaves idle.
     Stage,
-    /// Its retry is not due but its lease is, and the store answers: renew the lease alone (no
-    /// upload slot), or a peer would take over a recording that only waits out a backoff.
-    Lease,
 }
 
 /// Chunk puts started and not yet published, oldest first.
@@ -278,10 +292,12 @@ fn budget_kib(bytes: u64) -> u32 {
         .clamp(1, UPLOAD_BUFFER_KIB)
 }
 
-/// Starts the put of a prepared chunk.
+/// Starts the put of a prepared chunk; it goes once one of the node's
+/// [`CHUNK_PUTS_AT_ONCE`] is free.
 fn start_put(
     upload: &Upload,
     prepared: Prepared,
+    puts: &Arc<Semaphore>,
 ) -> (
     Prepared,
     tokio::task::JoinHandle<Result<(), object_store::Error>>,
@@ -289,9 +305,14 @@ fn start_put(
     let path = ObjectKey::chunk(&upload.file.id, prepared.seq);
     let store = upload.store.clone();
     let bytes = prepared.compressed.clone();
+    let puts = puts.clone();
     (
         prepared,
-        tokio::spawn(async move { put_create(store.as_ref(), &path, bytes).await }),
+        tokio::spawn(async move {
+            // Never closed; a closed one would only lift the limit.
+            let _put = puts.acquire_owned().await.ok();
+            put_create(store.as_ref(), &path, bytes).await
+        }),
     )
 }
 
@@ -325,6 +346,8 @@ struct Inner {
     wake: Arc<Notify>,
     permits: Arc<Semaphore>,
     buffers: Arc<Semaphore>,
+    /// See [`CHUNK_PUTS_AT_ONCE`].
+    puts: Arc<Semaphore>,
     encoders: Mutex<Vec<ChunkEncoder>>,
     /// Chunks staged by all uploads (see [`MAX_STAGED_CHUNKS`]).
     staged_chunks: AtomicUsize,
@@ -386,11 +409,13 @@ impl Uploader {
             wake: Arc::new(Notify::new()),
             permits: Arc::new(Semaphore::new(UPLOAD_CONCURRENCY)),
             buffers: Arc::new(Semaphore::new(UPLOAD_BUFFER_KIB as usize)),
+            puts: Arc::new(Semaphore::new(CHUNK_PUTS_AT_ONCE)),
             encoders: Mutex::new(Vec::new()),
             staged_chunks: AtomicUsize::new(0),
             metrics,
         });
         background.spawn(run_scheduler(inner.clone(), stop.clone()));
+        background.spawn(keep_leases(inner.clone(), stop.clone()));
         background.spawn(retry_when_back(inner.clone(), stop));
         Self { inner }
     }
@@ -500,6 +525,7 @@ impl Uploader {
             meta,
             store,
             leased,
+            lease_op: tokio::sync::Mutex::new(()),
             state: Mutex::new(state),
             progress,
         });
@@ -636,6 +662,7 @@ impl UploadState {
             retry_at: None,
             lease: None,
             lease_lost: None,
+            renewing: false,
             planned: std::collections::BTreeMap::new(),
             staged: std::collections::VecDeque::new(),
             stored_manifest: None,
@@ -674,39 +701,13 @@ async fn run_scheduler(inner: Arc<Inner>, stop: CancellationToken) {
             }
             let inner = inner.clone();
             let span = tracing::info_span!("upload", recording_id = %upload.file.id);
-            if work == Work::Lease {
-                tokio::spawn(
-                    async move {
-                        inner.keep_lease(&upload).await;
-                        upload.state().busy = false;
-                    }
-                    .instrument(span),
-                );
-                continue;
-            }
             let permit = match inner.permits.clone().try_acquire_owned() {
                 Ok(permit) => permit,
                 Err(tokio::sync::TryAcquireError::Closed) => return,
                 Err(tokio::sync::TryAcquireError::NoPermits) => {
                     // Every upload slot is taken (a drain after an outage): this recording
-                    // waits for the next tick, and its lease is kept alive meanwhile, or a
-                    // peer would take over a recording that is only queued.
-                    let lease_due = upload
-                        .state()
-                        .lease
-                        .as_ref()
-                        .is_some_and(|l| Instant::now() >= l.renew_at);
-                    if work == Work::Upload && lease_due {
-                        tokio::spawn(
-                            async move {
-                                inner.keep_lease(&upload).await;
-                                upload.state().busy = false;
-                            }
-                            .instrument(span),
-                        );
-                    } else {
-                        upload.state().busy = false;
-                    }
+                    // waits for the next tick; `keep_leases` keeps its lease meanwhile.
+                    upload.state().busy = false;
                     continue;
                 }
             };
@@ -715,12 +716,57 @@ async fn run_scheduler(inner: Arc<Inner>, stop: CancellationToken) {
                     match work {
                         Work::Upload => inner.process(&upload).await,
                         Work::Stage => inner.stage(&upload).await,
-                        Work::Lease => inner.keep_lease(&upload).await,
                     }
                     upload.state().busy = false;
                     drop(permit);
                     // A slot is free: whoever waits for one goes now, not at the next tick.
                     inner.wake.notify_one();
+                }
+                .instrument(span),
+            );
+        }
+    }
+}
+
+/// Renews every held lease as it comes due, apart from the uploads: a recording that waits for
+/// an upload slot, out a backoff, for buffer budget or behind a slow put keeps its lease, or a
+/// peer would finalize a recording this node is still receiving.
+async fn keep_leases(inner: Arc<Inner>, stop: CancellationToken) {
+    let tick =
+        (inner.config.lease_ttl / 16).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    let slots = Arc::new(Semaphore::new(LEASE_RENEWALS_IN_FLIGHT));
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(tick) => {}
+            () = stop.cancelled() => return,
+        }
+        let now = Instant::now();
+        let due: Vec<Arc<Upload>> = inner
+            .registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .filter(|u| {
+                let mut s = u.state();
+                let due = !s.renewing
+                    && s.lease_lost.is_none()
+                    && s.lease.as_ref().is_some_and(|l| now >= l.renew_at);
+                s.renewing |= due;
+                due
+            })
+            .cloned()
+            .collect();
+        for upload in due {
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let inner = inner.clone();
+            let span = tracing::info_span!("lease", recording_id = %upload.file.id);
+            tokio::spawn(
+                async move {
+                    inner.renew_lease(&upload).await;
+                    upload.state().renewing = false;
+                    drop(slot);
                 }
                 .instrument(span),
             );
@@ -780,11 +826,6 @@ fn take_if_due(
     }
     let aged = s.cut_due.is_some_and(|due| now >= due);
     let work = if s.retry_at.is_some_and(|at| at > now) {
-        let lease_due = s.lease.as_ref().is_some_and(|l| now >= l.renew_at);
-        if lease_due && !store_down {
-            s.busy = true;
-            return Some(Work::Lease);
-        }
         let unstaged = upload.file.written().saturating_sub(s.staged_end());
         let ended = s.end.is_some() && upload.file.settled();
         (store_down
@@ -793,11 +834,9 @@ fn take_if_due(
             && (ended || aged || unstaged >= config.max_chunk_bytes as u64))
             .then_some(Work::Stage)
     } else {
-        let lease_due = s.lease.as_ref().is_some_and(|l| now >= l.renew_at);
         let checkpoint_due =
             s.next_seq > s.checkpointed && s.checkpoint_at.elapsed() >= config.checkpoint_every;
         (!s.reconciled
-            || lease_due
             || checkpoint_due
             || s.end.is_some()
             || pending >= config.max_chunk_bytes as u64
@@ -814,15 +853,53 @@ impl Inner {
         self.settle(upload, result).await;
     }
 
-    /// Renews the lease of a recording that waits for an upload slot or out a backoff.
-    async fn keep_lease(&self, upload: &Upload) {
-        let result = self.hold_lease(upload).await;
-        if result.is_err() {
-            // Tried again in an eighth of the lease's life, not on every scheduler tick.
-            if let Some(held) = upload.state().lease.as_mut() {
-                held.renew_at = Instant::now() + self.config.lease_ttl / 8;
+    /// Renews a recording's lease if it is due (see [`keep_leases`]).
+    async fn renew_lease(&self, upload: &Upload) {
+        let _op = upload.lease_op.lock().await;
+        let held = {
+            let s = upload.state();
+            match &s.lease {
+                Some(held) if s.lease_lost.is_none() && Instant::now() >= held.renew_at => {
+                    held.clone()
+                }
+                // Released (finalized) or lost meanwhile, or renewed already.
+                _ => return,
             }
-            self.settle(upload, result).await;
+        };
+        let ttl = self.config.lease_ttl;
+        let (id, node) = (&upload.file.id, &self.config.node_id);
+        let started = Instant::now();
+        match crate::lease::keep(&upload.store, id, &upload.meta, node, &held, ttl).await {
+            Ok(renewed) => {
+                // Due at a third of its life; one landing a third later is close to a
+                // takeover, and worth a line.
+                let late = started.saturating_duration_since(held.renew_at) + started.elapsed();
+                if late > ttl / 3 {
+                    tracing::warn!(recording_id = %id, ?late, took = ?started.elapsed(), "lease renewed late");
+                }
+                upload.state().lease = Some(renewed);
+            }
+            Err(crate::lease::LeaseError::Lost { holder, .. }) => {
+                let message = format!(
+                    "another node took the recording over ({holder}); the spool keeps its bytes"
+                );
+                tracing::error!(recording_id = %id, %message, "lease lost; uploading stops");
+                self.drop_staged(upload).await;
+                upload.state().lease_lost = Some(message.clone());
+                upload.progress.send_modify(|p| p.lost = Some(message));
+            }
+            Err(e) => {
+                // Tried again in an eighth of the lease's life: a few tries before a peer
+                // could see it expire. An outage is reported once, by the health probe.
+                if self.health.is_up(id.region()) {
+                    tracing::warn!(recording_id = %id, error = %error_chain(&e), "lease renewal failed; will retry");
+                } else {
+                    tracing::debug!(recording_id = %id, error = %error_chain(&e), "lease renewal failed; will retry");
+                }
+                if let Some(held) = upload.state().lease.as_mut() {
+                    held.renew_at = Instant::now() + ttl / 8;
+                }
+            }
         }
     }
 
@@ -950,7 +1027,7 @@ impl Inner {
                 // Someone else's chunk holds the key: check it, then start over from state.
                 return self.reconcile(upload).await;
             }
-            in_flight.push_back(start_put(upload, prepared));
+            in_flight.push_back(start_put(upload, prepared, &self.puts));
         }
         // Commits happen in order: chunk n+1 counts only once chunk n is stored.
         if !self.publish_all(upload, &mut in_flight).await? {
@@ -989,28 +1066,10 @@ impl Inner {
         if !self.publish_all(upload, in_flight).await? {
             return Ok(Budget::KeyTaken);
         }
-        // The wait can outlast the lease (a drain holding the budget against a slow store):
-        // the lease is renewed as it comes due meanwhile.
-        let acquire = self.buffers.clone().acquire_many_owned(kib);
-        tokio::pin!(acquire);
-        loop {
-            let renew_at = upload.state().lease.as_ref().map(|l| l.renew_at);
-            let due = async {
-                match renew_at {
-                    Some(at) => tokio::time::sleep_until(at.into()).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                got = &mut acquire => {
-                    return Ok(match got {
-                        Ok(buffer) => Budget::Granted(buffer),
-                        Err(_) => Budget::Closed,
-                    });
-                }
-                () = due => self.hold_lease(upload).await?,
-            }
-        }
+        Ok(match self.buffers.clone().acquire_many_owned(kib).await {
+            Ok(buffer) => Budget::Granted(buffer),
+            Err(_) => Budget::Closed,
+        })
     }
 
     /// Publishes the chunks in flight, in order. False when a chunk key was taken.
@@ -1146,7 +1205,7 @@ impl Inner {
         }
         let mut in_flight = InFlight::with_capacity(PUTS_IN_FLIGHT);
         for chunk in staged {
-            // A long drain outlasts a lease: it is renewed as it comes due.
+            // The lease may be lost meanwhile (`keep_leases` renews it).
             self.hold_lease(upload).await?;
             let buffer = match self
                 .buffer(upload, budget_kib(chunk.stored_len), &mut in_flight)
@@ -1179,7 +1238,7 @@ impl Inner {
                 body_after: chunk.body_after,
                 buffer: Some(buffer),
             };
-            in_flight.push_back(start_put(upload, prepared));
+            in_flight.push_back(start_put(upload, prepared, &self.puts));
         }
         if !self.publish_all(upload, &mut in_flight).await? {
             return Ok(false);
@@ -1569,7 +1628,9 @@ impl Inner {
         };
         tokio::try_join!(self.seal(upload, &manifest_bytes), row)?;
         if upload.leased {
+            let _op = upload.lease_op.lock().await;
             crate::lease::release(&upload.store, id).await?;
+            upload.state().lease = None;
         }
         upload.file.remove().await?;
         self.registry
@@ -1641,22 +1702,34 @@ impl Inner {
         .map_err(UploadError::store("put", &ObjectKey::seal(id)))
     }
 
-    /// Creates the recording's lease before its first put, and renews it when due.
+    /// Creates the recording's lease before its first put; fails once the lease is lost.
+    /// Renewals are [`keep_leases`]' alone.
     async fn hold_lease(&self, upload: &Upload) -> Result<(), UploadError> {
         if !upload.leased {
             return Ok(());
         }
-        let held = upload.state().lease.clone();
-        let ttl = self.config.lease_ttl;
         let id = &upload.file.id;
-        let node = &self.config.node_id;
-        let held = match held {
-            None => crate::lease::acquire(&upload.store, id, &upload.meta, node, ttl).await?,
-            Some(held) if Instant::now() >= held.renew_at => {
-                crate::lease::keep(&upload.store, id, &upload.meta, node, &held, ttl).await?
-            }
-            Some(_) => return Ok(()),
+        let lost = |holder: &str| {
+            UploadError::Lease(crate::lease::LeaseError::Lost {
+                id: id.to_string(),
+                holder: holder.to_owned(),
+            })
         };
+        {
+            let s = upload.state();
+            if let Some(holder) = &s.lease_lost {
+                return Err(lost(holder));
+            }
+            if s.lease.is_some() {
+                return Ok(());
+            }
+        }
+        let _op = upload.lease_op.lock().await;
+        if upload.state().lease.is_some() {
+            return Ok(());
+        }
+        let (ttl, node) = (self.config.lease_ttl, &self.config.node_id);
+        let held = crate::lease::acquire(&upload.store, id, &upload.meta, node, ttl).await?;
         upload.state().lease = Some(held);
         Ok(())
     }
