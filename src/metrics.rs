@@ -23,6 +23,9 @@ pub const STREAMS_THROTTLED: &str = "castvault_ingest_stream_throttled_total";
 pub const EVENTS_STORED: &str = "castvault_k8s_events_stored_total";
 pub const ACK_LATENCY: &str = "castvault_ack_latency_seconds";
 pub const JOURNAL_COMMIT: &str = "castvault_spool_journal_commit_seconds";
+pub const LEASE_RENEWALS: &str = "castvault_lease_renewals_total";
+pub const LEASE_RENEWALS_FAILED: &str = "castvault_lease_renewals_failed_total";
+pub const LEASE_RENEWALS_LATE: &str = "castvault_lease_renewals_late_total";
 pub const CATALOG_RECORDINGS: &str = "castvault_catalog_recordings";
 pub const CATALOG_INDEXED: &str = "castvault_catalog_recordings_indexed";
 
@@ -89,6 +92,11 @@ pub struct Metrics {
     pub limits_refused: AtomicU64,
     /// Times a stream's reading was paused for its event rate.
     pub streams_throttled: AtomicU64,
+    /// Lease renewals that succeeded, failed (the store did not answer), and that landed past
+    /// two thirds of the lease's life: late ones come before peers take recordings over.
+    pub lease_renewals: AtomicU64,
+    pub lease_renewals_failed: AtomicU64,
+    pub lease_renewals_late: AtomicU64,
     /// From a frame's arrival until an ack covering it is issued (for v1: until it is durable).
     pub ack_latency: Histogram,
     /// One spool journal commit round (write and fdatasync), which every spool-level ack waits
@@ -107,7 +115,7 @@ impl Metrics {
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
-        let rows: [(&str, &str, &AtomicU64); 16] = [
+        let rows: [(&str, &str, &AtomicU64); 19] = [
             (STREAMS_OPEN, "gauge", &self.streams_open),
             (STREAMS_TOTAL, "counter", &self.streams_total),
             (STREAMS_REFUSED, "counter", &self.streams_refused),
@@ -124,6 +132,13 @@ impl Metrics {
             (ADMISSION_REFUSED, "counter", &self.admission_refused),
             (LIMITS_REFUSED, "counter", &self.limits_refused),
             (STREAMS_THROTTLED, "counter", &self.streams_throttled),
+            (LEASE_RENEWALS, "counter", &self.lease_renewals),
+            (
+                LEASE_RENEWALS_FAILED,
+                "counter",
+                &self.lease_renewals_failed,
+            ),
+            (LEASE_RENEWALS_LATE, "counter", &self.lease_renewals_late),
         ];
         let mut out = String::new();
         for (name, kind, value) in rows {

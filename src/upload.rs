@@ -874,7 +874,9 @@ impl Inner {
                 // Due at a third of its life; one landing a third later is close to a
                 // takeover, and worth a line.
                 let late = started.saturating_duration_since(held.renew_at) + started.elapsed();
+                Metrics::add(&self.metrics.lease_renewals, 1);
                 if late > ttl / 3 {
+                    Metrics::add(&self.metrics.lease_renewals_late, 1);
                     tracing::warn!(recording_id = %id, ?late, took = ?started.elapsed(), "lease renewed late");
                 }
                 upload.state().lease = Some(renewed);
@@ -891,6 +893,7 @@ impl Inner {
             Err(e) => {
                 // Tried again in an eighth of the lease's life: a few tries before a peer
                 // could see it expire. An outage is reported once, by the health probe.
+                Metrics::add(&self.metrics.lease_renewals_failed, 1);
                 if self.health.is_up(id.region()) {
                     tracing::warn!(recording_id = %id, error = %error_chain(&e), "lease renewal failed; will retry");
                 } else {

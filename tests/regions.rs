@@ -486,6 +486,13 @@ async fn store_outage_degrade_drains_and_fail_ends_streams() {
     assert!(rows.iter().all(|r| r["status"] == "complete"), "{rows:?}");
     assert_nothing_acked_lost(&c.eu1, &rows, &degrade, true);
     assert_eq!(metric(&c.eu1, "castvault_spool_staged_bytes").await, 0);
+    // The leases were renewed through the outage's failures, and kept.
+    assert!(metric(&c.eu1, "castvault_lease_renewals_failed_total").await > 0);
+    assert!(metric(&c.eu1, "castvault_lease_renewals_total").await > 0);
+    assert_eq!(
+        metric(&c.eu2, "castvault_lease_takeovers_total{region=\"eu\"}").await,
+        0
+    );
     let rows = finalized_rows(&c.eu2, "fail", SESSIONS).await;
     assert!(
         rows.iter().all(|r| r["status"] == "interrupted"),
