@@ -757,7 +757,11 @@ async fn keep_leases(inner: Arc<Inner>, stop: CancellationToken) {
             .cloned()
             .collect();
         for upload in due {
-            let Ok(slot) = slots.clone().acquire_owned().await else {
+            let slot = tokio::select! {
+                slot = slots.clone().acquire_owned() => slot,
+                () = stop.cancelled() => return,
+            };
+            let Ok(slot) = slot else {
                 return;
             };
             let inner = inner.clone();
@@ -775,8 +779,7 @@ async fn keep_leases(inner: Arc<Inner>, stop: CancellationToken) {
 }
 
 /// When a region's store comes back, retries every upload waiting on it at once: the spool
-/// drains now, not after each recording's backoff, and leases are renewed before peers could
-/// take them over.
+/// drains now, not after each recording's backoff.
 async fn retry_when_back(inner: Arc<Inner>, stop: CancellationToken) {
     loop {
         tokio::select! {
