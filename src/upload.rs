@@ -232,6 +232,9 @@ struct UploadState {
     lease_lost: Option<String>,
     /// A renewal of the lease is in flight (see [`keep_leases`]).
     renewing: bool,
+    /// The lease was released after the manifest was stored: never created again (a retry of
+    /// a finalize whose spool removal failed has nothing left to guard).
+    lease_released: bool,
     /// Lengths of chunks cut but not yet committed, by sequence number (at most
     /// [`PUTS_IN_FLIGHT`] plus the staged ones); dropped as they commit.
     planned: std::collections::BTreeMap<u32, u64>,
@@ -663,6 +666,7 @@ impl UploadState {
             lease: None,
             lease_lost: None,
             renewing: false,
+            lease_released: false,
             planned: std::collections::BTreeMap::new(),
             staged: std::collections::VecDeque::new(),
             stored_manifest: None,
@@ -1636,7 +1640,9 @@ impl Inner {
         if upload.leased {
             let _op = upload.lease_op.lock().await;
             crate::lease::release(&upload.store, id).await?;
-            upload.state().lease = None;
+            let mut s = upload.state();
+            s.lease = None;
+            s.lease_released = true;
         }
         upload.file.remove().await?;
         self.registry
@@ -1726,12 +1732,16 @@ impl Inner {
             if let Some(holder) = &s.lease_lost {
                 return Err(lost(holder));
             }
-            if s.lease.is_some() {
+            if s.lease.is_some() || s.lease_released {
                 return Ok(());
             }
         }
         let _op = upload.lease_op.lock().await;
-        if upload.state().lease.is_some() {
+        let held = {
+            let s = upload.state();
+            s.lease.is_some() || s.lease_released
+        };
+        if held {
             return Ok(());
         }
         let (ttl, node) = (self.config.lease_ttl, &self.config.node_id);
