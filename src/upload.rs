@@ -889,13 +889,7 @@ impl Inner {
                 upload.state().lease = Some(renewed);
             }
             Err(crate::lease::LeaseError::Lost { holder, .. }) => {
-                let message = format!(
-                    "another node took the recording over ({holder}); the spool keeps its bytes"
-                );
-                tracing::error!(recording_id = %id, %message, "lease lost; uploading stops");
-                self.drop_staged(upload).await;
-                upload.state().lease_lost = Some(message.clone());
-                upload.progress.send_modify(|p| p.lost = Some(message));
+                self.lose_lease(upload, &holder).await;
             }
             Err(e) => {
                 // Tried again in an eighth of the lease's life: a few tries before a peer
@@ -913,6 +907,23 @@ impl Inner {
         }
     }
 
+    /// Stops a recording whose lease another node holds, once: its staged chunks go, its spool
+    /// stays, and its stream ends.
+    async fn lose_lease(&self, upload: &Upload, holder: &str) {
+        let message =
+            format!("another node took the recording over ({holder}); the spool keeps its bytes");
+        {
+            let mut s = upload.state();
+            if s.lease_lost.is_some() {
+                return; // an upload step found what the lease keeper already handled
+            }
+            s.lease_lost = Some(message.clone());
+        }
+        tracing::error!(recording_id = %upload.file.id, %message, "lease lost; uploading stops");
+        self.drop_staged(upload).await;
+        upload.progress.send_modify(|p| p.lost = Some(message));
+    }
+
     /// Records how an upload step ended: success clears the failure state; a lost lease stops
     /// the upload for good; any other failure backs off.
     async fn settle(&self, upload: &Upload, result: Result<(), UploadError>) {
@@ -928,13 +939,7 @@ impl Inner {
                 }
             }
             Err(UploadError::Lease(crate::lease::LeaseError::Lost { holder, .. })) => {
-                let message = format!(
-                    "another node took the recording over ({holder}); the spool keeps its bytes"
-                );
-                tracing::error!(recording_id = %upload.file.id, %message, "lease lost; uploading stops");
-                self.drop_staged(upload).await;
-                upload.state().lease_lost = Some(message.clone());
-                upload.progress.send_modify(|p| p.lost = Some(message));
+                self.lose_lease(upload, &holder).await;
             }
             Err(e) => {
                 Metrics::add(&self.metrics.upload_failures, 1);

@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 
 /// Short leases so orphans are finalized within seconds, and long enough for a loaded test
 /// machine: the Azurite of the outage scenario answered a lease renewal queued behind the
-/// drain's puts in up to 2.5 s, which a 4 s lease (renewed after 1.3 s) barely survived.
+/// drain's puts in up to 2.6 s, which a 4 s lease (renewed after 1.3 s) barely survived.
 const LEASE_TTL: &str = "10s";
 /// Concurrent sessions per scenario, as the issue names.
 const SESSIONS: usize = 50;
