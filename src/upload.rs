@@ -1432,6 +1432,7 @@ impl Inner {
             tracing::warn!(seq, error = %e, "cannot append to the chunk log; the manifest will be rebuilt from the store");
             upload.state().chunk_log_incomplete = true;
         }
+        upload.file.mark_stored(offset + raw_len);
         upload
             .progress
             .send_modify(|p| p.committed = offset + raw_len);

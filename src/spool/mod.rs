@@ -155,6 +155,10 @@ pub struct SpoolFile {
     on_settled: OnceLock<Arc<tokio::sync::Notify>>,
     durable: watch::Sender<u64>,
     failed: OnceLock<(String, bool)>,
+    /// Bytes the store holds in committed chunks ([`SpoolFile::mark_stored`]).
+    stored: AtomicU64,
+    /// Bytes whose cached pages a checkpoint has dropped.
+    dropped: AtomicU64,
 }
 
 impl Spool {
@@ -328,7 +332,15 @@ impl SpoolFile {
             on_settled: OnceLock::new(),
             durable: watch::Sender::new(len),
             failed: OnceLock::new(),
+            stored: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
         }
+    }
+
+    /// The store holds the recording's first `end` bytes in committed chunks: once they are
+    /// also durable in the data file, a checkpoint drops them from the page cache.
+    pub fn mark_stored(&self, end: u64) {
+        self.stored.fetch_max(end, Ordering::AcqRel);
     }
 
     /// Bytes handed to the journal so far (maybe not yet durable); after the stream has ended,
@@ -379,11 +391,20 @@ impl SpoolFile {
         self.failed.get().map(|(reason, _)| reason.as_str())
     }
 
-    /// Writes bytes into the data file at `offset` (the journal's data writer, in offset order).
-    fn write_data(&self, offset: u64, bytes: &[u8]) -> io::Result<()> {
-        self.open_data(true)?.write_all_at(bytes, offset)?;
-        self.written
-            .store(offset + bytes.len() as u64, Ordering::Release);
+    /// Writes consecutive pieces into the data file from `offset` on, one write each (the
+    /// journal's data writer, in offset order); `written` moves past each piece written.
+    fn write_data<'a>(
+        &self,
+        offset: u64,
+        pieces: impl IntoIterator<Item = &'a [u8]>,
+    ) -> io::Result<()> {
+        let file = self.open_data(true)?;
+        let mut at = offset;
+        for bytes in pieces {
+            file.write_all_at(bytes, at)?;
+            at += bytes.len() as u64;
+            self.written.store(at, Ordering::Release);
+        }
         Ok(())
     }
 
@@ -525,12 +546,36 @@ impl SpoolFile {
     /// fsyncs the data file (journal checkpoint).
     fn sync_data_file(&self) -> Result<(), SpoolError> {
         match self.open_data(true) {
-            Ok(data) => data
-                .sync_data()
-                .map_err(io_err("fsync data", &self.dir.join("data"))),
+            Ok(data) => {
+                data.sync_data()
+                    .map_err(io_err("fsync data", &self.dir.join("data")))?;
+                self.drop_stored_pages(&data);
+                Ok(())
+            }
             // Finalized meanwhile: its bytes are in the store.
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io_err("open data", &self.dir.join("data"))(e)),
+        }
+    }
+
+    /// Drops the cached pages of bytes the store holds, just made durable in `data` (so clean):
+    /// the uploader has read them, and nothing else reads a finished chunk's bytes soon (a live
+    /// indexer that lags reads them from disk). A long recording so keeps the page cache at
+    /// about a journal segment's worth instead of its whole length, and the node reuses those
+    /// pages: writing a gigabyte into fresh page-cache memory cost 2.3 s of CPU here, into
+    /// just-freed memory 0.2 s (`dd`, both measured on this machine).
+    fn drop_stored_pages(&self, data: &File) {
+        use nix::fcntl::{PosixFadviseAdvice, posix_fadvise};
+        let stored = self.stored.load(Ordering::Acquire).min(self.written());
+        let from = self.dropped.load(Ordering::Acquire) & !(PAGE_BYTES - 1);
+        if stored <= from {
+            return;
+        }
+        let (Ok(offset), Ok(len)) = (i64::try_from(from), i64::try_from(stored - from)) else {
+            return;
+        };
+        if posix_fadvise(data, offset, len, PosixFadviseAdvice::POSIX_FADV_DONTNEED).is_ok() {
+            self.dropped.fetch_max(stored, Ordering::AcqRel);
         }
     }
 
@@ -543,6 +588,10 @@ impl SpoolFile {
             .open(self.dir.join("data"))
     }
 }
+
+/// Page size for [`SpoolFile::drop_stored_pages`]: a partly dropped page is kept, so each drop
+/// starts again at the page the last one ended in.
+const PAGE_BYTES: u64 = 4096;
 
 /// Bytes a [`Tail`] reads at once.
 const TAIL_READ_BYTES: usize = 1 << 20;
