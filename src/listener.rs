@@ -27,6 +27,10 @@ pub const MAX_CONNECTIONS: usize = 16_384;
 /// h2 receive window per stream: large enough for a busy terminal's burst at full speed, small
 /// enough that 10,000 streams cannot pin much memory if reading ever lags.
 const H2_STREAM_WINDOW: u32 = 256 << 10;
+/// Largest h2 DATA frame accepted (the protocol's default is 16 KiB): a fast stream arrives in
+/// fewer frames, so fewer spool appends and journal records; a quarter of the stream window,
+/// so a sender keeps frames in flight while it waits for window updates.
+const H2_MAX_FRAME: u32 = 64 << 10;
 /// h2 receive window per connection (one recording per connection in production).
 const H2_CONNECTION_WINDOW: u32 = 4 << 20;
 /// TCP keepalive: a v1 upload has no liveness signal and recordings have no idle timeout, so a
@@ -108,6 +112,7 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .initial_stream_window_size(H2_STREAM_WINDOW)
         .initial_connection_window_size(H2_CONNECTION_WINDOW)
+        .max_frame_size(H2_MAX_FRAME)
         .max_concurrent_streams(limits.h2_max_concurrent_streams)
         .max_header_list_size(limits.max_request_header_bytes)
         .max_pending_accept_reset_streams(limits.h2_max_pending_reset_streams)

@@ -27,6 +27,9 @@ pub const ACK_WINDOW: Duration = Duration::from_secs(30);
 /// Frames queued for the recorder; when full, the session waits (its output is never dropped),
 /// which slows the user's terminal rather than losing what it showed.
 pub const QUEUE_FRAMES: usize = 256;
+/// Queued lines joined into one body write up to about this many bytes (castvault's ingest
+/// takes DATA frames of up to 64 KiB; fewer, larger frames cost both ends less per byte).
+const FRAME_BYTES: usize = 64 << 10;
 /// How long the end of a session waits for the recorder's final ack.
 pub const FINAL_ACK_WAIT: Duration = Duration::from_secs(20);
 
@@ -123,8 +126,25 @@ async fn start_one(addr: SocketAddr, token: Option<&str>) -> Result<Started, Str
         return Err(format!("unexpected status: {}", probed.status()));
     }
     let (tx, rx) = mpsc::channel::<Bytes>(QUEUE_FRAMES);
+    // Lines queued meanwhile go out together: one DATA frame rather than one per line.
     let body = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok(Frame::data(b)), rx))
+        let first = rx.recv().await?;
+        if first.len() >= FRAME_BYTES {
+            return Some((Ok(Frame::data(first)), rx));
+        }
+        let Ok(second) = rx.try_recv() else {
+            return Some((Ok(Frame::data(first)), rx));
+        };
+        let mut frame = bytes::BytesMut::with_capacity(FRAME_BYTES.max(first.len() + second.len()));
+        frame.extend_from_slice(&first);
+        frame.extend_from_slice(&second);
+        while frame.len() < FRAME_BYTES {
+            match rx.try_recv() {
+                Ok(more) => frame.extend_from_slice(&more),
+                Err(_) => break,
+            }
+        }
+        Some((Ok(Frame::data(frame.freeze())), rx))
     })
     .boxed();
     let mut request = hyper::Request::post(format!("http://{addr}/v2/record"))
