@@ -36,8 +36,7 @@
 //! # Data writer
 //! After a committed round the batch goes to the data-writer thread, which writes each data
 //! record into its recording's data file at its offset and moves the file's `written` offset;
-//! a recording's consecutive records in one batch share one open of the file
-//! ([`DATA_RUN_BYTES`]).
+//! a recording's consecutive records in one batch go in one `pwritev` ([`DATA_RUN_BYTES`]).
 //! Its queue is bounded ([`DATA_QUEUE_BATCHES`]) and each record keeps its share of
 //! [`QUEUE_BYTES`] until it is in its data file, so a slow disk pushes back on the streams.
 //! A data-file write that fails (disk full) fails the recording's stream and is retried every
@@ -114,8 +113,8 @@ const CHECKPOINT_QUEUE: usize = 64;
 /// Bytes are bounded by [`QUEUE_BYTES`] in any case.
 pub const DATA_QUEUE_BATCHES: usize = 1024;
 
-/// Bytes of one recording's consecutive records the data writer writes with one open of its
-/// data file at most.
+/// Bytes of one recording's consecutive records the data writer writes with one `pwritev` at
+/// most.
 const DATA_RUN_BYTES: usize = 1 << 20;
 
 /// How often data-file writes that failed are tried again.
@@ -632,8 +631,7 @@ impl DataWriter {
         }
     }
 
-    /// Writes a run of one recording's data records, contiguous and in order, with the data
-    /// file opened once.
+    /// Writes a run of one recording's data records, contiguous and in order, with one write.
     fn write_run(&mut self, run: &mut Vec<Append>) {
         if run.len() < 2 {
             if let Some(append) = run.pop() {
@@ -651,7 +649,10 @@ impl DataWriter {
             }
             return;
         }
-        if let Err(e) = file.write_data(offset, run.iter().map(|a| &a.bytes[..])) {
+        if let Err(e) = file.write_data(
+            offset,
+            &run.iter().map(|a| &a.bytes[..]).collect::<Vec<_>>(),
+        ) {
             tracing::error!(recording_id = %file.id, error = %e, "cannot write the spool data file; retrying every second, the journal keeps the bytes");
             file.fail_io("spool data write failed", &e);
             self.stalled
@@ -685,7 +686,7 @@ impl DataWriter {
             queue.push_back(append);
             return;
         }
-        if let Err(e) = append.file.write_data(append.offset, [&append.bytes[..]]) {
+        if let Err(e) = append.file.write_data(append.offset, &[&append.bytes[..]]) {
             tracing::error!(recording_id = %append.file.id, error = %e, "cannot write the spool data file; retrying every second, the journal keeps the bytes");
             append.file.fail_io("spool data write failed", &e);
             self.stalled
@@ -714,7 +715,7 @@ impl DataWriter {
             while let Some(append) = queue.front() {
                 if append
                     .file
-                    .write_data(append.offset, [&append.bytes[..]])
+                    .write_data(append.offset, &[&append.bytes[..]])
                     .is_err()
                 {
                     break;

@@ -157,8 +157,10 @@ pub struct SpoolFile {
     failed: OnceLock<(String, bool)>,
     /// Bytes the store holds in committed chunks ([`SpoolFile::mark_stored`]).
     stored: AtomicU64,
-    /// Bytes whose cached pages a checkpoint has dropped.
+    /// Bytes whose cached pages a checkpoint has dropped (all clean then, so all dropped).
     dropped: AtomicU64,
+    /// A drop started by [`SpoolFile::mark_stored`] is running.
+    dropping: std::sync::atomic::AtomicBool,
 }
 
 impl Spool {
@@ -334,13 +336,26 @@ impl SpoolFile {
             failed: OnceLock::new(),
             stored: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            dropping: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
-    /// The store holds the recording's first `end` bytes in committed chunks: once they are
-    /// also durable in the data file, a checkpoint drops them from the page cache.
-    pub fn mark_stored(&self, end: u64) {
-        self.stored.fetch_max(end, Ordering::AcqRel);
+    /// The store holds the recording's first `end` bytes in committed chunks: their pages
+    /// leave the page cache (see [`SpoolFile::drop_stored_pages`]).
+    /// Off the caller's path, at most one at a time per recording.
+    pub fn mark_stored(self: &Arc<Self>, end: u64) {
+        if self.stored.fetch_max(end, Ordering::AcqRel) >= end
+            || self.dropping.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Ok(data) = this.open_data(false) {
+                this.drop_stored_pages(&data, false);
+            }
+            this.dropping.store(false, Ordering::Release);
+        });
     }
 
     /// Bytes handed to the journal so far (maybe not yet durable); after the stream has ended,
@@ -391,20 +406,31 @@ impl SpoolFile {
         self.failed.get().map(|(reason, _)| reason.as_str())
     }
 
-    /// Writes consecutive pieces into the data file from `offset` on, one write each (the
-    /// journal's data writer, in offset order); `written` moves past each piece written.
-    fn write_data<'a>(
-        &self,
-        offset: u64,
-        pieces: impl IntoIterator<Item = &'a [u8]>,
-    ) -> io::Result<()> {
+    /// Writes consecutive pieces into the data file from `offset` on, with as few `pwritev`
+    /// calls as the kernel allows (the journal's data writer, in offset order). One write for
+    /// a run, not one per piece, also saves the kernel zeroing the rest of each partly
+    /// written new page.
+    fn write_data(&self, offset: u64, pieces: &[&[u8]]) -> io::Result<()> {
+        /// `IOV_MAX` on Linux.
+        const IOV_MAX: usize = 1024;
         let file = self.open_data(true)?;
+        let mut slices: Vec<io::IoSlice<'_>> = pieces.iter().map(|p| io::IoSlice::new(p)).collect();
+        let mut rest = &mut slices[..];
         let mut at = offset;
-        for bytes in pieces {
-            file.write_all_at(bytes, at)?;
-            at += bytes.len() as u64;
-            self.written.store(at, Ordering::Release);
+        while !rest.is_empty() {
+            let n = nix::sys::uio::pwritev(
+                &file,
+                &rest[..rest.len().min(IOV_MAX)],
+                i64::try_from(at).map_err(io::Error::other)?,
+            )
+            .map_err(io::Error::from)?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            at += n as u64;
+            io::IoSlice::advance_slices(&mut rest, n);
         }
+        self.written.store(at, Ordering::Release);
         Ok(())
     }
 
@@ -549,7 +575,7 @@ impl SpoolFile {
             Ok(data) => {
                 data.sync_data()
                     .map_err(io_err("fsync data", &self.dir.join("data")))?;
-                self.drop_stored_pages(&data);
+                self.drop_stored_pages(&data, true);
                 Ok(())
             }
             // Finalized meanwhile: its bytes are in the store.
@@ -558,13 +584,16 @@ impl SpoolFile {
         }
     }
 
-    /// Drops the cached pages of bytes the store holds, just made durable in `data` (so clean):
-    /// the uploader has read them, and nothing else reads a finished chunk's bytes soon (a live
-    /// indexer that lags reads them from disk). A long recording so keeps the page cache at
-    /// about a journal segment's worth instead of its whole length, and the node reuses those
-    /// pages: writing a gigabyte into fresh page-cache memory cost 2.3 s of CPU here, into
-    /// just-freed memory 0.2 s (`dd`, both measured on this machine).
-    fn drop_stored_pages(&self, data: &File) {
+    /// Drops the cached pages of bytes the store holds: the uploader has read them, and nothing
+    /// else reads a finished chunk's bytes soon (a live indexer that lags reads them from
+    /// disk). Called when a chunk is committed, it starts the writeback of those pages that are
+    /// dirty and drops the clean ones (the advice skips dirty pages); called by a checkpoint
+    /// (`synced`: the file was just fsynced) it drops them all, and later calls start there.
+    /// A long recording so keeps about a chunk or two in the page cache instead of its whole
+    /// length, and the node reuses those pages: writing a gigabyte into fresh page-cache memory
+    /// cost 2.3 s of CPU here, into just-freed memory 0.2 s (`dd`, both measured on this
+    /// machine).
+    fn drop_stored_pages(&self, data: &File, synced: bool) {
         use nix::fcntl::{PosixFadviseAdvice, posix_fadvise};
         let stored = self.stored.load(Ordering::Acquire).min(self.written());
         let from = self.dropped.load(Ordering::Acquire) & !(PAGE_BYTES - 1);
@@ -574,7 +603,8 @@ impl SpoolFile {
         let (Ok(offset), Ok(len)) = (i64::try_from(from), i64::try_from(stored - from)) else {
             return;
         };
-        if posix_fadvise(data, offset, len, PosixFadviseAdvice::POSIX_FADV_DONTNEED).is_ok() {
+        let advised = posix_fadvise(data, offset, len, PosixFadviseAdvice::POSIX_FADV_DONTNEED);
+        if synced && advised.is_ok() {
             self.dropped.fetch_max(stored, Ordering::AcqRel);
         }
     }
