@@ -9,7 +9,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use futures::StreamExt;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
@@ -30,6 +30,10 @@ pub const QUEUE_FRAMES: usize = 256;
 /// Queued lines joined into one body write up to about this many bytes (castvault's ingest
 /// takes DATA frames of up to 64 KiB; fewer, larger frames cost both ends less per byte).
 const FRAME_BYTES: usize = 64 << 10;
+/// Size of each buffer event lines are written into: a fresh one when the last is full, so
+/// consecutive lines sit side by side. Each session holds one (a busy one a few, until the
+/// recorder has taken their lines).
+const LINES_BYTES: usize = 64 << 10;
 /// How long the end of a session waits for the recorder's final ack.
 pub const FINAL_ACK_WAIT: Duration = Duration::from_secs(20);
 
@@ -38,7 +42,10 @@ type Body =
 
 /// A recording in progress.
 pub struct Recording {
-    tx: Option<mpsc::Sender<Bytes>>,
+    tx: Option<mpsc::Sender<BytesMut>>,
+    /// Where lines are written: each is split off and sent, and lines still queued together
+    /// are joined again without a copy (they sit side by side in one allocation).
+    lines: BytesMut,
     started: Instant,
     sent: u64,
     /// `None` while healthy; the reason once the recording failed.
@@ -74,10 +81,11 @@ pub async fn start(
                     recorder: addr,
                     utf8: Utf8Carry::default(),
                     record_input,
+                    lines: BytesMut::new(),
                 };
                 let mut line = serde_json::to_vec(header).unwrap_or_default();
                 line.push(b'\n');
-                if recording.send(Bytes::from(line)).await.is_ok() {
+                if recording.send(BytesMut::from(&line[..])).await.is_ok() {
                     return Ok(recording);
                 }
                 attempts.push(format!(
@@ -96,7 +104,7 @@ pub async fn start(
 }
 
 type Started = (
-    mpsc::Sender<Bytes>,
+    mpsc::Sender<BytesMut>,
     watch::Receiver<Option<String>>,
     watch::Receiver<u64>,
 );
@@ -125,22 +133,14 @@ async fn start_one(addr: SocketAddr, token: Option<&str>) -> Result<Started, Str
     if probed.status() != hyper::StatusCode::OK {
         return Err(format!("unexpected status: {}", probed.status()));
     }
-    let (tx, rx) = mpsc::channel::<Bytes>(QUEUE_FRAMES);
-    // Lines queued meanwhile go out together: one DATA frame rather than one per line.
+    let (tx, rx) = mpsc::channel::<BytesMut>(QUEUE_FRAMES);
+    // Lines queued meanwhile go out together, as one DATA frame: they were written side by
+    // side, so joining them copies nothing (`unsplit` copies only lines that are not).
     let body = futures::stream::unfold(rx, |mut rx| async move {
-        let first = rx.recv().await?;
-        if first.len() >= FRAME_BYTES {
-            return Some((Ok(Frame::data(first)), rx));
-        }
-        let Ok(second) = rx.try_recv() else {
-            return Some((Ok(Frame::data(first)), rx));
-        };
-        let mut frame = bytes::BytesMut::with_capacity(FRAME_BYTES.max(first.len() + second.len()));
-        frame.extend_from_slice(&first);
-        frame.extend_from_slice(&second);
+        let mut frame = rx.recv().await?;
         while frame.len() < FRAME_BYTES {
             match rx.try_recv() {
-                Ok(more) => frame.extend_from_slice(&more),
+                Ok(more) => frame.unsplit(more),
                 Err(_) => break,
             }
         }
@@ -226,7 +226,7 @@ async fn read_acks(
 }
 
 impl Recording {
-    async fn send(&mut self, bytes: Bytes) -> Result<(), String> {
+    async fn send(&mut self, bytes: BytesMut) -> Result<(), String> {
         if let Some(reason) = self.failed.borrow().clone() {
             return Err(reason);
         }
@@ -244,8 +244,8 @@ impl Recording {
     }
 
     async fn event(&mut self, code: &str, data: &str) -> Result<(), String> {
-        let line = event_line(round6(self.elapsed()), code, data);
-        self.send(Bytes::from(line)).await
+        let line = self.line(round6(self.elapsed()), code, data);
+        self.send(line).await
     }
 
     /// Terminal output (`o`).
@@ -253,14 +253,24 @@ impl Recording {
     /// # Errors
     /// The recording failed.
     pub async fn output(&mut self, bytes: &[u8]) -> Result<(), String> {
-        let line = {
-            let text = self.utf8.decode(bytes);
-            if text.is_empty() {
-                return Ok(());
-            }
-            event_line(round6(self.started.elapsed().as_secs_f64()), "o", &text)
-        };
-        self.send(Bytes::from(line)).await
+        let time = round6(self.started.elapsed().as_secs_f64());
+        let text = self.utf8.decode(bytes);
+        if text.is_empty() {
+            return Ok(());
+        }
+        let needed = text.len() + text.len() / 8 + 32;
+        if self.lines.capacity() < needed {
+            self.lines = BytesMut::with_capacity(LINES_BYTES.max(needed));
+        }
+        write_event_line(&mut self.lines, time, "o", &text);
+        let line = self.lines.split();
+        self.send(line).await
+    }
+
+    /// One event line, split off [`Recording::lines`].
+    fn line(&mut self, time: f64, code: &str, data: &str) -> BytesMut {
+        write_event_line(&mut self.lines, time, code, data);
+        self.lines.split()
     }
 
     /// Input (`i`), when the policy records it.
@@ -365,14 +375,13 @@ fn lossy(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
     }
 }
 
-/// One asciicast event line, `[time, code, data]\n`.
-fn event_line(time: f64, code: &str, data: &str) -> Vec<u8> {
-    use std::io::Write as _;
-    let mut out = Vec::with_capacity(data.len() + data.len() / 8 + 32);
+/// Appends one asciicast event line, `[time, code, data]\n`, to `out`.
+fn write_event_line(out: &mut BytesMut, time: f64, code: &str, data: &str) {
+    use std::fmt::Write as _;
+    out.reserve(data.len() + data.len() / 8 + 32);
     let _ = write!(out, "[{time},\"{code}\",");
-    push_json_string(&mut out, data);
-    out.extend_from_slice(b"]\n");
-    out
+    push_json_string(out, data);
+    out.put_slice(b"]\n");
 }
 
 /// Appends `text` as a JSON string. Terminal output is mostly plain ASCII between escape
@@ -380,7 +389,7 @@ fn event_line(time: f64, code: &str, data: &str) -> Vec<u8> {
 /// escape is skipped whole, and in one that has some the scan jumps straight to the first
 /// (serde_json's byte-at-a-time escaper was a quarter of the gateway's CPU; stepping byte by
 /// byte through any word that held an escape was still a tenth).
-fn push_json_string(out: &mut Vec<u8>, text: &str) {
+fn push_json_string(out: &mut BytesMut, text: &str) {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGHS: u64 = 0x8080_8080_8080_8080;
     /// High bits set at bytes of `w` (little-endian) below 0x20, a quote or a backslash. The
@@ -393,7 +402,7 @@ fn push_json_string(out: &mut Vec<u8>, text: &str) {
     }
     let bytes = text.as_bytes();
     out.reserve(bytes.len() + 2);
-    out.push(b'"');
+    out.put_u8(b'"');
     let mut start = 0;
     let mut i = 0;
     while i < bytes.len() {
@@ -441,7 +450,7 @@ fn push_json_string(out: &mut Vec<u8>, text: &str) {
         start = i;
     }
     out.extend_from_slice(&bytes[start..]);
-    out.push(b'"');
+    out.put_u8(b'"');
 }
 
 /// Length of a UTF-8 sequence begun but not finished at the end of `bytes` (0 to 3).
@@ -474,7 +483,8 @@ mod tests {
             "a\"b\\c\n\r\t\u{1b}[0m\u{7f}☃\u{0}x",
             "12345678\u{1b}",
         ] {
-            let line = event_line(1.5, "o", text);
+            let mut line = BytesMut::new();
+            write_event_line(&mut line, 1.5, "o", text);
             assert_eq!(line.last(), Some(&b'\n'));
             let v: (f64, String, String) = serde_json::from_slice(&line).unwrap();
             assert_eq!(v, (1.5, "o".to_owned(), text.to_owned()));
@@ -497,9 +507,9 @@ mod tests {
                     text.push_str("0123456");
                     text.push(d);
                     text.push_str("tail");
-                    let mut out = Vec::new();
+                    let mut out = BytesMut::new();
                     push_json_string(&mut out, &text);
-                    assert_eq!(out, serde_json::to_vec(&text).unwrap(), "{text:?}");
+                    assert_eq!(out[..], serde_json::to_vec(&text).unwrap(), "{text:?}");
                 }
             }
         }
