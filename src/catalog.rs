@@ -58,7 +58,7 @@ const LIST_HIT_BLOCKS: usize = 4;
 const PLAYER_HIT_BLOCKS: usize = 256;
 
 /// Bumped whenever the schema changes; an older catalog is dropped and rebuilt from the store.
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS recordings (
@@ -99,7 +99,8 @@ CREATE TABLE IF NOT EXISTS indexed (
 CREATE VIRTUAL TABLE IF NOT EXISTS transcript USING fts5(
     text,
     times UNINDEXED,
-    tokenize = 'unicode61'
+    tokenize = 'unicode61',
+    detail = none
 );
 ";
 
@@ -304,6 +305,13 @@ fn open_connection(path: &Path) -> Result<Connection, CatalogError> {
             conn.execute_batch(SCHEMA)?;
             conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
         }
+        // The scratch table `fts_query` tokenizes search text in: the transcript's tokenizer.
+        conn.execute_batch(
+            "CREATE VIRTUAL TABLE IF NOT EXISTS temp.query_text USING fts5(
+                 text, tokenize = 'unicode61', detail = none);
+             CREATE VIRTUAL TABLE IF NOT EXISTS temp.query_terms
+                 USING fts5vocab(temp, query_text, row);",
+        )?;
         Ok(conn)
     };
     open(path).map_err(|source| CatalogError::Open {
@@ -371,14 +379,29 @@ fn decode_cursor(cursor: &str) -> Result<(String, String), CatalogError> {
     Ok((value.to_owned(), id.to_owned()))
 }
 
-/// An FTS5 query from user text: each word quoted, so operators and syntax in the input are
-/// searched for literally instead of failing the query.
-fn fts_query(q: &str) -> Option<String> {
-    let words: Vec<String> = q
-        .split_whitespace()
-        .map(|w| format!("\"{}\"", w.replace('"', "\"\"")))
-        .collect();
-    (!words.is_empty()).then(|| words.join(" "))
+/// An FTS5 query from user text: its tokens, as the transcript's tokenizer makes them (it runs
+/// on the text in a scratch table, so accents, scripts and separators are split and folded
+/// exactly as in the index), each quoted and all required. A block must hold every token;
+/// where in the block is left to the hits, which look for whole words in lines. The index keeps
+/// no positions (`detail = none`), so a common word's doclist is a list of block ids only
+/// (reading it is what searching for one costs), and a phrase of several tokens cannot be
+/// asked for: hence one quoted token at a time. Text of separators alone matches nothing.
+fn fts_query(conn: &Connection, q: &str) -> rusqlite::Result<Option<String>> {
+    if q.trim().is_empty() {
+        return Ok(None);
+    }
+    conn.execute("DELETE FROM temp.query_text", [])?;
+    conn.execute("INSERT INTO temp.query_text(text) VALUES (?1)", params![q])?;
+    let mut stmt = conn.prepare_cached("SELECT term FROM temp.query_terms")?;
+    let terms: Vec<String> = stmt
+        .query_map([], |r| r.get::<_, String>(0))?
+        .map(|t| t.map(|t| format!("\"{}\"", t.replace('"', "\"\""))))
+        .collect::<Result<_, _>>()?;
+    Ok(Some(if terms.is_empty() {
+        "\"\"".to_owned()
+    } else {
+        terms.join(" ")
+    }))
 }
 
 impl Catalog {
@@ -478,12 +501,15 @@ impl Catalog {
         q: &str,
         limit: usize,
     ) -> Result<Vec<Hit>, CatalogError> {
-        let Some(fts) = fts_query(q) else {
-            return Ok(Vec::new());
-        };
         let words = query_words(q);
-        self.read(move |conn| block_hits(conn, &fts, &words, &id, limit, PLAYER_HIT_BLOCKS))
-            .await
+        let q = q.to_owned();
+        self.read(move |conn| {
+            let Some(fts) = fts_query(conn, &q)? else {
+                return Ok(Vec::new());
+            };
+            block_hits(conn, &fts, &words, &id, limit, PLAYER_HIT_BLOCKS)
+        })
+        .await
     }
 
     /// Finalized recordings that have no transcript yet, newest first.
@@ -1104,7 +1130,10 @@ fn list_page(conn: &Connection, query: &Query, scope: &Scope) -> Result<Page, Ca
             w.wheres.push(format!("{column} IN ({set})"));
         }
     }
-    let fts = query.q.as_deref().and_then(fts_query);
+    let fts = match query.q.as_deref() {
+        Some(q) => fts_query(conn, q)?,
+        None => None,
+    };
     if let Some(fts) = &fts {
         // Rowids only: which recordings match, without reading any block's content.
         w.push(
@@ -1359,10 +1388,29 @@ mod tests {
                         t: 2.0,
                         text: "done".into(),
                     },
+                    TranscriptLine {
+                        t: 3.0,
+                        text: "ssh db-prod.internal  # needle-7b3c9e café e\u{301}té ²".into(),
+                    },
                 ],
             )
             .await
             .unwrap();
+        // Words the tokenizer splits, accents (precomposed and combining), other digits;
+        // separators alone match nothing.
+        for (text, found) in [
+            ("needle-7b3c9e", 1),
+            ("db-prod.internal", 1),
+            ("café", 1),
+            ("e\u{301}té", 1),
+            ("²", 1),
+            ("needle-0000", 0),
+            ("--", 0),
+            ("\"", 0),
+        ] {
+            let page = catalog.list(q(text), all.clone()).await.unwrap();
+            assert_eq!(page.recordings.len(), found, "{text:?}");
+        }
         let page = catalog
             .list(q("restart postgres"), all.clone())
             .await
