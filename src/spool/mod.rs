@@ -414,7 +414,13 @@ impl SpoolFile {
         /// `IOV_MAX` on Linux.
         const IOV_MAX: usize = 1024;
         let file = self.open_data(true)?;
-        let mut slices: Vec<io::IoSlice<'_>> = pieces.iter().map(|p| io::IoSlice::new(p)).collect();
+        // Empty pieces (an append that carries no bytes) would make a `pwritev` of nothing
+        // return 0, which reads as a failed write.
+        let mut slices: Vec<io::IoSlice<'_>> = pieces
+            .iter()
+            .filter(|p| !p.is_empty())
+            .map(|p| io::IoSlice::new(p))
+            .collect();
         let mut rest = &mut slices[..];
         let mut at = offset;
         while !rest.is_empty() {
@@ -920,6 +926,29 @@ mod tests {
         ));
         wait_settled(&file).await;
         assert_eq!(file.written(), 14);
+    }
+
+    #[tokio::test]
+    async fn an_empty_append_is_written_as_nothing_and_fails_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path().to_owned()).unwrap();
+        let id = RecordingId::new(&Region::new("local").unwrap(), 1, 3);
+        let file = open_with_header(&spool, &id).await;
+        spool.append(&file, Bytes::new()).await.unwrap();
+        spool
+            .append(&file, Bytes::from_static(b"[0.1,\"o\",\"x\"]\n"))
+            .await
+            .unwrap();
+        file.durable().wait_for(|&d| d == 28).await.unwrap();
+        wait_settled(&file).await;
+        assert!(file.failure().is_none());
+        assert_eq!(file.written(), 28);
+        // Empty pieces between full ones, and nothing at all.
+        file.write_data(28, &[b"", b"[0.2,", b"", b"\"o\",\"y\"]\n"])
+            .unwrap();
+        file.write_data(42, &[b""]).unwrap();
+        assert_eq!(file.written(), 42);
+        assert_eq!(file.read_at(28, 14).await.unwrap(), b"[0.2,\"o\",\"y\"]\n");
     }
 
     #[tokio::test]
