@@ -13,6 +13,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use castvault_storage::manifest::CatalogRow;
+use futures::StreamExt as _;
 use time::format_description::well_known::Rfc3339;
 
 use crate::catalog::{Hit, Order, Query, SortKey};
@@ -23,10 +24,29 @@ const PLAYER_CSS: &[u8] = include_bytes!("../ui/vendor/asciinema-player.css");
 const GLUE_JS: &str = include_str!("../ui/castvault.js");
 const STYLE_CSS: &str = include_str!("../ui/castvault.css");
 
-/// At the end of the body: the page (and the drawn screen) paints without waiting for them.
-const PLAYER_SCRIPTS: &str = "<link rel=\"stylesheet\" href=\"/assets/asciinema-player.css\">\
-     <script src=\"/assets/asciinema-player.min.js\" defer></script>\
-     <script src=\"/assets/castvault.js\" defer></script>";
+/// The player's assets. The head preloads the player and runs our small script when the page is
+/// parsed; that script starts the player only after the page has painted, so the screen a player
+/// page draws shows before the player's work begins. A player page sends its head before it
+/// draws the screen, so the browser fetches the player meanwhile. The stylesheet is linked at the
+/// end of the body, so the page paints without waiting for it.
+const PLAYER_ASSETS: Assets = Assets {
+    head: "<link rel=\"preload\" href=\"/assets/asciinema-player.min.js\" as=\"script\">\
+           <script src=\"/assets/castvault.js\" defer></script>",
+    body_end: "<link rel=\"stylesheet\" href=\"/assets/asciinema-player.css\">",
+};
+
+/// No assets beyond the page's own inline style.
+const NO_ASSETS: Assets = Assets {
+    head: "",
+    body_end: "",
+};
+
+/// What a page links besides its inline style, and where.
+#[derive(Clone, Copy)]
+struct Assets {
+    head: &'static str,
+    body_end: &'static str,
+}
 
 /// Search hits listed on a player page.
 const PLAYER_PAGE_HITS: usize = 50;
@@ -94,26 +114,45 @@ fn clock(seconds: f64) -> String {
     }
 }
 
-fn page(title: &str, body: &str, scripts: &str) -> Html<String> {
-    page_as(None, title, body, scripts)
+fn page(title: &str, body: &str) -> Html<String> {
+    page_as(None, title, body, NO_ASSETS)
 }
 
 /// A page; `who` (the signed-in caller) gets their name and a sign-out button in the header.
-fn page_as(who: Option<&Caller>, title: &str, body: &str, scripts: &str) -> Html<String> {
+fn page_as(who: Option<&Caller>, title: &str, body: &str, assets: Assets) -> Html<String> {
+    let mut page = page_head(title, assets);
+    page.push_str(&body_start(who));
+    page.push_str(body);
+    page.push_str(&page_end(assets));
+    Html(page)
+}
+
+/// A page up to the end of its `<head>`.
+fn page_head(title: &str, assets: Assets) -> String {
+    format!(
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+         <title>{} · castvault</title><style>{STYLE_CSS}</style>{}</head>",
+        esc(title),
+        assets.head
+    )
+}
+
+/// A page's body up to and including the opening of its `<main>`; `who` (the signed-in caller)
+/// gets their name and a sign-out button in the header.
+fn body_start(who: Option<&Caller>) -> String {
     let account = who.map_or_else(String::new, |c| {
         format!(
             "<form method=\"post\" action=\"/logout\" class=\"logout\"><span class=\"who\">{}</span> <button type=\"submit\">Sign out</button></form>",
             esc(&c.identity.name)
         )
     });
-    Html(format!(
-        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
-         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-         <title>{} · castvault</title><style>{STYLE_CSS}</style></head>\
-         <body><header><a href=\"/\" class=\"brand\">castvault</a>{account}</header>\
-         <main>{body}</main>{scripts}</body></html>",
-        esc(title)
-    ))
+    format!("<body><header><a href=\"/\" class=\"brand\">castvault</a>{account}</header><main>")
+}
+
+/// A page from the end of its `<main>`.
+fn page_end(assets: Assets) -> String {
+    format!("</main>{}</body></html>", assets.body_end)
 }
 
 fn error_page(status: StatusCode, message: &str) -> Response {
@@ -122,7 +161,6 @@ fn error_page(status: StatusCode, message: &str) -> Response {
         page(
             "Error",
             &format!("<h1>{}</h1><p>{}</p>", status, esc(message)),
-            "",
         ),
     )
         .into_response()
@@ -326,7 +364,6 @@ fn login_form(next: &str, error: Option<&str>) -> Html<String> {
              <p>Behind <code>tailscale serve</code> or with tailscaled's WhoIs configured, you are signed in without a token.</p>",
             esc(next)
         ),
-        "",
     )
 }
 
@@ -448,7 +485,7 @@ async fn list_page(
             esc(&href)
         );
     }
-    page_as(Some(&caller), "Recordings", &body, "").into_response()
+    page_as(Some(&caller), "Recordings", &body, NO_ASSETS).into_response()
 }
 
 #[derive(serde::Deserialize, Default)]
@@ -532,7 +569,7 @@ async fn play_page(
                 "<p class=\"notice\">This recording is still being received, by node {}: its live view is on that node. It can be played here once it ends.</p>",
                 esc(&row.node_id)
             );
-            return page_as(Some(&caller), "Session", &body, "").into_response();
+            return page_as(Some(&caller), "Session", &body, NO_ASSETS).into_response();
         }
         let _ = write!(
             body,
@@ -542,85 +579,104 @@ async fn play_page(
             esc(&id),
             esc(&id)
         );
-        return page_as(Some(&caller), "Live session", &body, PLAYER_SCRIPTS).into_response();
+        return page_as(Some(&caller), "Live session", &body, PLAYER_ASSETS).into_response();
     }
-    // The first window comes with the page: its screen drawn as HTML (it shows at once,
-    // before and without the player script), its events for the player to start on.
-    let start = (query.t.unwrap_or(0.0).max(0.0) * 1000.0).round() / 1000.0;
-    let first_window = match &seekable {
-        Some(s) if s.index.is_some() => match web.store(&rid) {
-            Ok(store) => {
-                crate::playback::build_window(store, &rid, &s.manifest, s.index.as_ref(), start)
-                    .await
-                    .ok()
-            }
-            Err(_) => None,
-        },
-        _ => None,
-    };
-    let first_screen = first_window
-        .as_ref()
-        .map(|w| screen_html(&w.screen))
-        .unwrap_or_default();
-    let _ = write!(
-        body,
-        "<div class=\"controls\">\
-         <label>Speed <select id=\"speed\">{}</select></label> \
-         <label>Idle limit <select id=\"idle\"><option value=\"\">off</option><option>1</option><option selected>2</option><option>5</option></select></label> \
-         <input id=\"seek\" type=\"range\" min=\"0\" max=\"{dur:.3}\" step=\"0.1\" value=\"{t:.3}\" aria-label=\"Seek\"> \
-         <span id=\"pos\">{}</span> / {}</div>\
-         <div id=\"player\" data-id=\"{}\" data-duration=\"{dur:.3}\" data-start=\"{t:.3}\" data-paused=\"{paused}\">{screen}</div>\
-         <p class=\"keys\">Keys: space play/pause · ←/→ step · &lt; &gt; speed · 0–9 jump · f full screen</p>\
-         <p><a href=\"/api/v1/recordings/{}/cast\" download>Download .cast</a> · \
-         <a id=\"bundle\" href=\"/api/v1/recordings/{}/bundle\" download>Download compliance bundle</a></p>",
-        [0.25, 0.5, 1.0, 1.5, 2.0, 4.0, 8.0, 16.0]
-            .iter()
-            .map(|s| format!(
-                "<option{}>{s}</option>",
-                if (*s - 1.0f64).abs() < 1e-9 {
-                    " selected"
-                } else {
-                    ""
+    // The head (which preloads the player) goes out at once, so the browser fetches the player
+    // while the first window is built; the body follows whole, so the page's first paint holds
+    // the drawn screen.
+    let head = page_head("Session", PLAYER_ASSETS);
+    let body = body_start(Some(&caller)) + &body;
+    let rest = async move {
+        let mut rest = body;
+        // The first window comes with the page: its screen drawn as HTML (it shows at once,
+        // before and without the player script), its events for the player to start on.
+        let start = (query.t.unwrap_or(0.0).max(0.0) * 1000.0).round() / 1000.0;
+        let first_window = match &seekable {
+            Some(s) if s.index.is_some() => match web.store(&rid) {
+                Ok(store) => {
+                    crate::playback::build_window(store, &rid, &s.manifest, s.index.as_ref(), start)
+                        .await
+                        .ok()
                 }
-            ))
-            .collect::<String>(),
-        clock(query.t.unwrap_or(0.0)),
-        clock(row.duration_seconds),
-        esc(&id),
-        esc(&id),
-        esc(&id),
-        dur = row.duration_seconds,
-        t = query.t.unwrap_or(0.0).max(0.0),
-        paused = query.t.is_some(),
-        screen = first_screen,
-    );
-    if let Some(q) = query.q.as_deref().filter(|q| !q.trim().is_empty()) {
-        match web.catalog.hits(id.clone(), q, PLAYER_PAGE_HITS).await {
-            Ok(hits) => {
-                let _ = write!(
-                    body,
-                    "<h2>Matches for “{}”</h2>{}",
-                    esc(q),
-                    hit_links(&id, q, &hits)
-                );
-            }
-            Err(e) => tracing::warn!(error = %e, "search hits failed"),
-        }
-    }
-    if let Some(w) = &first_window {
-        let text = serde_json::to_string(&String::from_utf8_lossy(&w.body))
-            .unwrap_or_default()
-            .replace('<', "\\u003c");
+                Err(_) => None,
+            },
+            _ => None,
+        };
+        let first_screen = first_window
+            .as_ref()
+            .map(|w| screen_html(&w.screen))
+            .unwrap_or_default();
         let _ = write!(
-            body,
-            "<script type=\"application/json\" id=\"first-window\" data-from=\"{}\" data-start=\"{}\" data-next=\"{}\">{text}</script>",
-            js_number(start),
-            w.start,
-            w.next.map(|n| n.to_string()).unwrap_or_default()
+            rest,
+            "<div class=\"controls\">\
+             <label>Speed <select id=\"speed\">{}</select></label> \
+             <label>Idle limit <select id=\"idle\"><option value=\"\">off</option><option>1</option><option selected>2</option><option>5</option></select></label> \
+             <input id=\"seek\" type=\"range\" min=\"0\" max=\"{dur:.3}\" step=\"0.1\" value=\"{t:.3}\" aria-label=\"Seek\"> \
+             <span id=\"pos\">{}</span> / {}</div>\
+             <div id=\"player\" data-id=\"{}\" data-duration=\"{dur:.3}\" data-start=\"{t:.3}\" data-paused=\"{paused}\">{screen}</div>\
+             <p class=\"keys\">Keys: space play/pause · ←/→ step · &lt; &gt; speed · 0–9 jump · f full screen</p>\
+             <p><a href=\"/api/v1/recordings/{}/cast\" download>Download .cast</a> · \
+             <a id=\"bundle\" href=\"/api/v1/recordings/{}/bundle\" download>Download compliance bundle</a></p>",
+            [0.25, 0.5, 1.0, 1.5, 2.0, 4.0, 8.0, 16.0]
+                .iter()
+                .map(|s| format!(
+                    "<option{}>{s}</option>",
+                    if (*s - 1.0f64).abs() < 1e-9 {
+                        " selected"
+                    } else {
+                        ""
+                    }
+                ))
+                .collect::<String>(),
+            clock(query.t.unwrap_or(0.0)),
+            clock(row.duration_seconds),
+            esc(&id),
+            esc(&id),
+            esc(&id),
+            dur = row.duration_seconds,
+            t = query.t.unwrap_or(0.0).max(0.0),
+            paused = query.t.is_some(),
+            screen = first_screen,
         );
-    }
-    let scripts = PLAYER_SCRIPTS;
-    page_as(Some(&caller), "Session", &body, scripts).into_response()
+        if let Some(q) = query.q.as_deref().filter(|q| !q.trim().is_empty()) {
+            match web.catalog.hits(id.clone(), q, PLAYER_PAGE_HITS).await {
+                Ok(hits) => {
+                    let _ = write!(
+                        rest,
+                        "<h2>Matches for “{}”</h2>{}",
+                        esc(q),
+                        hit_links(&id, q, &hits)
+                    );
+                }
+                Err(e) => tracing::warn!(error = %e, "search hits failed"),
+            }
+        }
+        if let Some(w) = &first_window {
+            let text = serde_json::to_string(&String::from_utf8_lossy(&w.body))
+                .unwrap_or_default()
+                .replace('<', "\\u003c");
+            let _ = write!(
+                rest,
+                "<script type=\"application/json\" id=\"first-window\" data-from=\"{}\" data-start=\"{}\" data-next=\"{}\">{text}</script>",
+                js_number(start),
+                w.start,
+                w.next.map(|n| n.to_string()).unwrap_or_default()
+            );
+        }
+        rest.push_str(&page_end(PLAYER_ASSETS));
+        rest
+    };
+    let parts = futures::stream::once(std::future::ready(head))
+        .chain(futures::stream::once(rest))
+        .map(|part| Ok::<_, std::convert::Infallible>(axum::body::Bytes::from(part)));
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/html; charset=utf-8"),
+        )],
+        axum::body::Body::from_stream(parts),
+    )
+        .into_response()
 }
 
 /// The 16 base colours (xterm's defaults), then the 6×6×6 cube and the grey ramp.

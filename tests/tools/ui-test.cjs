@@ -83,6 +83,8 @@ async function waitForScreen(page, want, what) {
     await Promise.all([page.waitForNavigation(), hit.click()]);
     check(page.url().includes("/play/" + longId), "the hit should open the long recording");
     await waitForScreen(page, needle, "jump to hit");
+    check(await page.evaluate(() => document.querySelector("#player pre.screen") === null &&
+      document.querySelector("#player .pending") === null), "the player should have taken the drawn screen's place");
 
     // Seek to 1:30 with the seek bar: the screen shows what was printed then.
     await page.evaluate(() => {
