@@ -2,8 +2,8 @@
 // ROUNDS times (default 7), each in a fresh browser context (nothing cached: a cold page) and
 // then once more in that context (warm). Per page it reports when the screen at the seek point
 // (drawn by the server into the page) was painted (no earlier than the page's first paint) and
-// when the player's first frame came; it fails if the two differ in text. Then medians and the worst
-// page. Used by benches/playback.rs.
+// when the player's first frame came; it fails if the two differ in text. Then medians and the
+// worst page. Used by benches/playback.rs.
 "use strict";
 const { chromium } = require("playwright-core");
 
