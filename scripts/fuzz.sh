@@ -23,11 +23,15 @@ else
   flags=(-O)
 fi
 cargo fuzz build "${flags[@]}"
+# The targets' temporary directories (the ingest target's node data directory) go under one
+# directory of this run, removed at exit: a target stopped at its time limit cannot remove its own.
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
 for t in "${targets[@]}"; do
   work=../target/fuzz-corpus/$t
   mkdir -p "$work"
   log=../target/fuzz-${FUZZ_QUICK:+quick-}$t.log
-  if ! cargo fuzz run "${flags[@]}" "$t" "$work" "corpus/$t" -- -max_total_time="$seconds" -rss_limit_mb=4096 -timeout=30 >"$log" 2>&1; then
+  if ! TMPDIR=$scratch cargo fuzz run "${flags[@]}" "$t" "$work" "corpus/$t" -- -max_total_time="$seconds" -rss_limit_mb=4096 -timeout=30 >"$log" 2>&1; then
     tail -40 "$log"
     echo "fuzz target $t failed; input saved under fuzz/artifacts/$t/" >&2
     exit 1
