@@ -543,8 +543,6 @@ async fn receive_recording(
                 paused = false;
             }
             next = body.next(), if !paused => match next {
-                // An empty DATA frame or chunk carries nothing to journal.
-                Some(Ok(data)) if data.is_empty() => {}
                 Some(Ok(data)) => {
                     received += data.len() as u64;
                     Metrics::add(&ingest.metrics.bytes_received, data.len() as u64);

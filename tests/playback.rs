@@ -357,7 +357,7 @@ async fn catalog_search_seek_and_pages() {
     let html = String::from_utf8(html).unwrap();
     assert!(html.contains("db-prod.tail-net.ts.net") && html.contains("asciinema-player.min.js"));
     // The screen at the requested moment is drawn into the page itself, before any script.
-    let screen = &html[html.find("<pre class=\"screen\"").expect("a drawn screen")..];
+    let screen = &html[html.find("<pre class=\"screen\">").expect("a drawn screen")..];
     let screen = &screen[..screen.find("</pre>").unwrap()];
     assert!(screen.contains(NEEDLE), "{screen}");
     assert_eq!(node.api("/play/not-an-id").await.0, 400);

@@ -188,6 +188,10 @@ impl Spool {
     /// [`SpoolError`] on a write error (the file is then failed for good).
     pub async fn append(&self, file: &Arc<SpoolFile>, bytes: Bytes) -> Result<(), SpoolError> {
         file.check_failed()?;
+        // Nothing to make durable (an empty HTTP/2 DATA frame, an empty chunk): no record.
+        if bytes.is_empty() {
+            return Ok(());
+        }
         // One stream appends to its file, one call at a time: offsets follow each other.
         let offset = file
             .received
