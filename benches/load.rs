@@ -14,6 +14,9 @@
 //!   warm-up (1,000 streams open at once, and their first chunks are cut and put together) and
 //!   for the last second (they all close).
 //! - latency-100: the same with 100 streams, to separate load from per-write cost.
+//! - size: the throughput corpus as 100 streams paced to 8 MiB/s in all (the latency
+//!   scenario's load: a busy node that keeps up), stored size against `gzip -6`, and how many
+//!   chunks got the thorough compression setting.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
 #[path = "../tests/common/mod.rs"]
@@ -56,6 +59,9 @@ fn main() {
         }
         if wants("streams10k") {
             streams_10k().await;
+        }
+        if wants("size") {
+            size_at_rate().await;
         }
         if wants("latency") {
             latency(1_000).await;
@@ -165,18 +171,21 @@ struct Run {
     finalized: Duration,
     stored: u64,
     chunks: u64,
+    /// Chunks compressed with the thorough setting (the rest at the fast level).
+    thorough: u64,
     other: u64,
 }
 
 impl Run {
     fn describe(&self, committed: f64, finalized: f64, reference: f64, gzip: u64) -> String {
         format!(
-            "{committed:.1} MiB/s = {:.2}x committed, {:.2}x finalized, stored {} B = {:.3}x gzip -6, {} chunks + {} other objects",
+            "{committed:.1} MiB/s = {:.2}x committed, {:.2}x finalized, stored {} B = {:.3}x gzip -6, {} chunks ({} thorough) + {} other objects",
             committed / reference,
             finalized / reference,
             self.stored,
             self.stored as f64 / gzip as f64,
             self.chunks,
+            self.thorough,
             self.other
         )
     }
@@ -206,6 +215,7 @@ async fn ingest_run(bodies: &[Arc<Vec<u8>>], piece: usize) -> Run {
     let committed = start.elapsed();
     wait_finalized(&node, bodies.len() as u64).await;
     let finalized = start.elapsed();
+    let thorough = metric(&node, "castvault_chunks_compressed_thorough_total").await;
     println!(
         "  {} recording(s): all acked at {:.2} s, all chunks committed at {:.2} s, all finalized at {:.2} s; CPU used: node {:.2} s, load generator {:.2} s",
         bodies.len(),
@@ -223,6 +233,7 @@ async fn ingest_run(bodies: &[Arc<Vec<u8>>], piece: usize) -> Run {
         finalized,
         stored,
         chunks,
+        thorough,
         other: all - chunks,
     }
 }
@@ -276,6 +287,64 @@ async fn throughput() {
         med(2) / reference,
         med(3) / reference,
         med(4) / reference
+    );
+}
+
+/// Aggregate rate of the size scenario: the latency scenario's 1,000 streams x 8 KiB/s.
+const SIZE_RATE: usize = 8 << 20;
+/// Bytes each stream of the size scenario writes at once.
+const SIZE_PIECE: usize = 16 << 10;
+
+async fn size_at_rate() {
+    let work = tempfile::tempdir().unwrap();
+    let pool = corpus::listing_pool().expect("ls -laR /usr for the listing pool");
+    let corpus_bytes = corpus::generate_with(42, 100 << 20, Some(&pool));
+    let corpus_path = work.path().join("corpus.cast");
+    std::fs::write(&corpus_path, &corpus_bytes).unwrap();
+    let (_, gzip_size) = time_command("gzip -6 -c", &corpus_path);
+    let bodies = split_corpus(&corpus_bytes, 100);
+    let data = tempfile::tempdir().unwrap();
+    let node = Node::start(data.path(), &[], &[]).await;
+    let node_pid = node.pid().to_string();
+    let cpu_before = cpu_seconds(&node_pid);
+    // Each stream writes a piece every `every`, so that all together send SIZE_RATE.
+    let every = Duration::from_secs_f64((bodies.len() * SIZE_PIECE) as f64 / SIZE_RATE as f64);
+    let start = Instant::now();
+    let tasks: Vec<_> = bodies
+        .iter()
+        .enumerate()
+        .map(|(i, body)| {
+            let body = body.clone();
+            let addr = node.ingest;
+            tokio::spawn(async move {
+                tokio::time::sleep(every.mul_f64(i as f64 / 100.0)).await;
+                let mut up = start_v2(addr).await.unwrap();
+                let mut tick = tokio::time::interval(every);
+                for piece in body.chunks(SIZE_PIECE) {
+                    tick.tick().await;
+                    up.send(piece).await.unwrap();
+                }
+                let (result, _) = up.finish().await;
+                result.unwrap();
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let sent = start.elapsed();
+    wait_finalized(&node, bodies.len() as u64).await;
+    let node_cpu = cpu_seconds(&node_pid) - cpu_before;
+    let thorough = metric(&node, "castvault_chunks_compressed_thorough_total").await;
+    let (stored, chunks) = dir_size(&data.path().join("store"), &|n| n.starts_with("chunk-"));
+    println!(
+        "size: 100 streams, {:.1} MiB at {:.1} MiB/s in all (sent in {:.1} s), node CPU {:.2} s ({:.0}% of one core): stored {stored} B in {chunks} chunks ({thorough} thorough) = {:.3}x gzip -6 ({gzip_size} B)",
+        corpus_bytes.len() as f64 / 1048576.0,
+        corpus_bytes.len() as f64 / 1048576.0 / sent.as_secs_f64(),
+        sent.as_secs_f64(),
+        node_cpu,
+        node_cpu / sent.as_secs_f64() * 100.0,
+        stored as f64 / gzip_size as f64,
     );
 }
 

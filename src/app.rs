@@ -88,6 +88,7 @@ pub async fn run(
             max_chunk_bytes: config.chunk.max_bytes,
             max_chunk_age: config.chunk.max_age,
             compression_level: config.chunk.compression_level,
+            adaptive_compression: config.chunk.adaptive_compression,
             max_line_bytes: config.max_line_bytes,
             node_id: config.node_id.clone(),
             lease_ttl: config.lease_ttl,

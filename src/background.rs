@@ -45,6 +45,32 @@ pub fn lower_priority() {
     set_nice(BACKGROUND_NICE);
 }
 
+/// Threads that run work meant only for spare CPU (see [`spare`]): as many as a small node's
+/// cores, so such work never queues behind itself for long, and it never takes more.
+pub const SPARE_THREADS: usize = 2;
+
+/// A pool of [`SPARE_THREADS`] blocking threads at the indexer's priority ([`INDEX_NICE`]),
+/// for work that should use only spare CPU (a chunk's thorough compression), so that commits
+/// and the acks waiting for them go first. A thread's nice value cannot be lowered again
+/// without privilege, so such work gets threads of its own rather than borrowing one.
+/// Started on first use; `None` if its threads could not be started.
+pub fn spare() -> Option<tokio::runtime::Handle> {
+    static SPARE: std::sync::OnceLock<Option<tokio::runtime::Runtime>> = std::sync::OnceLock::new();
+    SPARE
+        .get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .max_blocking_threads(SPARE_THREADS)
+                .thread_name("castvault-spare")
+                .on_thread_start(|| set_nice(INDEX_NICE))
+                .build()
+                .inspect_err(|e| tracing::warn!(error = %e, "cannot start the spare-CPU threads"))
+                .ok()
+        })
+        .as_ref()
+        .map(|runtime| runtime.handle().clone())
+}
+
 fn set_nice(nice: i32) {
     let tid = rustix::thread::gettid();
     if let Err(e) = rustix::process::setpriority_process(Some(tid), nice) {
@@ -83,4 +109,19 @@ where
             runtime.block_on(task);
         })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Spare work runs at the indexer's nice value on threads of its own.
+    #[tokio::test]
+    async fn spare_work_runs_at_index_priority() {
+        let nice =
+            || rustix::process::getpriority_process(Some(rustix::thread::gettid())).unwrap_or(-100);
+        let spare = spare().unwrap_or_else(|| panic!("spare threads"));
+        assert_eq!(spare.spawn_blocking(nice).await.ok(), Some(INDEX_NICE));
+        assert_ne!(nice(), INDEX_NICE, "the caller's thread keeps its priority");
+    }
 }

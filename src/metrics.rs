@@ -12,6 +12,7 @@ pub const BYTES_ACKED: &str = "castvault_bytes_acked_total";
 pub const SPOOL_BYTES: &str = "castvault_spool_bytes";
 pub const STAGED_BYTES: &str = "castvault_spool_staged_bytes";
 pub const CHUNKS_COMMITTED: &str = "castvault_chunks_committed_total";
+pub const CHUNKS_THOROUGH: &str = "castvault_chunks_compressed_thorough_total";
 pub const BYTES_COMMITTED: &str = "castvault_bytes_committed_total";
 pub const BYTES_STORED: &str = "castvault_bytes_stored_total";
 pub const UPLOAD_FAILURES: &str = "castvault_upload_failures_total";
@@ -78,6 +79,8 @@ pub struct Metrics {
     /// Bytes covered by acks sent (at the node's ack level; spool level in a `degrade` outage).
     pub bytes_acked: AtomicU64,
     pub chunks_committed: AtomicU64,
+    /// Chunks compressed with the thorough setting (the rest at `compression_level`).
+    pub chunks_compressed_thorough: AtomicU64,
     pub bytes_committed: AtomicU64,
     pub bytes_stored: AtomicU64,
     /// Compressed chunks kept in the spool while their store is out of reach.
@@ -115,13 +118,14 @@ impl Metrics {
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
-        let rows: [(&str, &str, &AtomicU64); 19] = [
+        let rows: [(&str, &str, &AtomicU64); 20] = [
             (STREAMS_OPEN, "gauge", &self.streams_open),
             (STREAMS_TOTAL, "counter", &self.streams_total),
             (STREAMS_REFUSED, "counter", &self.streams_refused),
             (BYTES_RECEIVED, "counter", &self.bytes_received),
             (BYTES_ACKED, "counter", &self.bytes_acked),
             (CHUNKS_COMMITTED, "counter", &self.chunks_committed),
+            (CHUNKS_THOROUGH, "counter", &self.chunks_compressed_thorough),
             (BYTES_COMMITTED, "counter", &self.bytes_committed),
             (BYTES_STORED, "counter", &self.bytes_stored),
             (STAGED_BYTES, "gauge", &self.staged_bytes),

@@ -80,6 +80,7 @@ async fn restart(setup: &Setup) -> Uploader {
         max_chunk_bytes: 64 << 10,
         max_chunk_age: Duration::from_millis(100),
         compression_level: 1,
+        adaptive_compression: true,
         max_line_bytes: 1 << 20,
         node_id: "node-a".into(),
         lease_ttl: Duration::from_secs(30),
