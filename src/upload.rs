@@ -95,9 +95,9 @@ const RATE_WINDOW: Duration = Duration::from_millis(500);
 
 /// Chunks get the thorough setting only while the node received at most this many bytes a
 /// second per core, in each of the last two [`RATE_WINDOW`]s (so a burst is still seen while
-/// its backlog is compressed). Thorough compression costs about 3.4 ms of CPU per MiB more
-/// than level 1 (about 200 against 570 MB/s on one core here), so at this rate it takes at
-/// most about 5% of each core; a busier node spends its cores on ingest and commits.
+/// its backlog is compressed). Thorough compression costs about 4.7 ms of CPU per MiB more
+/// than level 1 (about 160 against 570 MB/s on one core here), so at this rate it takes at
+/// most about 8% of each core; a busier node spends its cores on ingest and commits.
 const THOROUGH_MAX_RATE_PER_CORE: u64 = 16 << 20;
 
 /// Lease renewals in flight at once (see [`keep_leases`]). A renewal is one small conditional
@@ -843,7 +843,7 @@ async fn retry_when_back(inner: Arc<Inner>, stop: CancellationToken) {
 }
 
 /// Whether a chunk is compressed with [`ChunkEncoder::thorough`] (about 7% smaller than level
-/// 1 on terminal output, at about a third of its speed) rather than at `compression_level`:
+/// 1 on terminal output, at under a third of its speed) rather than at `compression_level`:
 /// only while the node is lightly loaded and keeps up. Otherwise the fast level keeps
 /// commits, and the acks at `storage` level that wait for them, moving. Not so when any of:
 /// the node received more than `max_rate` bytes a second lately (see [`RateMeter`]), a
