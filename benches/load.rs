@@ -16,7 +16,8 @@
 //! - latency-100: the same with 100 streams, to separate load from per-write cost.
 //! - size: the throughput corpus as 100 streams paced to 8 MiB/s in all (the latency
 //!   scenario's load: a busy node that keeps up), stored size against `gzip -6`, and how many
-//!   chunks got the thorough compression setting.
+//!   chunks got the thorough compression setting. `CASTVAULT_BENCH_CONFIG` names a node config
+//!   file for it and for latency (`[chunk] adaptive_compression = false` for level 1 only).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
 #[path = "../tests/common/mod.rs"]
@@ -304,7 +305,12 @@ async fn size_at_rate() {
     let (_, gzip_size) = time_command("gzip -6 -c", &corpus_path);
     let bodies = split_corpus(&corpus_bytes, 100);
     let data = tempfile::tempdir().unwrap();
-    let node = Node::start(data.path(), &[], &[]).await;
+    let config = std::env::var("CASTVAULT_BENCH_CONFIG").ok();
+    let args: Vec<&str> = config
+        .iter()
+        .flat_map(|c| ["--config", c.as_str()])
+        .collect();
+    let node = Node::start(data.path(), &args, &[]).await;
     let node_pid = node.pid().to_string();
     let cpu_before = cpu_seconds(&node_pid);
     // Each stream writes a piece every `every`, so that all together send SIZE_RATE.
