@@ -45,8 +45,10 @@ pub fn lower_priority() {
     set_nice(BACKGROUND_NICE);
 }
 
-/// Threads that run work meant only for spare CPU (see [`spare`]): as many as a small node's
-/// cores, so such work never queues behind itself for long, and it never takes more.
+/// Threads that run work meant only for spare CPU (see [`spare`]). Thorough compression is
+/// used only below 16 MiB/s of ingest per core (`upload::THOROUGH_MAX_RATE_PER_CORE`); two
+/// threads at about 160 MB/s each keep up with that on nodes of up to about 20 cores, and on a
+/// bigger node a backlog here turns chunks back to the fast level (waiting uploads hold slots).
 pub const SPARE_THREADS: usize = 2;
 
 /// A pool of [`SPARE_THREADS`] blocking threads at the indexer's priority ([`INDEX_NICE`]),
