@@ -239,12 +239,19 @@ async fn ingest_run(bodies: &[Arc<Vec<u8>>], piece: usize) -> Run {
     }
 }
 
-async fn throughput() {
-    let work = tempfile::tempdir().unwrap();
+/// The throughput and size scenarios' corpus: 100 MiB of terminal output, also written to
+/// `dir` for the reference tools.
+fn write_corpus(dir: &Path) -> (Vec<u8>, std::path::PathBuf) {
     let pool = corpus::listing_pool().expect("ls -laR /usr for the listing pool");
     let corpus_bytes = corpus::generate_with(42, 100 << 20, Some(&pool));
-    let corpus_path = work.path().join("corpus.cast");
+    let corpus_path = dir.join("corpus.cast");
     std::fs::write(&corpus_path, &corpus_bytes).unwrap();
+    (corpus_bytes, corpus_path)
+}
+
+async fn throughput() {
+    let work = tempfile::tempdir().unwrap();
+    let (corpus_bytes, corpus_path) = write_corpus(work.path());
     let mib = corpus_bytes.len() as f64 / (1 << 20) as f64;
     println!(
         "corpus: {mib:.1} MiB, {} lines",
@@ -298,10 +305,7 @@ const SIZE_PIECE: usize = 16 << 10;
 
 async fn size_at_rate() {
     let work = tempfile::tempdir().unwrap();
-    let pool = corpus::listing_pool().expect("ls -laR /usr for the listing pool");
-    let corpus_bytes = corpus::generate_with(42, 100 << 20, Some(&pool));
-    let corpus_path = work.path().join("corpus.cast");
-    std::fs::write(&corpus_path, &corpus_bytes).unwrap();
+    let (corpus_bytes, corpus_path) = write_corpus(work.path());
     let (_, gzip_size) = time_command("gzip -6 -c", &corpus_path);
     let bodies = split_corpus(&corpus_bytes, 100);
     let data = tempfile::tempdir().unwrap();

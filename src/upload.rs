@@ -370,8 +370,8 @@ struct Inner {
     /// Recordings due for upload that found every upload slot taken at the scheduler's last
     /// look: a backlog.
     waiting_for_slot: AtomicUsize,
-    /// The cores this process may use.
-    cores: usize,
+    /// [`THOROUGH_MAX_RATE_PER_CORE`] times the cores this process may use.
+    thorough_max_rate: u64,
     /// Bytes a second received in the busier of the last two [`RATE_WINDOW`]s.
     ingest_rate: AtomicU64,
     /// Chunks staged by all uploads (see [`MAX_STAGED_CHUNKS`]).
@@ -438,7 +438,8 @@ impl Uploader {
             encoders: Mutex::new(Vec::new()),
             thorough_encoders: Mutex::new(Vec::new()),
             waiting_for_slot: AtomicUsize::new(0),
-            cores: std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+            thorough_max_rate: THOROUGH_MAX_RATE_PER_CORE
+                * std::thread::available_parallelism().map_or(1, |n| n.get() as u64),
             ingest_rate: AtomicU64::new(u64::MAX),
             staged_chunks: AtomicUsize::new(0),
             metrics,
@@ -1412,7 +1413,7 @@ impl Inner {
                 self.config.max_chunk_bytes as u64,
                 self.waiting_for_slot.load(Ordering::Relaxed),
                 self.ingest_rate.load(Ordering::Relaxed),
-                THOROUGH_MAX_RATE_PER_CORE * self.cores as u64,
+                self.thorough_max_rate,
             );
         let encoder = match stored {
             Some(_) => None,

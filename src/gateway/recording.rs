@@ -136,8 +136,8 @@ async fn start_one(addr: SocketAddr, token: Option<&str>) -> Result<Started, Str
     let (tx, rx) = mpsc::channel::<BytesMut>(QUEUE_FRAMES);
     // Lines queued meanwhile go out together, as one DATA frame, as long as they were written
     // side by side in one buffer: joining those copies nothing. A line in another buffer
-    // starts the next frame instead (joining it would copy it, and under a fast `cat` that
-    // copy was a tenth of the gateway's CPU).
+    // starts the next frame instead (joining it would copy it: under a fast `cat` that copy
+    // and its reallocation were about 4% of the gateway's CPU in a `perf` profile).
     let body = futures::stream::unfold((rx, None), |(mut rx, held)| async move {
         let mut frame = match held {
             Some(frame) => frame,
