@@ -771,6 +771,12 @@ impl Azurite {
         azurite
     }
 
+    /// The emulator's process id while it runs.
+    #[allow(dead_code)]
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(std::process::Child::id)
+    }
+
     /// Stops the emulator (its data stays on disk), as a storage outage.
     /// SIGTERM: Azurite saves its metadata on the way out (a SIGKILL can roll back its last
     /// writes, which real Azure never does).
