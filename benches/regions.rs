@@ -302,18 +302,15 @@ async fn drain() {
         .into_iter()
         .enumerate()
     {
-        let started = Instant::now();
-        let mut puts = futures::stream::iter((0..chunks).map(|i| {
-            let store = store.clone();
-            let payload = payload.clone();
-            async move {
-                let path = object_store::path::Path::from(format!("bench/{round}/put-{i:08}"));
-                store.put(&path, payload.into()).await.unwrap();
-            }
-        }))
-        .buffer_unordered(concurrency);
-        while puts.next().await.is_some() {}
-        let rate = (size as u64 * chunks) as f64 / started.elapsed().as_secs_f64();
+        let took = put_many(
+            &store,
+            &format!("bench/{round}"),
+            chunks,
+            &payload,
+            concurrency,
+        )
+        .await;
+        let rate = (size as u64 * chunks) as f64 / took.as_secs_f64();
         println!(
             "drain: reference puts at concurrency {concurrency}: {:.1} MiB/s",
             rate / 1048576.0
@@ -364,22 +361,41 @@ async fn warm_up(options: &std::collections::BTreeMap<String, String>) {
     let store = RegionStore::open("az://recordings", options).unwrap().store;
     let payload = bytes::Bytes::from(corpus::generate(7, 900_000));
     for round in 0..WARM_UP_ROUNDS {
-        let started = Instant::now();
-        let mut puts = futures::stream::iter((0..100).map(|i| {
-            let store = store.clone();
-            let payload = payload.clone();
-            async move {
-                let path = object_store::path::Path::from(format!("warm/{round}/put-{i:08}"));
-                store.put(&path, payload.into()).await.unwrap();
-            }
-        }))
-        .buffer_unordered(PUT_CONCURRENCY);
-        while puts.next().await.is_some() {}
+        let took = put_many(
+            &store,
+            &format!("warm/{round}"),
+            100,
+            &payload,
+            PUT_CONCURRENCY,
+        )
+        .await;
         println!(
             "drain: warm-up round {round}: 100 puts of 0.9 MB in {:.2} s",
-            started.elapsed().as_secs_f64()
+            took.as_secs_f64()
         );
     }
+}
+
+/// Puts `count` copies of `payload` under `prefix`, `concurrency` at once; the time taken.
+async fn put_many(
+    store: &std::sync::Arc<dyn object_store::ObjectStore>,
+    prefix: &str,
+    count: u64,
+    payload: &bytes::Bytes,
+    concurrency: usize,
+) -> Duration {
+    let started = Instant::now();
+    let mut puts = futures::stream::iter((0..count).map(|i| {
+        let store = store.clone();
+        let payload = payload.clone();
+        let path = object_store::path::Path::from(format!("{prefix}/put-{i:08}"));
+        async move {
+            store.put(&path, payload.into()).await.unwrap();
+        }
+    }))
+    .buffer_unordered(concurrency);
+    while puts.next().await.is_some() {}
+    started.elapsed()
 }
 
 /// Puts the objects the drain stored again, straight through object_store and the same relay,
