@@ -352,9 +352,10 @@ async fn drain() {
 }
 
 /// Objects of about a compressed chunk's size put before the outage, in rounds, to warm the
-/// emulator up: a fresh Azurite took 0.52–0.53 s for its first 100 puts and 0.40–0.41 s for the
-/// next 100, and the drain, which ran before any reference put, met it cold while the
-/// reference puts after it met it warm (the drain measured 0.89–1.05 s cold, 0.70 s warm).
+/// emulator up: a fresh Azurite took 0.49–0.53 s for its first 100 puts and 0.40–0.43 s for the
+/// next 100. Without it the drain, which runs before any reference put, met the emulator cold
+/// while the reference puts after it met it warm: the drain measured 0.89–1.05 s cold and
+/// 0.70–0.77 s warm.
 const WARM_UP_ROUNDS: usize = 2;
 
 async fn warm_up(options: &std::collections::BTreeMap<String, String>) {
