@@ -154,11 +154,13 @@ fn fast_event(line: &[u8]) -> Option<(f64, &str)> {
         return None;
     }
     let rest = rest[end + 1..].strip_prefix(b",\"")?;
-    let close = json_string_end(rest)?;
+    let (close, ascii) = json_string_end(rest)?;
     if &rest[close..] != b"\"]" {
         return None;
     }
-    std::str::from_utf8(&rest[..close]).ok()?;
+    if !ascii {
+        std::str::from_utf8(&rest[..close]).ok()?;
+    }
     Some((time, std::str::from_utf8(code).ok()?))
 }
 
@@ -198,17 +200,22 @@ fn json_number(b: &[u8]) -> bool {
 }
 
 /// The index of the quote that ends a JSON string body starting at `b[0]`, with every escape
-/// valid and no raw control character; `None` when unsure (surrogate escapes) or invalid.
-fn json_string_end(b: &[u8]) -> Option<usize> {
+/// valid and no raw control character; `None` when unsure (surrogate escapes) or invalid. The
+/// flag says whether every byte before it is ASCII, in which case the string is valid UTF-8
+/// and its caller needs no second pass to check (most terminal output).
+fn json_string_end(b: &[u8]) -> Option<(usize, bool)> {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGHS: u64 = 0x8080_8080_8080_8080;
     let zero_bytes = |x: u64| x.wrapping_sub(ONES) & !x;
+    // Every byte looked at, OR-ed together: a high bit means a byte above 0x7F.
+    let mut seen = 0u64;
     let mut i = 0;
     loop {
         if let Some(word) = b.get(i..i + 8) {
             let w = u64::from_le_bytes([
                 word[0], word[1], word[2], word[3], word[4], word[5], word[6], word[7],
             ]);
+            seen |= w;
             // High bit set in each byte below 0x20, or equal to a quote or a backslash. Borrows
             // can mark bytes above a marked one, never below, so the lowest mark is exact.
             let marks = (w.wrapping_sub(ONES * 0x20) & !w
@@ -222,7 +229,7 @@ fn json_string_end(b: &[u8]) -> Option<usize> {
             i += (marks.trailing_zeros() / 8) as usize;
         }
         match *b.get(i)? {
-            b'"' => return Some(i),
+            b'"' => return Some((i, seen & HIGHS == 0)),
             b'\\' => match *b.get(i + 1)? {
                 b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => i += 2,
                 b'u' => {
@@ -239,7 +246,10 @@ fn json_string_end(b: &[u8]) -> Option<usize> {
                 _ => return None,
             },
             0..=0x1f => return None,
-            _ => i += 1,
+            other => {
+                seen |= u64::from(other);
+                i += 1;
+            }
         }
     }
 }
