@@ -201,8 +201,9 @@ fn json_number(b: &[u8]) -> bool {
 
 /// The index of the quote that ends a JSON string body starting at `b[0]`, with every escape
 /// valid and no raw control character; `None` when unsure (surrogate escapes) or invalid. The
-/// flag says whether every byte before it is ASCII, in which case the string is valid UTF-8
-/// and its caller needs no second pass to check (most terminal output).
+/// flag is true only when every byte before the quote is ASCII: the string is then valid UTF-8
+/// and its caller needs no second pass to check (most terminal output). (It can be false for
+/// an ASCII string when a later byte shares the quote's eight-byte word.)
 fn json_string_end(b: &[u8]) -> Option<(usize, bool)> {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGHS: u64 = 0x8080_8080_8080_8080;
