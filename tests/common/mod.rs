@@ -772,7 +772,6 @@ impl Azurite {
     }
 
     /// The emulator's process id while it runs.
-    #[allow(dead_code)]
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(std::process::Child::id)
     }
