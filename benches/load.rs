@@ -18,6 +18,16 @@
 //!   scenario's load: a busy node that keeps up), stored size against `gzip -6`, and how many
 //!   chunks got the thorough compression setting. `CASTVAULT_BENCH_CONFIG` names a node config
 //!   file for it and for latency (`[chunk] adaptive_compression = false` for level 1 only).
+//!
+//! File creation on this machine depends on what was deleted lately. Its ext4 has no journal,
+//! and such an ext4 skips, when it allocates an inode, every inode of the group freed within
+//! the last one to five minutes, looking each up: in `/tmp`, after the test suite, creating a
+//! file took 0.78 ms, in `/work` 0.04 ms (1,000 files each, same file system). The 100-stream
+//! run creates about 1,300 files, so a bench run right after a mass deletion in its directory's
+//! group measures that: 0.64x in a fresh directory (`TMPDIR=target/bench-tmp`), 0.47x when
+//! the same command ran again right after the first had deleted its files. Each run's data
+//! directory is therefore kept until the scenario ends; run the bench with a `TMPDIR` that
+//! has seen no mass deletion in the last five minutes.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
 #[path = "../tests/common/mod.rs"]
@@ -175,6 +185,12 @@ struct Run {
     /// Chunks compressed with the thorough setting (the rest at the fast level).
     thorough: u64,
     other: u64,
+    /// The node's data directory, deleted only when the scenario ends: deleting thousands of
+    /// files right before the next run made that run's file creations slow (ext4 without a
+    /// journal, as here, skips inodes freed within the last minutes when it allocates one, and
+    /// the skipping was a quarter of the node's CPU in a profile), which timed the bench's own
+    /// cleanup instead of the node.
+    _data: tempfile::TempDir,
 }
 
 impl Run {
@@ -236,6 +252,7 @@ async fn ingest_run(bodies: &[Arc<Vec<u8>>], piece: usize) -> Run {
         chunks,
         thorough,
         other: all - chunks,
+        _data: data,
     }
 }
 
@@ -267,6 +284,7 @@ async fn throughput() {
     let hundred = split_corpus(&corpus_bytes, 100);
     // Rounds alternate the reference and our runs so machine noise hits both alike.
     let mut rates: Vec<[f64; 5]> = Vec::new();
+    let mut runs = Vec::new();
     for round in 1..=3 {
         let (zstd_time, zstd_size) = time_command("zstd -q -3 -T1 -c", &corpus_path);
         let one_run = ingest_run(&one, 64 << 10).await;
@@ -286,6 +304,7 @@ async fn throughput() {
             par_run.describe(r[3], r[4], r[0], gzip_size),
         );
         rates.push(r);
+        runs.extend([one_run, par_run]);
     }
     let med = |i: usize| median(rates.iter().map(|r| r[i]).collect());
     let reference = med(0);
