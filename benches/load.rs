@@ -189,9 +189,9 @@ struct Run {
     other: u64,
     /// The node's data directory, deleted only when the scenario ends: deleting thousands of
     /// files right before the next run made that run's file creations slow (ext4 without a
-    /// journal, as here, skips inodes freed within the last minutes when it allocates one, and
-    /// inode allocation was 41% of the nodes' samples in a profile from `/tmp`), which timed the bench's own
-    /// cleanup instead of the node.
+    /// journal, as here, skips inodes freed within the last minutes when it allocates one;
+    /// inode allocation was 41% of the nodes' samples in a profile from `/tmp`), which timed
+    /// the bench's own cleanup instead of the node.
     _data: tempfile::TempDir,
 }
 
