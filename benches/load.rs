@@ -23,7 +23,8 @@
 //! and such an ext4 skips, when it allocates an inode, every inode of the group freed within
 //! the last one to five minutes, looking each up: in `/tmp`, after the test suite, creating a
 //! file took 0.78 ms, in `/work` 0.04 ms (1,000 files each, same file system). The 100-stream
-//! run creates about 1,300 files, so a bench run right after a mass deletion in its directory's
+//! run creates over a thousand (501 store objects and their directories, and each recording's
+//! spool directory and files), so a bench run right after a mass deletion in its directory's
 //! group measures that: 0.64x in a fresh directory (`TMPDIR=target/bench-tmp`), 0.47x when
 //! the same command ran again right after the first had deleted its files. Each run's data
 //! directory is therefore kept until the scenario ends; run the bench with a `TMPDIR` that
