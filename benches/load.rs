@@ -41,7 +41,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Node, corpus, start_v2};
+use common::{Node, corpus, cpu_seconds, start_v2};
 
 fn main() {
     let filter: Vec<String> = std::env::args()
@@ -378,22 +378,6 @@ async fn size_at_rate() {
         node_cpu / sent.as_secs_f64() * 100.0,
         stored as f64 / gzip_size as f64,
     );
-}
-
-/// User plus system CPU seconds a process has used, from /proc/PID/stat.
-fn cpu_seconds(pid: &str) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name, which ends at the last ')': utime and stime are 12 and 13.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map_or("", |(_, rest)| rest)
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = [11, 12]
-        .iter()
-        .filter_map(|&i| fields.get(i).and_then(|v| v.parse::<f64>().ok()))
-        .sum();
-    ticks / 100.0 // USER_HZ is 100 on Linux
 }
 
 fn rss_kib(pid: u32, field: &str) -> u64 {

@@ -25,7 +25,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use castvault_storage::store::RegionStore;
-use common::{Azurite, Node, corpus, start_v2};
+use common::{Azurite, Node, corpus, cpu_seconds, start_v2};
 use futures::{FutureExt, StreamExt};
 use object_store::ObjectStoreExt;
 
@@ -103,23 +103,6 @@ const DRAIN_POLL: Duration = Duration::from_millis(20);
 
 fn finalized(node: &Node) -> usize {
     node.list().iter().filter(|r| r["status"] != "live").count()
-}
-
-/// User plus system CPU seconds of a process.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // Fields after the command: utime is the 12th, stime the 13th (0-based 11, 12).
-    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// Busy and total jiffies of all CPUs.
@@ -246,9 +229,9 @@ async fn drain() {
     );
     let stored_before = metric(&node, "castvault_bytes_stored_total").await;
     let chunks_before = metric(&node, "castvault_chunks_committed_total").await;
-    let cpu_before = (cpu_seconds(node.pid()), machine_busy());
+    let cpu_before = (cpu_seconds(&node.pid().to_string()), machine_busy());
     let azurite_pid = azurite.pid();
-    let azurite_cpu = || azurite_pid.map_or(0.0, cpu_seconds);
+    let azurite_cpu = || azurite_pid.map_or(0.0, |pid| cpu_seconds(&pid.to_string()));
     let azurite_before = azurite_cpu();
     if restart {
         azurite.resume().await;
@@ -282,7 +265,7 @@ async fn drain() {
         first_commit.unwrap_or(took),
         all_committed.unwrap_or(took)
     );
-    let node_cpu = cpu_seconds(node.pid()) - cpu_before.0;
+    let node_cpu = cpu_seconds(&node.pid().to_string()) - cpu_before.0;
     let azurite_drain = azurite_cpu() - azurite_before;
     let (busy, total) = machine_busy();
     let machine = (busy - cpu_before.1.0) / (total - cpu_before.1.1).max(1e-9);

@@ -1058,3 +1058,20 @@ pub fn options_toml(options: &std::collections::BTreeMap<String, String>) -> Str
         .collect();
     format!("{{ {} }}", pairs.join(", "))
 }
+
+/// User plus system CPU seconds a process (a PID, or `self`) has used, from /proc/PID/stat.
+pub fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which ends at the last ')': utime and stime are 12 and 13
+    // (0-based 11 and 12), in ticks of 1/100 s.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i).and_then(|v| v.parse::<f64>().ok()))
+        .sum();
+    ticks / 100.0
+}
