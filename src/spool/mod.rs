@@ -600,10 +600,10 @@ impl SpoolFile {
     /// dirty and drops the clean ones (the advice skips dirty pages); called by a checkpoint
     /// (`synced`: the file was just fsynced) it drops them all, and later calls start there.
     /// A long recording so keeps about a chunk or two in the page cache instead of its whole
-    /// length, and while the uploader keeps pace the node reuses those pages: writing a
-    /// gigabyte into fresh page-cache memory cost 2.3–3.3 s of CPU here, into just-freed memory
-    /// 0.2 s (`dd`, both measured on this machine). In a burst that holds every core the
-    /// uploader lags and pages come back too late for that (docs/DESIGN-NOTES.md).
+    /// length, and pages freed just before the next ones are needed come back cheaply: writing
+    /// a gigabyte into fresh page-cache memory cost 2.3–3.3 s of CPU here, into just-freed
+    /// memory 0.2 s (`dd`, both measured on this machine). In a burst that holds every core the
+    /// uploader lags, and the data writer's copy costs the fresh rate (docs/DESIGN-NOTES.md).
     fn drop_stored_pages(&self, data: &File, synced: bool) {
         use nix::fcntl::{PosixFadviseAdvice, posix_fadvise};
         let stored = self.stored.load(Ordering::Acquire).min(self.written());
