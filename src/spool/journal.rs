@@ -34,19 +34,27 @@
 //! block did.
 //!
 //! # Data writer
-//! After a committed round the batch goes to the data-writer thread, which writes each data
-//! record into its recording's data file at its offset and moves the file's `written` offset;
-//! a recording's consecutive records in one batch go in one `pwritev` ([`DATA_RUN_BYTES`]).
-//! Its queue is bounded ([`DATA_QUEUE_BATCHES`]) and each record keeps its share of
-//! [`QUEUE_BYTES`] until it is in its data file, so a slow disk pushes back on the streams.
-//! A data-file write that fails (disk full) fails the recording's stream and is retried every
-//! second, in order, until it succeeds; its bytes stay in the journal meanwhile.
+//! After a committed round the batch goes to the data-writer thread, which holds each data
+//! record in memory with its recording (see the spool's module doc); short records are copied
+//! together, so that a slow stream does not keep whole receive buffers alive. Its queue is
+//! bounded ([`DATA_QUEUE_BATCHES`]) and each record keeps its share of [`QUEUE_BYTES`] until
+//! it is held, so a slow data writer pushes back on the streams.
 //!
 //! # Checkpoint
-//! When a segment is rotated out and every record of it is in its data file, the data writer
-//! queues it for the one checkpoint thread, which fsyncs those data files, the metadata files and
-//! directory entries of recordings with metadata records in it, and then deletes the segment.
-//! Segments are deleted one at a time, in order, and only once their bytes are durable elsewhere.
+//! A rotated segment is checkpointed, oldest first, as soon as each recording with records in
+//! it is removed (finalized: its bytes are in the store) or has them in its data file. Else it
+//! waits until it is due: [`RETAIN_AGE`] after it rotated, or at once while the journal holds
+//! more than its budget ([`RETAIN_MAX_BYTES`], at most 1/[`RETAIN_MEMORY_SHARE`] of memory and
+//! 1/[`RETAIN_DISK_SHARE`] of the spool disk's free space). Then the data writer spills the
+//! held bytes of its recordings up to their records in it into their data files (a spill that
+//! fails, disk full, fails the recording's stream and is retried every second; the segment
+//! stays meanwhile). The checkpoint thread then fsyncs those data files, the metadata files
+//! and directory entries of recordings with metadata records in it, and deletes the segment.
+//! Segments are deleted one at a time, in order, and only once their bytes are durable
+//! elsewhere or no longer needed. A removal record that is lost in a crash after its
+//! recording's segments were deleted leaves nothing to replay (data records with no meta
+//! record are skipped), or, with its meta record still in a segment, a recording that finds
+//! its manifest in the store and concludes.
 //!
 //! # Replay
 //! At start, before anything else, every segment is read in order. Records of a removed
@@ -113,11 +121,7 @@ const CHECKPOINT_QUEUE: usize = 64;
 /// Bytes are bounded by [`QUEUE_BYTES`] in any case.
 pub const DATA_QUEUE_BATCHES: usize = 1024;
 
-/// Bytes of one recording's consecutive records the data writer writes with one `pwritev` at
-/// most.
-const DATA_RUN_BYTES: usize = 1 << 20;
-
-/// How often data-file writes that failed are tried again.
+/// How often spills into data files that failed are tried again.
 const DATA_RETRY: Duration = Duration::from_secs(1);
 
 enum Message {
@@ -137,8 +141,8 @@ enum DataMessage {
     Tick,
 }
 
-/// One record on its way through the journal to the data file. It counts in its file's
-/// `in_flight` from creation until it is dropped: written, or refused by the journal.
+/// One record on its way through the journal to the data writer. It counts in its file's
+/// `in_flight` from creation until it is dropped: held, or refused by the journal.
 struct Append {
     file: Arc<SpoolFile>,
     offset: u64,
@@ -175,13 +179,16 @@ impl Drop for Append {
 }
 
 /// Handle to the journal writer. Dropping it stops the writer after its last round and waits
-/// until the data writer has written every committed record into its data file.
+/// until the data writer has taken every committed record; held bytes stay in their
+/// segments, which the next start replays.
 pub struct Journal {
     queue: Option<mpsc::Sender<Message>>,
     budget: Arc<Semaphore>,
     /// Duration of each commit round.
     pub commit_seconds: Arc<Histogram>,
     writer: Option<std::thread::JoinHandle<()>>,
+    /// Committed payload bytes not in data files (shared with the writer and data writer).
+    unwritten: Arc<AtomicU64>,
 }
 
 impl Drop for Journal {
@@ -207,6 +214,7 @@ impl Journal {
         let commit_seconds = Arc::new(Histogram::default());
         let writer_commit_seconds = commit_seconds.clone();
         let writer_unwritten = unwritten.clone();
+        let journal_unwritten = unwritten.clone();
         let data_writer = std::thread::Builder::new()
             .name("spool-data".to_owned())
             .spawn(move || DataWriter::new(data_dir, writer_unwritten).run(&data_rx))
@@ -219,7 +227,7 @@ impl Journal {
                     segment,
                     rx,
                     &data_queue,
-                    &unwritten,
+                    &journal_unwritten,
                     &writer_commit_seconds,
                 );
                 drop(data_queue);
@@ -243,6 +251,7 @@ impl Journal {
             budget: Arc::new(Semaphore::new(QUEUE_BYTES)),
             commit_seconds,
             writer: Some(writer),
+            unwritten,
         })
     }
 
@@ -257,6 +266,17 @@ impl Journal {
         bytes: Bytes,
     ) -> Result<(), SpoolError> {
         self.enqueue(file, offset, bytes, None).await
+    }
+
+    /// A removed recording's held bytes: they need no data file any more.
+    pub(super) fn released(&self, bytes: u64) {
+        if bytes > 0 {
+            let _ = self
+                .unwritten
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                    Some(u.saturating_sub(bytes))
+                });
+        }
     }
 
     /// Journals a metadata record ([`META_OFFSET`] or [`END_OFFSET`]) and waits for its commit.
@@ -441,8 +461,8 @@ fn run_writer(
                 }
             })
             .collect();
-        // A failed recording takes no more data records: its data file must stay a gapless
-        // prefix. Its end record still goes in.
+        // A failed recording takes no more data records: its held bytes and data file must
+        // stay a gapless prefix. Its end record still goes in.
         batch.retain(|a| a.is_metadata() || a.file.failure().is_none());
         if !batch.is_empty() {
             let started = Instant::now();
@@ -535,8 +555,9 @@ fn helper_gone() -> SpoolError {
 
 /// The data-writer thread's state (see the module doc).
 struct DataWriter {
-    /// Data files written per segment, to fsync at its checkpoint.
-    touched: BTreeMap<u64, HashMap<String, Arc<SpoolFile>>>,
+    /// Per segment, the recordings with data records in it and where their last one ends:
+    /// a checkpoint needs each in its data file (or the recording removed).
+    touched: BTreeMap<u64, HashMap<String, (Arc<SpoolFile>, u64)>>,
     /// Recordings with metadata records per segment (true: it was opened there), whose files
     /// and directory entries the checkpoint makes durable.
     metadata: BTreeMap<u64, HashMap<String, (Arc<SpoolFile>, bool)>>,
@@ -544,14 +565,16 @@ struct DataWriter {
     /// so a segment never outlives a later one (replay relies on it).
     checkpoints: std::sync::mpsc::SyncSender<Checkpoint>,
     checkpoint_thread: Option<std::thread::JoinHandle<()>>,
-    /// Rotated segments waiting for their checkpoint, oldest first.
-    rotated: VecDeque<(u64, PathBuf)>,
-    /// Per recording, records whose data-file write failed, in offset order: retried every
-    /// [`DATA_RETRY`]; later records of that recording queue behind them.
-    stalled: HashMap<String, VecDeque<Append>>,
-    last_retry: Instant,
-    /// Committed payload bytes not yet in data files (shared with the journal writer).
+    /// Rotated segments waiting for their checkpoint, oldest first, with when they rotated.
+    rotated: VecDeque<(u64, PathBuf, Instant)>,
+    /// When a spill last failed: the next try waits [`DATA_RETRY`].
+    spill_failed: Option<Instant>,
+    /// Committed payload bytes not in data files: held in memory, or on their way to be
+    /// (shared with the journal writer, which keeps disk space for them).
     unwritten: Arc<AtomicU64>,
+    dir: PathBuf,
+    /// [`RETAIN_MAX_BYTES`] or the memory share, whichever is less.
+    memory_budget: u64,
 }
 
 impl DataWriter {
@@ -577,49 +600,29 @@ impl DataWriter {
             checkpoint_thread,
             touched: BTreeMap::new(),
             rotated: VecDeque::new(),
-            stalled: HashMap::new(),
-            last_retry: Instant::now(),
+            spill_failed: None,
+            dir,
+            memory_budget: memory_budget(),
         }
     }
 
     fn run(mut self, rx: &std::sync::mpsc::Receiver<DataMessage>) {
         while let Ok(message) = rx.recv() {
             match message {
-                DataMessage::Batch(mut batch) => {
-                    // Each recording's records together, in offset order (the sort is stable),
-                    // so a run of them costs one open and one write.
-                    batch.sort_by_key(|a| Arc::as_ptr(&a.file) as usize);
-                    let mut run: Vec<Append> = Vec::new();
-                    let mut run_bytes = 0;
+                DataMessage::Batch(batch) => {
                     for append in batch {
-                        let joins = run.last().is_some_and(|last| {
-                            Arc::ptr_eq(&last.file, &append.file)
-                                && last.offset + last.bytes.len() as u64 == append.offset
-                                && run_bytes + append.bytes.len() <= DATA_RUN_BYTES
-                        });
-                        if !joins {
-                            self.write_run(&mut run);
-                            run_bytes = 0;
-                        }
-                        if append.is_metadata() || append.offset == REMOVED_OFFSET {
-                            self.write(append);
-                        } else {
-                            run_bytes += append.bytes.len();
-                            run.push(append);
-                        }
+                        self.take(append);
                     }
-                    self.write_run(&mut run);
                 }
-                DataMessage::Rotated { seq, path } => self.rotated.push_back((seq, path)),
+                DataMessage::Rotated { seq, path } => {
+                    self.rotated.push_back((seq, path, Instant::now()));
+                }
                 DataMessage::Tick => {}
-            }
-            if !self.stalled.is_empty() && self.last_retry.elapsed() >= DATA_RETRY {
-                self.last_retry = Instant::now();
-                self.retry();
             }
             self.checkpoint_ready();
         }
-        // Stopping: let queued checkpoints finish, so the next start never races one.
+        // Stopping: let queued checkpoints finish, so the next start never races one. Held
+        // bytes stay in their segments, which the next start replays.
         let Self {
             checkpoints,
             checkpoint_thread,
@@ -631,46 +634,13 @@ impl DataWriter {
         }
     }
 
-    /// Writes a run of one recording's data records, contiguous and in order, with one write.
-    fn write_run(&mut self, run: &mut Vec<Append>) {
-        if run.len() < 2 {
-            if let Some(append) = run.pop() {
-                self.write(append);
-            }
-            return;
-        }
-        let Some(first) = run.first() else {
-            return;
-        };
-        let (file, offset) = (first.file.clone(), first.offset);
-        if self.stalled.contains_key(file.id.as_str()) {
-            for append in run.drain(..) {
-                self.write(append);
-            }
-            return;
-        }
-        if let Err(e) = file.write_data(
-            offset,
-            &run.iter().map(|a| &a.bytes[..]).collect::<Vec<_>>(),
-        ) {
-            tracing::error!(recording_id = %file.id, error = %e, "cannot write the spool data file; retrying every second, the journal keeps the bytes");
-            file.fail_io("spool data write failed", &e);
-            self.stalled
-                .entry(file.id.to_string())
-                .or_default()
-                .extend(run.drain(..));
-            return;
-        }
-        for append in run.drain(..) {
-            self.touch(&append);
-        }
-    }
-
-    fn write(&mut self, append: Append) {
-        let id = append.file.id.as_str();
+    /// Takes one committed record: a data record is held in memory, a metadata record booked
+    /// for its segment's checkpoint.
+    fn take(&mut self, append: Append) {
         if append.offset == REMOVED_OFFSET {
             return;
         }
+        let id = append.file.id.as_str();
         if append.is_metadata() {
             let opened = append.offset == META_OFFSET;
             let entry = self
@@ -682,69 +652,80 @@ impl DataWriter {
             entry.1 |= opened;
             return;
         }
-        if let Some(queue) = self.stalled.get_mut(id) {
-            queue.push_back(append);
-            return;
+        let end = append.offset + append.bytes.len() as u64;
+        match append.file.hold(append.offset, append.bytes.clone()) {
+            Ok(released) => self.release(released),
+            Err(e) => {
+                // Cannot happen (one recording's records come in offset order, and none after
+                // a failed one); the segment keeps the record until its checkpoint spills.
+                tracing::error!(recording_id = %append.file.id, error = %e, "spool record out of order");
+                append.file.fail_io("spool record out of order", &e);
+            }
         }
-        if let Err(e) = append.file.write_data(append.offset, &[&append.bytes[..]]) {
-            tracing::error!(recording_id = %append.file.id, error = %e, "cannot write the spool data file; retrying every second, the journal keeps the bytes");
-            append.file.fail_io("spool data write failed", &e);
-            self.stalled
-                .entry(id.to_owned())
-                .or_default()
-                .push_back(append);
-            return;
-        }
-        self.touch(&append);
-    }
-
-    /// Books a record that is now in its data file.
-    fn touch(&mut self, append: &Append) {
-        self.unwritten
-            .fetch_sub(append.bytes.len() as u64, Ordering::AcqRel);
-        self.touched
+        let entry = self
+            .touched
             .entry(append.segment)
             .or_default()
-            .entry(append.file.id.to_string())
-            .or_insert_with(|| append.file.clone());
+            .entry(id.to_owned())
+            .or_insert_with(|| (append.file.clone(), end));
+        entry.1 = entry.1.max(end);
     }
 
-    fn retry(&mut self) {
-        let mut stalled = std::mem::take(&mut self.stalled);
-        for (id, queue) in &mut stalled {
-            while let Some(append) = queue.front() {
-                if append
-                    .file
-                    .write_data(append.offset, &[&append.bytes[..]])
-                    .is_err()
-                {
-                    break;
-                }
-                if let Some(append) = queue.pop_front() {
-                    self.touch(&append);
-                }
-            }
-            if queue.is_empty() {
-                tracing::info!(recording_id = %id, "spool data file caught up with the journal");
-            }
+    fn release(&self, bytes: u64) {
+        if bytes > 0 {
+            let _ = self
+                .unwritten
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                    Some(u.saturating_sub(bytes))
+                });
         }
-        stalled.retain(|_, queue| !queue.is_empty());
-        self.stalled = stalled;
     }
 
-    /// Starts the checkpoint of every rotated segment whose records are all in data files.
+    /// Bytes the journal may hold in memory and in retained segments: the memory budget, and
+    /// at most a share of the spool disk's free space.
+    fn retention_budget(&self) -> u64 {
+        let disk = free_bytes(&self.dir).map_or(0, |free| free / RETAIN_DISK_SHARE);
+        self.memory_budget.min(disk)
+    }
+
+    /// Checkpoints rotated segments, oldest first: each as soon as every recording in it is
+    /// removed or in its data file; else once it is due (too old, or the journal holds more
+    /// than its budget), after spilling what its recordings hold up to their records in it.
     fn checkpoint_ready(&mut self) {
-        let oldest_stalled = self
-            .stalled
-            .values()
-            .filter_map(|q| q.front().map(|a| a.segment))
-            .min();
-        while let Some((seq, _)) = self.rotated.front() {
-            if oldest_stalled.is_some_and(|stalled| stalled <= *seq) {
-                return;
-            }
+        let mut budget = None;
+        while let Some((seq, _, rotated_at)) = self.rotated.front() {
             let seq = *seq;
-            let Some((_, path)) = self.rotated.pop_front() else {
+            let files = self.touched.get(&seq);
+            let spill: Vec<(Arc<SpoolFile>, u64)> = files
+                .into_iter()
+                .flat_map(|files| files.values())
+                .filter(|(file, end)| file.holds_before(*end))
+                .cloned()
+                .collect();
+            if !spill.is_empty() {
+                let budget = *budget.get_or_insert_with(|| self.retention_budget());
+                let due = rotated_at.elapsed() >= RETAIN_AGE
+                    || self.unwritten.load(Ordering::Acquire) > budget;
+                let retry_wait = self
+                    .spill_failed
+                    .is_some_and(|failed| failed.elapsed() < DATA_RETRY);
+                if !due || retry_wait {
+                    return;
+                }
+                for (file, end) in spill {
+                    match file.spill(end) {
+                        Ok(spilled) => self.release(spilled),
+                        Err(e) => {
+                            tracing::error!(recording_id = %file.id, error = %e, "cannot write the spool data file; retrying every second, the journal keeps the bytes");
+                            file.fail_io("spool data write failed", &e);
+                            self.spill_failed = Some(Instant::now());
+                            return;
+                        }
+                    }
+                }
+                self.spill_failed = None;
+            }
+            let Some((_, path, _)) = self.rotated.pop_front() else {
                 return;
             };
             let job = Checkpoint {
@@ -754,6 +735,7 @@ impl DataWriter {
                     .remove(&seq)
                     .unwrap_or_default()
                     .into_values()
+                    .map(|(file, _)| file)
                     .collect(),
                 metadata: self
                     .metadata
@@ -769,6 +751,37 @@ impl DataWriter {
             }
         }
     }
+}
+
+/// The most the journal holds in memory (and in segments kept for it): what a burst of
+/// recordings at full speed takes to be stored and finalized (a 1 GiB `cat` through the
+/// gateway: about 1.1 GiB), so that its bytes are never written a second time.
+pub const RETAIN_MAX_BYTES: u64 = 2 << 30;
+
+/// The journal holds at most this share (1/8) of the machine's memory: the page cache did
+/// the same job before, and the rest of the node must fit beside it.
+const RETAIN_MEMORY_SHARE: u64 = 8;
+
+/// ... and at most this share (1/4) of the spool disk's free space: each held byte may have
+/// to go into its data file, next to its segment, and new commits need room.
+const RETAIN_DISK_SHARE: u64 = 4;
+
+/// A rotated segment is checkpointed this long after it rotated at the latest, its held
+/// bytes spilled: bounds what a long recording holds in memory and what a replay reads.
+pub const RETAIN_AGE: Duration = Duration::from_secs(60);
+
+/// [`RETAIN_MAX_BYTES`] or the memory share, whichever is less; nothing (every segment
+/// spilled at once, as without holding) when the machine's memory cannot be read.
+fn memory_budget() -> u64 {
+    let memory = fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|info| {
+            let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib << 10)
+        })
+        .unwrap_or(0);
+    RETAIN_MAX_BYTES.min(memory / RETAIN_MEMORY_SHARE)
 }
 
 /// One rotated segment to make redundant and delete.
@@ -1078,6 +1091,133 @@ pub fn replay(dir: &Path, spool_root: &Path) -> Result<u64, SpoolError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use castvault_storage::keys::{RecordingId, Region};
+
+    /// A data writer on its own thread with `budget` bytes of memory, over the spool at `root`.
+    fn data_writer(
+        root: &Path,
+        budget: u64,
+    ) -> (
+        std::sync::mpsc::SyncSender<DataMessage>,
+        std::thread::JoinHandle<()>,
+        Arc<AtomicU64>,
+    ) {
+        let dir = root.join("journal");
+        fs::create_dir_all(&dir).unwrap();
+        let unwritten = Arc::new(AtomicU64::new(0));
+        let mut writer = DataWriter::new(dir, unwritten.clone());
+        writer.memory_budget = budget;
+        let (tx, rx) = std::sync::mpsc::sync_channel(16);
+        let thread = std::thread::spawn(move || writer.run(&rx));
+        (tx, thread, unwritten)
+    }
+
+    fn recording(root: &Path, n: u64) -> Arc<SpoolFile> {
+        let id = RecordingId::new(&Region::new("local").unwrap(), n, n);
+        let dir = root.join(id.as_str());
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("data"), b"").unwrap();
+        Arc::new(SpoolFile::new(id, dir, 0, std::sync::Weak::new()))
+    }
+
+    /// Segment `seq` with `records` committed to it, as the journal writer hands it on.
+    fn committed(
+        root: &Path,
+        seq: u64,
+        records: &[(&Arc<SpoolFile>, u64, &'static [u8])],
+        unwritten: &AtomicU64,
+    ) -> (DataMessage, PathBuf) {
+        let path = root.join("journal").join(format!("{seq:016}.wal"));
+        fs::write(&path, b"records").unwrap();
+        let budget = Arc::new(Semaphore::new(QUEUE_BYTES));
+        let batch = records
+            .iter()
+            .map(|(file, offset, bytes)| {
+                unwritten.fetch_add(bytes.len() as u64, Ordering::AcqRel);
+                let permit = budget.clone().try_acquire_many_owned(1).unwrap();
+                let mut append = Append::new(file, *offset, Bytes::from_static(bytes), permit);
+                append.segment = seq;
+                append
+            })
+            .collect();
+        (DataMessage::Batch(batch), path)
+    }
+
+    fn wait_until(what: &str, done: impl Fn() -> bool) {
+        for _ in 0..500 {
+            if done() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("timed out waiting until {what}");
+    }
+
+    #[test]
+    fn a_segment_of_finalized_recordings_goes_without_a_data_file_write() {
+        let root = tempfile::tempdir().unwrap();
+        let (tx, thread, unwritten) = data_writer(root.path(), u64::MAX);
+        let (a, b) = (recording(root.path(), 1), recording(root.path(), 2));
+        let (batch, segment) = committed(
+            root.path(),
+            1,
+            &[(&a, 0, b"hello\n"), (&b, 0, b"world\n")],
+            &unwritten,
+        );
+        tx.send(batch).unwrap();
+        tx.send(DataMessage::Rotated {
+            seq: 1,
+            path: segment.clone(),
+        })
+        .unwrap();
+        wait_until("both are held", || a.written() == 6 && b.written() == 6);
+        // Held, not due: the segment stays, as long as one of its recordings is not removed.
+        tx.send(DataMessage::Tick).unwrap();
+        assert_eq!(unwritten.fetch_sub(a.release(), Ordering::AcqRel), 12);
+        tx.send(DataMessage::Tick).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(segment.exists());
+        unwritten.fetch_sub(b.release(), Ordering::AcqRel);
+        tx.send(DataMessage::Tick).unwrap();
+        wait_until("the segment is deleted", || !segment.exists());
+        for file in [&a, &b] {
+            assert_eq!(fs::read(file.dir.join("data")).unwrap(), b"");
+        }
+        assert_eq!(unwritten.load(Ordering::Acquire), 0);
+        drop(tx);
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn a_due_segment_spills_its_held_bytes_first() {
+        let root = tempfile::tempdir().unwrap();
+        let (tx, thread, unwritten) = data_writer(root.path(), 0);
+        let a = recording(root.path(), 1);
+        let (batch, first) = committed(root.path(), 1, &[(&a, 0, b"hello\n")], &unwritten);
+        tx.send(batch).unwrap();
+        tx.send(DataMessage::Rotated {
+            seq: 1,
+            path: first.clone(),
+        })
+        .unwrap();
+        let (batch, second) = committed(root.path(), 2, &[(&a, 6, b"again\n")], &unwritten);
+        tx.send(batch).unwrap();
+        tx.send(DataMessage::Tick).unwrap();
+        // Over its budget (none): the first segment's bytes go to the data file, then it goes.
+        wait_until("the first segment is deleted", || !first.exists());
+        let data = fs::read(a.dir.join("data")).unwrap();
+        assert!(data.starts_with(b"hello\n"), "{data:?}");
+        assert_eq!(a.on_disk(), data.len() as u64);
+        assert_eq!(unwritten.load(Ordering::Acquire), 12 - a.on_disk());
+        assert!(second.exists());
+        drop(tx);
+        thread.join().unwrap();
+        let all = a.dir.join("data");
+        let mut tail = Vec::new();
+        let file = File::open(&all).unwrap();
+        a.read_into(&file, 0, 12, &mut tail).unwrap();
+        assert_eq!(tail, b"hello\nagain\n");
+    }
 
     #[test]
     fn records_round_trip_and_a_torn_tail_is_dropped() {

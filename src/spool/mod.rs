@@ -18,33 +18,45 @@
 //! # Durability and group commit
 //! A stream's bytes go to the shared journal ([`journal`]) only: its one writer thread commits
 //! everything queued with a single fdatasync per round, however many streams are writing. After a
-//! round the recordings' `durable` offsets move; acks at `spool` level read them. A second thread
-//! then writes each committed batch into the recordings' `data` files (page cache), which is what
-//! the uploader reads; data files are fsynced when their journal segment is checkpointed. Nothing
-//! on the ack path touches a data file: a write to one can sleep for the length of a disk write
+//! round the recordings' `durable` offsets move; acks at `spool` level read them. Nothing on the
+//! ack path touches a data file: a write to one can sleep for the length of a disk write
 //! whenever its inode's table block is being written back (an fsync of any of the 15 other files
 //! sharing that block), and on the stream's own task that stalled whole runtime threads.
 //!
-//! Offsets: `received` counts bytes handed to the journal, `durable` bytes committed, `written`
-//! bytes in the data file; `written <= received` and `durable <= received`.
+//! # Held in memory
+//! A second thread, the data writer, takes each committed batch and holds every recording's
+//! bytes in memory, where the uploader, the live view and the live indexer read them. A
+//! recording's bytes reach its `data` file only when the journal needs the segment that holds
+//! them back: the segment is old, or the journal holds more than its budget (see [`journal`]).
+//! A recording finalized before that is never written to its data file: a burst of recordings
+//! costs one disk write per byte (the journal's, direct), not two plus a copy into fresh
+//! page-cache memory. The data file is always the recording's first bytes, and the held bytes
+//! follow it without a gap.
 //!
+//! Offsets: `received` counts bytes handed to the journal, `durable` bytes committed, `written`
+//! bytes taken by the data writer (readable), `on_disk` bytes in the data file;
+//! `on_disk <= written <= received` and `durable <= received`.
+
 //! # Deletion
 //! A recording's directory is removed only after its manifest is committed in the store, which
 //! implies all of its chunks are.
 //!
 //! # Recovery
-//! On start the journal is replayed into the data files first (see [`journal`]). Then every
-//! directory left is a recording that was not finalized, and its `data` holds every acked byte. `chunks.jsonl` is not fsynced: a torn last line is
+//! On start the journal is replayed into the data files first (see [`journal`]): a segment is
+//! deleted only once its records are in their data files or their recordings removed, so held
+//! bytes are replayed. Then every directory left is a recording that was not finalized, and
+//! its `data` holds every acked byte. `chunks.jsonl` is not fsynced: a torn last line is
 //! ignored and chunks it misses are found in the store and checked byte for byte against `data`
 //! (see `upload`). No `end.json` means the stream was cut by the crash: status `interrupted`.
 //! A directory without `meta.json` never acked a byte and is removed.
 
+use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use bytes::Bytes;
 use castvault_storage::keys::RecordingId;
@@ -146,8 +158,9 @@ pub struct SpoolFile {
     pub id: RecordingId,
     dir: PathBuf,
     received: AtomicU64,
+    /// Bytes the data writer has taken: readable, from the data file or held in memory.
     written: AtomicU64,
-    /// Appends handed to the journal and not yet written to the data file or dropped.
+    /// Appends handed to the journal and not yet taken by the data writer or dropped.
     in_flight: AtomicU64,
     /// The journal, for the removal record.
     journal: std::sync::Weak<journal::Journal>,
@@ -161,6 +174,8 @@ pub struct SpoolFile {
     dropped: AtomicU64,
     /// A drop started by [`SpoolFile::mark_stored`] is running.
     dropping: std::sync::atomic::AtomicBool,
+    /// Committed bytes not yet in the data file (see "Held in memory" in the module doc).
+    held: Mutex<Held>,
 }
 
 impl Spool {
@@ -341,6 +356,7 @@ impl SpoolFile {
             stored: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             dropping: std::sync::atomic::AtomicBool::new(false),
+            held: Mutex::new(Held::new(len)),
         }
     }
 
@@ -349,6 +365,8 @@ impl SpoolFile {
     /// Off the caller's path, at most one at a time per recording.
     pub fn mark_stored(self: &Arc<Self>, end: u64) {
         if self.stored.fetch_max(end, Ordering::AcqRel) >= end
+            // Bytes still held in memory have no pages to drop.
+            || end.min(self.on_disk()) <= self.dropped.load(Ordering::Acquire) & !(PAGE_BYTES - 1)
             || self.dropping.swap(true, Ordering::AcqRel)
         {
             return;
@@ -368,14 +386,14 @@ impl SpoolFile {
         self.received.load(Ordering::Acquire)
     }
 
-    /// Bytes in the data file, readable with [`SpoolFile::read_at`].
+    /// Bytes readable with [`SpoolFile::read_at`], from the data file or held in memory.
     pub fn written(&self) -> u64 {
         self.written.load(Ordering::Acquire)
     }
 
-    /// True when no append is on its way to the data file: after the stream has ended, the
-    /// data file then holds the whole recording ([`SpoolFile::written`] is final). Appends the
-    /// journal could not commit are dropped, never written, so a failed stream settles too.
+    /// True when no append is on its way to the data writer: after the stream has ended, the
+    /// whole recording is then readable ([`SpoolFile::written`] is final). Appends the journal
+    /// could not commit are dropped, never taken, so a failed stream settles too.
     pub fn settled(&self) -> bool {
         self.in_flight.load(Ordering::Acquire) == 0
     }
@@ -410,11 +428,105 @@ impl SpoolFile {
         self.failed.get().map(|(reason, _)| reason.as_str())
     }
 
+    fn held(&self) -> MutexGuard<'_, Held> {
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Holds a committed record in memory (the data writer, in offset order). Returns the
+    /// bytes that leave the journal's retention at once: all of them for a removed recording.
+    fn hold(&self, offset: u64, bytes: Bytes) -> io::Result<u64> {
+        let mut held = self.held();
+        if offset != held.end() {
+            return Err(io::Error::other(format!(
+                "record at {offset} does not follow the held bytes, which end at {}",
+                held.end()
+            )));
+        }
+        let len = bytes.len();
+        if len < HELD_COPY_BELOW {
+            held.open.extend_from_slice(&bytes);
+            if held.open.len() >= HELD_SEAL_BYTES {
+                held.seal();
+            }
+        } else {
+            held.seal();
+            held.pieces.push_back((offset, bytes));
+            held.open_at += len as u64;
+        }
+        let (end, released) = (held.end(), held.released);
+        drop(held);
+        self.written.store(end, Ordering::Release);
+        Ok(if released { len as u64 } else { 0 })
+    }
+
+    /// Bytes of the recording in its data file; the rest is held in memory.
+    pub fn on_disk(&self) -> u64 {
+        self.held().start
+    }
+
+    /// Writes the held bytes up to `upto` (or the end of the piece it falls in) into the data
+    /// file and stops holding them. Returns the bytes that leave the journal's retention. The
+    /// lock is not held while writing: readers go on reading held bytes until they are in the
+    /// file. Only the data writer calls it.
+    fn spill(&self, upto: u64) -> io::Result<u64> {
+        let (start, pieces) = {
+            let mut held = self.held();
+            if upto <= held.start {
+                return Ok(0);
+            }
+            if upto > held.open_at {
+                held.seal();
+            }
+            let pieces: Vec<Bytes> = held
+                .pieces
+                .iter()
+                .take_while(|(at, _)| *at < upto)
+                .map(|(_, piece)| piece.clone())
+                .collect();
+            (held.start, pieces)
+        };
+        let written = self.write_data(start, &pieces.iter().map(|p| &p[..]).collect::<Vec<_>>());
+        let mut held = self.held();
+        if held.released {
+            // Finalized meanwhile (its directory may be gone): nothing more to keep.
+            return Ok(0);
+        }
+        let end = written?;
+        while held
+            .pieces
+            .front()
+            .is_some_and(|(at, piece)| at + piece.len() as u64 <= end)
+        {
+            held.pieces.pop_front();
+        }
+        let spilled = end - held.start;
+        held.start = end;
+        Ok(spilled)
+    }
+
+    /// True when the data file lacks bytes before `end` that are held (not removed).
+    fn holds_before(&self, end: u64) -> bool {
+        let held = self.held();
+        !held.released && held.start < end
+    }
+
+    /// The recording was removed: returns the held bytes that leave the journal's retention.
+    /// They stay in memory for readers that still follow the recording, until the last goes.
+    fn release(&self) -> u64 {
+        let mut held = self.held();
+        if held.released {
+            return 0;
+        }
+        held.released = true;
+        held.bytes()
+    }
+
     /// Writes consecutive pieces into the data file from `offset` on, with as few `pwritev`
-    /// calls as the kernel allows (the journal's data writer, in offset order). One write for
-    /// a run, not one per piece, also saves the kernel zeroing the rest of each partly
-    /// written new page.
-    fn write_data(&self, offset: u64, pieces: &[&[u8]]) -> io::Result<()> {
+    /// calls as the kernel allows, and returns where they end. One write for a run, not one
+    /// per piece, also saves the kernel zeroing the rest of each partly written new page.
+    fn write_data(&self, offset: u64, pieces: &[&[u8]]) -> io::Result<u64> {
         /// `IOV_MAX` on Linux.
         const IOV_MAX: usize = 1024;
         let file = self.open_data(true)?;
@@ -440,24 +552,71 @@ impl SpoolFile {
             at += n as u64;
             io::IoSlice::advance_slices(&mut rest, n);
         }
-        self.written.store(at, Ordering::Release);
-        Ok(())
+        Ok(at)
     }
 
-    /// Reads `len` bytes at `offset` of the data file.
+    /// Copies held bytes from `offset` on (up to `len`) into `out`; false when `offset` is
+    /// before the held bytes (in the data file).
+    fn read_held(&self, offset: u64, len: usize, out: &mut Vec<u8>) -> bool {
+        let held = self.held();
+        if offset < held.start {
+            return false;
+        }
+        held.copy_out(offset, len, out);
+        true
+    }
+
+    /// Reads up to `len` bytes from `offset` into `out`: from `data` (the data file) below the
+    /// held bytes, from memory from there on. Stops short at the end of what is there.
+    fn read_into(&self, data: &File, offset: u64, len: usize, out: &mut Vec<u8>) -> io::Result<()> {
+        let end = offset.saturating_add(len as u64);
+        loop {
+            let at = offset + out.len() as u64;
+            if at >= end {
+                return Ok(());
+            }
+            let limit = {
+                let held = self.held();
+                if at >= held.start {
+                    held.copy_out(at, (end - at) as usize, out);
+                    return Ok(());
+                }
+                held.start.min(end)
+            };
+            // Below `start` the bytes are in the file for good: `start` only moves forward.
+            let from = out.len();
+            out.resize(from + (limit - at) as usize, 0);
+            let n = data.read_at(&mut out[from..], at)?;
+            out.truncate(from + n);
+            if n == 0 {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Reads `len` bytes at `offset`: from memory while they are held, else from the data file.
     ///
     /// # Errors
-    /// [`SpoolError::Io`] on a read error or a short file.
+    /// [`SpoolError::Io`] on a read error or when fewer bytes are there.
     pub async fn read_at(self: &Arc<Self>, offset: u64, len: usize) -> Result<Vec<u8>, SpoolError> {
-        let this = self.clone();
-        blocking(move || {
-            let mut buf = vec![0; len];
-            this.open_data(false)
-                .and_then(|data| data.read_exact_at(&mut buf, offset))
-                .map_err(io_err("read data", &this.dir.join("data")))?;
-            Ok(buf)
-        })
-        .await
+        let path = || self.dir.join("data");
+        let mut buf = Vec::with_capacity(len);
+        if !self.read_held(offset, len, &mut buf) {
+            let this = self.clone();
+            buf = blocking(move || {
+                this.open_data(false)
+                    .and_then(|data| this.read_into(&data, offset, len, &mut buf))
+                    .map_err(io_err("read data", &this.dir.join("data")))?;
+                Ok(buf)
+            })
+            .await?;
+        }
+        if buf.len() < len {
+            return Err(io_err("read data", &path())(
+                io::ErrorKind::UnexpectedEof.into(),
+            ));
+        }
+        Ok(buf)
     }
 
     /// Appends a committed chunk's manifest entry to `chunks.jsonl` (not fsynced; see module doc).
@@ -543,6 +702,7 @@ impl SpoolFile {
         // Tells replay not to rebuild it from its meta record. Not waited for: if it is lost
         // in a crash, the rebuilt recording finds its manifest in the store and goes again.
         if let Some(journal) = self.journal.upgrade() {
+            journal.released(self.release());
             let _ = journal
                 .append(self, journal::REMOVED_OFFSET, Bytes::new())
                 .await;
@@ -606,7 +766,7 @@ impl SpoolFile {
     /// uploader lags, and the data writer's copy costs the fresh rate (docs/DESIGN-NOTES.md).
     fn drop_stored_pages(&self, data: &File, synced: bool) {
         use nix::fcntl::{PosixFadviseAdvice, posix_fadvise};
-        let stored = self.stored.load(Ordering::Acquire).min(self.written());
+        let stored = self.stored.load(Ordering::Acquire).min(self.on_disk());
         let from = self.dropped.load(Ordering::Acquire) & !(PAGE_BYTES - 1);
         if stored <= from {
             return;
@@ -630,6 +790,84 @@ impl SpoolFile {
     }
 }
 
+/// Records shorter than this are copied together into one buffer when held: each would
+/// otherwise keep its whole receive buffer alive (with 10,000 slow streams, that is most of
+/// the node's memory). Longer ones are most of their buffer and are held as they are.
+const HELD_COPY_BELOW: usize = 16 << 10;
+
+/// The buffer of copied short records is sealed into a piece at this size, so a read or a
+/// spill of the oldest bytes never waits on a large copy.
+const HELD_SEAL_BYTES: usize = 256 << 10;
+
+/// A recording's committed bytes that are not in its data file: the data writer holds them in
+/// memory until the recording is finalized (they are never written) or the journal needs its
+/// segment back (they are spilled into the data file first). The data file is always the
+/// recording's first `start` bytes, and the held bytes follow from there without a gap.
+struct Held {
+    /// Offset of the first held byte.
+    start: u64,
+    /// Pieces at their offsets, contiguous from `start` up to `open_at`.
+    pieces: VecDeque<(u64, Bytes)>,
+    /// Short records copied together, at `open_at`.
+    open: Vec<u8>,
+    open_at: u64,
+    /// The recording was removed: its held bytes no longer count in the journal's retention,
+    /// and are kept only for readers that still follow it (a [`Tail`]).
+    released: bool,
+}
+
+impl Held {
+    fn new(len: u64) -> Self {
+        Self {
+            start: len,
+            pieces: VecDeque::new(),
+            open: Vec::new(),
+            open_at: len,
+            released: false,
+        }
+    }
+
+    fn end(&self) -> u64 {
+        self.open_at + self.open.len() as u64
+    }
+
+    fn bytes(&self) -> u64 {
+        self.end() - self.start
+    }
+
+    fn seal(&mut self) {
+        if !self.open.is_empty() {
+            let open = Bytes::from(std::mem::take(&mut self.open));
+            let at = self.open_at;
+            self.open_at += open.len() as u64;
+            self.pieces.push_back((at, open));
+        }
+    }
+
+    /// Copies the held bytes from `offset` (at least `start`) on into `out`, up to `len`.
+    fn copy_out(&self, offset: u64, len: usize, out: &mut Vec<u8>) {
+        let end = offset.saturating_add(len as u64).min(self.end());
+        let first = self
+            .pieces
+            .partition_point(|(at, piece)| at + piece.len() as u64 <= offset);
+        let pieces = self
+            .pieces
+            .range(first..)
+            .map(|(at, piece)| (*at, &piece[..]))
+            .chain(std::iter::once((self.open_at, &self.open[..])));
+        for (at, piece) in pieces {
+            if at >= end {
+                break;
+            }
+            let from = offset.max(at) - at;
+            let to = end.min(at + piece.len() as u64) - at;
+            if from < to {
+                out.extend_from_slice(&piece[from as usize..to as usize]);
+            }
+        }
+    }
+}
+
 /// Page size for [`SpoolFile::drop_stored_pages`]: a partly dropped page is kept, so each drop
 /// starts again at the page the last one ended in.
 const PAGE_BYTES: u64 = 4096;
@@ -641,11 +879,13 @@ const TAIL_READ_BYTES: usize = 1 << 20;
 /// the recording). Bounds a tail's memory.
 const TAIL_MAX_LINE: usize = 8 << 20;
 
-/// Reads a recording's data file as it grows, whole lines at a time (live view, live
-/// indexing). One open handle serves it to the end: it stays valid after the recording is
-/// finalized and its spool directory removed.
+/// Reads a recording as it grows, whole lines at a time (live view, live indexing): held bytes
+/// from memory, the rest from its data file. One open handle serves it to the end: it stays
+/// valid after the recording is finalized and its spool directory removed, and so do the held
+/// bytes it has yet to read.
 pub struct Tail {
-    file: Arc<File>,
+    spool: Arc<SpoolFile>,
+    data: Arc<File>,
     offset: u64,
     carry: Vec<u8>,
 }
@@ -661,7 +901,8 @@ impl Tail {
         })
         .await?;
         Ok(Self {
-            file: Arc::new(data),
+            spool: file.clone(),
+            data: Arc::new(data),
             offset: 0,
             carry: Vec::new(),
         })
@@ -672,8 +913,8 @@ impl Tail {
         self.offset
     }
 
-    /// The next whole lines among the file's first `upto` bytes; `None` when no whole line
-    /// is left there yet.
+    /// The next whole lines among the recording's first `upto` bytes; `None` when no whole
+    /// line is left there yet.
     ///
     /// # Errors
     /// Read errors.
@@ -682,15 +923,16 @@ impl Tail {
             let want = usize::try_from(upto - self.offset)
                 .unwrap_or(usize::MAX)
                 .min(TAIL_READ_BYTES);
-            let (file, at) = (self.file.clone(), self.offset);
-            let bytes = tokio::task::spawn_blocking(move || {
-                let mut buf = vec![0; want];
-                let n = file.read_at(&mut buf, at)?;
-                buf.truncate(n);
-                Ok::<_, io::Error>(buf)
-            })
-            .await
-            .map_err(io::Error::other)??;
+            let at = self.offset;
+            let mut bytes = Vec::new();
+            if !self.spool.read_held(at, want, &mut bytes) {
+                let (spool, data) = (self.spool.clone(), self.data.clone());
+                bytes = tokio::task::spawn_blocking(move || {
+                    spool.read_into(&data, at, want, &mut bytes).map(|()| bytes)
+                })
+                .await
+                .map_err(io::Error::other)??;
+            }
             if bytes.is_empty() {
                 break;
             }
@@ -947,13 +1189,88 @@ mod tests {
         file.durable().wait_for(|&d| d == 28).await.unwrap();
         wait_settled(&file).await;
         assert!(file.failure().is_none());
-        assert_eq!(file.written(), 28);
+        assert_eq!((file.written(), file.on_disk()), (28, 0));
+        assert_eq!(file.spill(28).unwrap(), 28);
+        assert_eq!(file.on_disk(), 28);
         // Empty pieces between full ones, and nothing at all.
-        file.write_data(28, &[b"", b"[0.2,", b"", b"\"o\",\"y\"]\n"])
-            .unwrap();
-        file.write_data(42, &[b""]).unwrap();
-        assert_eq!(file.written(), 42);
-        assert_eq!(file.read_at(28, 14).await.unwrap(), b"[0.2,\"o\",\"y\"]\n");
+        let pieces: [&[u8]; 4] = [b"", b"[0.2,", b"", b"\"o\",\"y\"]\n"];
+        assert_eq!(file.write_data(28, &pieces).unwrap(), 42);
+        assert_eq!(file.write_data(42, &[b""]).unwrap(), 42);
+        let data = fs::read(dir.path().join(id.as_str()).join("data")).unwrap();
+        assert_eq!(
+            &data[..],
+            b"{\"version\":2}\n[0.1,\"o\",\"x\"]\n[0.2,\"o\",\"y\"]\n"
+        );
+    }
+
+    /// Every read of `body` from `file` at a grid of offsets and lengths.
+    async fn assert_reads(file: &Arc<SpoolFile>, body: &[u8]) {
+        for offset in (0..body.len()).step_by(4999) {
+            for len in [1, 5000, 70_000] {
+                let len = len.min(body.len() - offset);
+                let got = file.read_at(offset as u64, len).await.unwrap();
+                assert!(got == body[offset..offset + len], "{offset}+{len}");
+            }
+        }
+        assert!(file.read_at(body.len() as u64 - 1, 2).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn held_bytes_read_the_same_from_memory_the_file_or_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path().to_owned()).unwrap();
+        let id = RecordingId::new(&Region::new("local").unwrap(), 1, 4);
+        let file = open_with_header(&spool, &id).await;
+        wait_settled(&file).await;
+        // Short records are copied together, long ones held as they are.
+        let mut body = b"{\"version\":2}\n".to_vec();
+        let sizes = [
+            10,
+            HELD_COPY_BELOW,
+            100,
+            HELD_SEAL_BYTES,
+            3,
+            3 * HELD_COPY_BELOW,
+            7,
+        ];
+        for (i, n) in sizes.into_iter().enumerate() {
+            let mut line = format!("[{i},\"o\",\"").into_bytes();
+            line.resize(line.len() + n, b'a' + i as u8);
+            line.extend_from_slice(b"\"]\n");
+            assert_eq!(
+                file.hold(body.len() as u64, Bytes::from(line.clone()))
+                    .unwrap(),
+                0
+            );
+            body.extend_from_slice(&line);
+        }
+        let len = body.len() as u64;
+        assert!(file.hold(len + 1, Bytes::from_static(b"x")).is_err());
+        assert_eq!((file.written(), file.on_disk()), (len, 0));
+        assert_reads(&file, &body).await;
+
+        let mut tail = Tail::open(&file).await.unwrap();
+        let mut lines = Vec::new();
+        while let Some(got) = tail.next_lines(len / 3).await.unwrap() {
+            lines.extend_from_slice(&got);
+        }
+        // A spill writes whole pieces: the first one here.
+        let spilled = file.spill(20).unwrap();
+        assert!(spilled >= 20 && spilled < len, "{spilled}");
+        assert_eq!(file.on_disk(), spilled);
+        assert!(file.holds_before(len) && !file.holds_before(spilled));
+        assert_reads(&file, &body).await;
+        while let Some(got) = tail.next_lines(2 * len / 3).await.unwrap() {
+            lines.extend_from_slice(&got);
+        }
+        // Finalized: the directory goes, the held bytes stay for the tail that follows them.
+        file.remove().await.unwrap();
+        assert_eq!(file.spill(len).unwrap(), 0);
+        assert!(!file.holds_before(len));
+        while let Some(got) = tail.next_lines(len).await.unwrap() {
+            lines.extend_from_slice(&got);
+        }
+        assert!(lines == body);
     }
 
     #[tokio::test]
@@ -976,6 +1293,9 @@ mod tests {
         wait_settled(&file).await;
         assert_eq!((file.written(), file.received()), (28, 28));
         drop(file);
+        // The bytes are held in memory and in the journal: a restart replays them.
+        drop(spool);
+        let spool = Spool::open(dir.path().to_owned()).unwrap();
 
         let recovered = spool.recover().unwrap();
         assert_eq!(recovered.len(), 1);
