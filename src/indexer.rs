@@ -443,6 +443,28 @@ pub async fn index_recording(
                 .put(&path, PutPayload::from(Bytes::from(seal.to_bytes())))
                 .await
                 .map_err(store_err(&path))?;
+            // Retention may have deleted the recording while it was indexed: its listing then
+            // missed these outputs, so they go again here rather than stay behind (retention
+            // lists once more after the manifest, for outputs put before this look).
+            let manifest = ObjectKey::manifest(id);
+            match store.head(&manifest).await {
+                Ok(_) => {}
+                Err(object_store::Error::NotFound { .. }) => {
+                    for path in [
+                        ObjectKey::transcript(id),
+                        ObjectKey::index(id),
+                        ObjectKey::index_seal(id),
+                    ] {
+                        match store.delete(&path).await {
+                            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                            Err(e) => return Err(store_err(&path)(e)),
+                        }
+                    }
+                    tracing::info!(recording_id = %id, "recording deleted while it was indexed; its index went with it");
+                    return Ok(());
+                }
+                Err(e) => return Err(store_err(&manifest)(e)),
+            }
             lines
         }
     };

@@ -349,6 +349,22 @@ pub async fn delete(
     };
     paths.sort_by_key(last);
     paths.push(ObjectKey::catalog(&id));
+    delete_all(store.as_ref(), paths).await?;
+    // An indexer that was indexing it may have put its outputs after the listing: they are
+    // listed now (one put after this finds the manifest gone and deletes its own).
+    let late: Vec<object_store::path::Path> = store
+        .list(Some(&prefix))
+        .map_ok(|m| m.location)
+        .try_collect()
+        .await
+        .map_err(store_err)?;
+    delete_all(store.as_ref(), late).await
+}
+
+async fn delete_all(
+    store: &dyn object_store::ObjectStore,
+    paths: Vec<object_store::path::Path>,
+) -> Result<(), RetentionError> {
     for path in paths {
         match store.delete(&path).await {
             Ok(()) => {}

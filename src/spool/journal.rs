@@ -270,13 +270,7 @@ impl Journal {
 
     /// A removed recording's held bytes: they need no data file any more.
     pub(super) fn released(&self, bytes: u64) {
-        if bytes > 0 {
-            let _ = self
-                .unwritten
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
-                    Some(u.saturating_sub(bytes))
-                });
-        }
+        unhold(&self.unwritten, bytes);
     }
 
     /// Journals a metadata record ([`META_OFFSET`] or [`END_OFFSET`]) and waits for its commit.
@@ -672,13 +666,7 @@ impl DataWriter {
     }
 
     fn release(&self, bytes: u64) {
-        if bytes > 0 {
-            let _ = self
-                .unwritten
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
-                    Some(u.saturating_sub(bytes))
-                });
-        }
+        unhold(&self.unwritten, bytes);
     }
 
     /// Bytes the journal may hold in memory and in retained segments: the memory budget, and
@@ -750,6 +738,15 @@ impl DataWriter {
                 );
             }
         }
+    }
+}
+
+/// Takes `bytes` that need no data-file write any more off `unwritten`.
+fn unhold(unwritten: &AtomicU64, bytes: u64) {
+    if bytes > 0 {
+        let _ = unwritten.fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+            Some(u.saturating_sub(bytes))
+        });
     }
 }
 
