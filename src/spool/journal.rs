@@ -611,7 +611,7 @@ impl DataWriter {
                 DataMessage::Rotated { seq, path } => {
                     self.rotated.push_back((seq, path, Instant::now()));
                 }
-                DataMessage::Tick => {}
+                DataMessage::Tick => super::trim_pool(),
             }
             self.checkpoint_ready();
         }
@@ -647,7 +647,7 @@ impl DataWriter {
             return;
         }
         let end = append.offset + append.bytes.len() as u64;
-        match append.file.hold(append.offset, append.bytes.clone()) {
+        match append.file.hold(append.offset, &append.bytes) {
             Ok(released) => self.release(released),
             Err(e) => {
                 // Cannot happen (one recording's records come in offset order, and none after
@@ -769,7 +769,12 @@ pub const RETAIN_AGE: Duration = Duration::from_secs(60);
 
 /// [`RETAIN_MAX_BYTES`] or the memory share, whichever is less; nothing (every segment
 /// spilled at once, as without holding) when the machine's memory cannot be read.
-fn memory_budget() -> u64 {
+pub(super) fn memory_budget() -> u64 {
+    static BUDGET: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *BUDGET.get_or_init(read_memory_budget)
+}
+
+fn read_memory_budget() -> u64 {
     let memory = fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|info| {

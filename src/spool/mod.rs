@@ -436,7 +436,7 @@ impl SpoolFile {
 
     /// Holds a committed record in memory (the data writer, in offset order). Returns the
     /// bytes that leave the journal's retention at once: all of them for a removed recording.
-    fn hold(&self, offset: u64, bytes: Bytes) -> io::Result<u64> {
+    fn hold(&self, offset: u64, bytes: &[u8]) -> io::Result<u64> {
         let mut held = self.held();
         if offset != held.end() {
             return Err(io::Error::other(format!(
@@ -445,16 +445,7 @@ impl SpoolFile {
             )));
         }
         let len = bytes.len();
-        if len < HELD_COPY_BELOW {
-            held.open.extend_from_slice(&bytes);
-            if held.open.len() >= HELD_SEAL_BYTES {
-                held.seal();
-            }
-        } else {
-            held.seal();
-            held.pieces.push_back((offset, bytes));
-            held.open_at += len as u64;
-        }
+        held.push(bytes);
         let (end, released) = (held.end(), held.released);
         drop(held);
         self.written.store(end, Ordering::Release);
@@ -472,14 +463,11 @@ impl SpoolFile {
     /// file. Only the data writer calls it.
     fn spill(&self, upto: u64) -> io::Result<u64> {
         let (start, pieces) = {
-            let mut held = self.held();
+            let held = self.held();
             if upto <= held.start {
                 return Ok(0);
             }
-            if upto > held.open_at {
-                held.seal();
-            }
-            let pieces: Vec<Bytes> = held
+            let pieces: Vec<Arc<Piece>> = held
                 .pieces
                 .iter()
                 .take_while(|(at, _)| *at < upto)
@@ -487,7 +475,7 @@ impl SpoolFile {
                 .collect();
             (held.start, pieces)
         };
-        let written = self.write_data(start, &pieces.iter().map(|p| &p[..]).collect::<Vec<_>>());
+        let written = self.write_data(start, &pieces.iter().map(|p| &p.0[..]).collect::<Vec<_>>());
         let mut held = self.held();
         if held.released {
             // Finalized meanwhile (its directory may be gone): nothing more to keep.
@@ -497,7 +485,7 @@ impl SpoolFile {
         while held
             .pieces
             .front()
-            .is_some_and(|(at, piece)| at + piece.len() as u64 <= end)
+            .is_some_and(|(at, piece)| at + piece.0.len() as u64 <= end)
         {
             held.pieces.pop_front();
         }
@@ -790,27 +778,99 @@ impl SpoolFile {
     }
 }
 
-/// Records shorter than this are copied together into one buffer when held: each would
-/// otherwise keep its whole receive buffer alive (with 10,000 slow streams, that is most of
-/// the node's memory). Longer ones are most of their buffer and are held as they are.
-const HELD_COPY_BELOW: usize = 16 << 10;
+/// A recording's first held piece has room for this much; each next one for twice the last,
+/// up to [`BLOCK_BYTES`]: 10,000 slow streams hold a few KiB each, not a block each.
+const FIRST_PIECE_BYTES: usize = 4 << 10;
 
-/// The buffer of copied short records is sealed into a piece at this size, so a read or a
-/// spill of the oldest bytes never waits on a large copy.
-const HELD_SEAL_BYTES: usize = 256 << 10;
+/// Size of the pieces long recordings are held in, and of the blocks the pool keeps.
+pub(super) const BLOCK_BYTES: usize = 1 << 20;
 
-/// A recording's committed bytes that are not in its data file: the data writer holds them in
-/// memory until the recording is finalized (they are never written) or the journal needs its
-/// segment back (they are spilled into the data file first). The data file is always the
-/// recording's first `start` bytes, and the held bytes follow from there without a gap.
+/// Every [`POOL_TRIM_EVERY`], the pool frees half of the blocks that stayed unused all along.
+const POOL_TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Free blocks of held memory, kept for the next burst: on a VM that gives freed memory back
+/// to its host, touching fresh memory costs several times the copy itself (3.2–3.5 CPU-s per
+/// GiB here), so a burst's bytes go into memory the last burst used. Kept up to the journal's
+/// memory budget, trimmed when it stays unused (see [`trim_pool`]).
+struct Pool {
+    free: Vec<Vec<u8>>,
+    /// The fewest free blocks since the last trim.
+    low: usize,
+    trimmed: Option<std::time::Instant>,
+}
+
+static POOL: Mutex<Pool> = Mutex::new(Pool {
+    free: Vec::new(),
+    low: 0,
+    trimmed: None,
+});
+
+fn pool() -> MutexGuard<'static, Pool> {
+    POOL.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn take_block(capacity: usize) -> Vec<u8> {
+    if capacity == BLOCK_BYTES {
+        let mut pool = pool();
+        if let Some(block) = pool.free.pop() {
+            pool.low = pool.low.min(pool.free.len());
+            return block;
+        }
+    }
+    Vec::with_capacity(capacity)
+}
+
+/// Frees half of the pool's blocks that went unused for a whole [`POOL_TRIM_EVERY`] (the data
+/// writer calls it every second).
+pub(super) fn trim_pool() {
+    let freed = {
+        let mut pool = pool();
+        let due = pool
+            .trimmed
+            .is_none_or(|at| at.elapsed() >= POOL_TRIM_EVERY);
+        if !due {
+            return;
+        }
+        let unused = pool.low / 2;
+        let keep = pool.free.len() - unused;
+        let freed = pool.free.split_off(keep);
+        pool.low = pool.free.len();
+        pool.trimmed = Some(std::time::Instant::now());
+        freed
+    };
+    drop(freed);
+}
+
+/// A piece of held memory; a full-size block goes back to the pool when the last reader is
+/// done with it.
+struct Piece(Vec<u8>);
+
+impl Drop for Piece {
+    fn drop(&mut self) {
+        if self.0.capacity() == BLOCK_BYTES {
+            let mut block = std::mem::take(&mut self.0);
+            block.clear();
+            let mut pool = pool();
+            if pool.free.len() < journal::memory_budget() as usize / BLOCK_BYTES {
+                pool.free.push(block);
+            }
+        }
+    }
+}
+
+/// A recording's committed bytes that are not in its data file: the data writer copies them
+/// into memory and holds them there until the recording is finalized (they are never written)
+/// or the journal needs their segment back (they are spilled into the data file first). The
+/// data file is always the recording's first `start` bytes, and the held bytes follow from
+/// there without a gap. Copying frees the receive buffers at once, for the next frames.
 struct Held {
     /// Offset of the first held byte.
     start: u64,
-    /// Pieces at their offsets, contiguous from `start` up to `open_at`.
-    pieces: VecDeque<(u64, Bytes)>,
-    /// Short records copied together, at `open_at`.
-    open: Vec<u8>,
-    open_at: u64,
+    /// Pieces at their offsets, contiguous from `start`, each full but the last.
+    pieces: VecDeque<(u64, Arc<Piece>)>,
+    /// Capacity of the next piece.
+    next_piece: usize,
     /// The recording was removed: its held bytes no longer count in the journal's retention,
     /// and are kept only for readers that still follow it (a [`Tail`]).
     released: bool,
@@ -821,26 +881,46 @@ impl Held {
         Self {
             start: len,
             pieces: VecDeque::new(),
-            open: Vec::new(),
-            open_at: len,
+            next_piece: FIRST_PIECE_BYTES,
             released: false,
         }
     }
 
     fn end(&self) -> u64 {
-        self.open_at + self.open.len() as u64
+        self.pieces
+            .back()
+            .map_or(self.start, |(at, piece)| at + piece.0.len() as u64)
     }
 
     fn bytes(&self) -> u64 {
         self.end() - self.start
     }
 
-    fn seal(&mut self) {
-        if !self.open.is_empty() {
-            let open = Bytes::from(std::mem::take(&mut self.open));
-            let at = self.open_at;
-            self.open_at += open.len() as u64;
-            self.pieces.push_back((at, open));
+    /// Copies `bytes` in after the held ones.
+    fn push(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            let end = self.end();
+            // The last piece takes more while it has room and no spill is writing it.
+            let last = self
+                .pieces
+                .back_mut()
+                .and_then(|(_, piece)| Arc::get_mut(piece))
+                .filter(|piece| piece.0.len() < piece.0.capacity());
+            let piece = match last {
+                Some(piece) => piece,
+                None => {
+                    let block = take_block(self.next_piece);
+                    self.next_piece = (self.next_piece * 2).min(BLOCK_BYTES);
+                    self.pieces.push_back((end, Arc::new(Piece(block))));
+                    match self.pieces.back_mut().and_then(|(_, p)| Arc::get_mut(p)) {
+                        Some(piece) => piece,
+                        None => return,
+                    }
+                }
+            };
+            let n = bytes.len().min(piece.0.capacity() - piece.0.len());
+            piece.0.extend_from_slice(&bytes[..n]);
+            bytes = &bytes[n..];
         }
     }
 
@@ -849,20 +929,16 @@ impl Held {
         let end = offset.saturating_add(len as u64).min(self.end());
         let first = self
             .pieces
-            .partition_point(|(at, piece)| at + piece.len() as u64 <= offset);
-        let pieces = self
-            .pieces
-            .range(first..)
-            .map(|(at, piece)| (*at, &piece[..]))
-            .chain(std::iter::once((self.open_at, &self.open[..])));
-        for (at, piece) in pieces {
+            .partition_point(|(at, piece)| at + piece.0.len() as u64 <= offset);
+        for (at, piece) in self.pieces.range(first..) {
+            let at = *at;
             if at >= end {
                 break;
             }
             let from = offset.max(at) - at;
-            let to = end.min(at + piece.len() as u64) - at;
+            let to = end.min(at + piece.0.len() as u64) - at;
             if from < to {
-                out.extend_from_slice(&piece[from as usize..to as usize]);
+                out.extend_from_slice(&piece.0[from as usize..to as usize]);
             }
         }
     }
@@ -1222,30 +1298,26 @@ mod tests {
         let id = RecordingId::new(&Region::new("local").unwrap(), 1, 4);
         let file = open_with_header(&spool, &id).await;
         wait_settled(&file).await;
-        // Short records are copied together, long ones held as they are.
+        // Records across pieces of growing size, up to whole blocks, and past them.
         let mut body = b"{\"version\":2}\n".to_vec();
         let sizes = [
             10,
-            HELD_COPY_BELOW,
+            FIRST_PIECE_BYTES,
             100,
-            HELD_SEAL_BYTES,
+            BLOCK_BYTES,
             3,
-            3 * HELD_COPY_BELOW,
+            3 * BLOCK_BYTES / 2,
             7,
         ];
         for (i, n) in sizes.into_iter().enumerate() {
             let mut line = format!("[{i},\"o\",\"").into_bytes();
             line.resize(line.len() + n, b'a' + i as u8);
             line.extend_from_slice(b"\"]\n");
-            assert_eq!(
-                file.hold(body.len() as u64, Bytes::from(line.clone()))
-                    .unwrap(),
-                0
-            );
+            assert_eq!(file.hold(body.len() as u64, &line).unwrap(), 0);
             body.extend_from_slice(&line);
         }
         let len = body.len() as u64;
-        assert!(file.hold(len + 1, Bytes::from_static(b"x")).is_err());
+        assert!(file.hold(len + 1, b"x").is_err());
         assert_eq!((file.written(), file.on_disk()), (len, 0));
         assert_reads(&file, &body).await;
 
