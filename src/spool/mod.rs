@@ -24,14 +24,14 @@
 //! sharing that block), and on the stream's own task that stalled whole runtime threads.
 //!
 //! # Held in memory
-//! A second thread, the data writer, takes each committed batch and holds every recording's
-//! bytes in memory, where the uploader, the live view and the live indexer read them. A
-//! recording's bytes reach its `data` file only when the journal needs the segment that holds
-//! them back: the segment is old, or the journal holds more than its budget (see [`journal`]).
-//! A recording finalized before that is never written to its data file: a burst of recordings
-//! costs one disk write per byte (the journal's, direct), not two plus a copy into fresh
-//! page-cache memory. The data file is always the recording's first bytes, and the held bytes
-//! follow it without a gap.
+//! A second thread, the data writer, takes each committed batch and copies every recording's
+//! bytes into memory (see `Held`), where the uploader, the live view and the live indexer read
+//! them. A recording's bytes reach its `data` file only when the journal needs the segment that
+//! holds them back: the segment is old, or the journal holds more than its budget (see
+//! [`journal`]). A recording finalized before that never writes its data file: it costs one
+//! disk write per byte (the journal's, direct) instead of two, and no copy into page-cache
+//! memory (docs/DESIGN-NOTES.md has the measurements). The data file is always the recording's
+//! first bytes, and the held bytes follow it without a gap.
 //!
 //! Offsets: `received` counts bytes handed to the journal, `durable` bytes committed, `written`
 //! bytes taken by the data writer (readable), `on_disk` bytes in the data file;
