@@ -35,8 +35,8 @@
 //!
 //! # Data writer
 //! After a committed round the batch goes to the data-writer thread, which holds each data
-//! record in memory with its recording (see the spool's module doc); short records are copied
-//! together, so that a slow stream does not keep whole receive buffers alive. Its queue is
+//! record in memory with its recording (see the spool's module doc), copied, so that the
+//! receive buffers are free again for the next frames at once. Its queue is
 //! bounded ([`DATA_QUEUE_BATCHES`]) and each record keeps its share of [`QUEUE_BYTES`] until
 //! it is held, so a slow data writer pushes back on the streams.
 //!
@@ -810,8 +810,10 @@ impl Checkpoint {
                 return;
             }
         }
-        // New recording directories are entries of the spool root.
-        if self.metadata.iter().any(|(_, opened)| *opened)
+        // New recording directories are entries of the spool root, and so are removed ones
+        // whose unwritten bytes go with this segment.
+        if (self.metadata.iter().any(|(_, opened)| *opened)
+            || self.files.iter().any(|file| file.is_released()))
             && let Some(root) = journal_dir.parent()
             && let Err(e) = fsync_dir(root)
         {

@@ -689,15 +689,27 @@ impl SpoolFile {
     pub async fn remove(self: &Arc<Self>) -> Result<(), SpoolError> {
         // Tells replay not to rebuild it from its meta record. Not waited for: if it is lost
         // in a crash, the rebuilt recording finds its manifest in the store and goes again.
-        if let Some(journal) = self.journal.upgrade() {
-            journal.released(self.release());
+        let journal = self.journal.upgrade();
+        if let Some(journal) = &journal {
             let _ = journal
                 .append(self, journal::REMOVED_OFFSET, Bytes::new())
                 .await;
         }
         let dir = self.dir.clone();
         blocking(move || fs::remove_dir_all(&dir).map_err(io_err("remove recording dir", &dir)))
-            .await
+            .await?;
+        // Only now may the journal drop the segments that hold its unwritten bytes: a
+        // directory still there after a crash would come back with a data file that lacks
+        // them. The checkpoint that deletes such a segment makes the removal durable first.
+        if let Some(journal) = journal {
+            journal.released(self.release());
+        }
+        Ok(())
+    }
+
+    /// The recording was removed (see [`SpoolFile::remove`]).
+    fn is_released(&self) -> bool {
+        self.held().released
     }
 
     pub(crate) fn check_failed(&self) -> Result<(), SpoolError> {
