@@ -648,7 +648,7 @@ impl DataWriter {
         }
         let end = append.offset + append.bytes.len() as u64;
         match append.file.hold(append.offset, &append.bytes) {
-            Ok(released) => self.release(released),
+            Ok(released) => unhold(&self.unwritten, released),
             Err(e) => {
                 // Cannot happen (one recording's records come in offset order, and none after
                 // a failed one); the segment keeps the record until its checkpoint spills.
@@ -663,10 +663,6 @@ impl DataWriter {
             .entry(id.to_owned())
             .or_insert_with(|| (append.file.clone(), end));
         entry.1 = entry.1.max(end);
-    }
-
-    fn release(&self, bytes: u64) {
-        unhold(&self.unwritten, bytes);
     }
 
     /// Bytes the journal may hold in memory and in retained segments: the memory budget, and
@@ -702,7 +698,7 @@ impl DataWriter {
                 }
                 for (file, end) in spill {
                     match file.spill(end) {
-                        Ok(spilled) => self.release(spilled),
+                        Ok(spilled) => unhold(&self.unwritten, spilled),
                         Err(e) => {
                             tracing::error!(recording_id = %file.id, error = %e, "cannot write the spool data file; retrying every second, the journal keeps the bytes");
                             file.fail_io("spool data write failed", &e);

@@ -795,7 +795,7 @@ impl SpoolFile {
 const FIRST_PIECE_BYTES: usize = 4 << 10;
 
 /// Size of the pieces long recordings are held in, and of the blocks the pool keeps.
-pub(super) const BLOCK_BYTES: usize = 1 << 20;
+const BLOCK_BYTES: usize = 1 << 20;
 
 /// Every [`POOL_TRIM_EVERY`], the pool frees half of the blocks that stayed unused all along.
 const POOL_TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
@@ -879,7 +879,8 @@ impl Drop for Piece {
 struct Held {
     /// Offset of the first held byte.
     start: u64,
-    /// Pieces at their offsets, contiguous from `start`, each full but the last.
+    /// Pieces at their offsets, contiguous from `start`; each is full but the last (and one
+    /// a spill was writing when the next bytes came).
     pieces: VecDeque<(u64, Arc<Piece>)>,
     /// Capacity of the next piece.
     next_piece: usize,
@@ -910,29 +911,20 @@ impl Held {
 
     /// Copies `bytes` in after the held ones.
     fn push(&mut self, mut bytes: &[u8]) {
-        while !bytes.is_empty() {
-            let end = self.end();
-            // The last piece takes more while it has room and no spill is writing it.
-            let last = self
-                .pieces
-                .back_mut()
-                .and_then(|(_, piece)| Arc::get_mut(piece))
-                .filter(|piece| piece.0.len() < piece.0.capacity());
-            let piece = match last {
-                Some(piece) => piece,
-                None => {
-                    let block = take_block(self.next_piece);
-                    self.next_piece = (self.next_piece * 2).min(BLOCK_BYTES);
-                    self.pieces.push_back((end, Arc::new(Piece(block))));
-                    match self.pieces.back_mut().and_then(|(_, p)| Arc::get_mut(p)) {
-                        Some(piece) => piece,
-                        None => return,
-                    }
-                }
-            };
+        // The last piece takes more while it has room and no spill is writing it.
+        if let Some(piece) = self.pieces.back_mut().and_then(|(_, p)| Arc::get_mut(p)) {
             let n = bytes.len().min(piece.0.capacity() - piece.0.len());
             piece.0.extend_from_slice(&bytes[..n]);
             bytes = &bytes[n..];
+        }
+        while !bytes.is_empty() {
+            let mut block = take_block(self.next_piece);
+            self.next_piece = (self.next_piece * 2).min(BLOCK_BYTES);
+            let n = bytes.len().min(block.capacity());
+            block.extend_from_slice(&bytes[..n]);
+            bytes = &bytes[n..];
+            let at = self.end();
+            self.pieces.push_back((at, Arc::new(Piece(block))));
         }
     }
 
