@@ -67,9 +67,14 @@ async fn record(node: &Node, n: usize) -> Vec<String> {
         .iter()
         .map(|r| r["id"].as_str().unwrap().to_owned())
         .collect();
-    // The indexer's outputs are part of what is verified: wait for their seals.
+    wait_indexed(node, &ids).await;
+    ids
+}
+
+/// The indexer's outputs are part of what is verified: waits for their seals.
+async fn wait_indexed(node: &Node, ids: &[String]) {
     let deadline = Instant::now() + Duration::from_secs(60);
-    for id in &ids {
+    for id in ids {
         while !objects(&node.data_dir.join("store"), id)
             .iter()
             .any(|p| p.ends_with("index.sig.json"))
@@ -78,7 +83,6 @@ async fn record(node: &Node, n: usize) -> Vec<String> {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    ids
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -288,6 +292,7 @@ async fn a_recording_cut_short_by_sigkill_verifies_to_its_last_checkpoint() {
     // Restarted, the node finalizes it from the spool; it verifies as interrupted.
     node.restart().await;
     node.wait_finalized(1).await;
+    wait_indexed(&node, std::slice::from_ref(&id)).await;
     let out = node.cli(&["verify", &id]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
@@ -520,6 +525,9 @@ async fn retention_deletes_exactly_its_dry_run_and_never_a_held_recording() {
             .unwrap()
             .to_owned()
     };
+    // Kept recordings are verified below, their indexes included.
+    let all: Vec<String> = cases.iter().map(|c| id_of(c.0)).collect();
+    wait_indexed(&node, &all).await;
     let later = (time::OffsetDateTime::now_utc() + time::Duration::days(2))
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap();
