@@ -594,6 +594,11 @@ async fn latency(streams: usize) {
     )
     .await;
     let snapshots = snapshots.await.unwrap();
+    // The node's histograms once every stream has closed, for the last second apart.
+    let mut closed = Vec::new();
+    for (name, _) in names {
+        closed.push(node_buckets(node.web, name).await);
+    }
     let window = started + LATENCY_WARMUP..started + LATENCY_WARMUP + LATENCY_STEADY;
     let (mut steady, rest): (Vec<_>, Vec<_>) =
         sent.into_iter().partition(|(at, _)| window.contains(at));
@@ -608,6 +613,16 @@ async fn latency(streams: usize) {
         println!(
             "{}",
             bucket_percentiles(what, &snapshots[0][i], &snapshots[1][i])
+        );
+    }
+    for (i, (_, what)) in names.iter().enumerate() {
+        println!(
+            "{}",
+            bucket_percentiles(
+                &format!("{what}, last second and close"),
+                &snapshots[1][i],
+                &closed[i]
+            )
         );
     }
     for (what, lat) in [
