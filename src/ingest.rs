@@ -424,6 +424,15 @@ impl Active {
         }
     }
 
+    /// Sends the ack the recording has earned, if it moved, and times the frames it covers.
+    fn forward(&mut self, ingest: &Ingest, acks: &watch::Sender<AckState>) -> Result<u64, String> {
+        let acked = self.ack(ingest.ack, ingest.outage)?;
+        if acks.send_if_modified(|s| raise_ack(s, acked, &ingest.metrics)) {
+            self.acked(acked, &ingest.metrics);
+        }
+        Ok(acked)
+    }
+
     async fn changed(&mut self) {
         tokio::select! {
             _ = self.durable.changed() => {}
@@ -589,15 +598,10 @@ async fn receive_recording(
                 None => break Ended::Complete,
             },
             () = next_change(&mut active) => {
-                if let Some(a) = &mut active {
-                    match a.ack(ingest.ack, ingest.outage) {
-                        Ok(acked) => {
-                            if acks.send_if_modified(|s| raise_ack(s, acked, &ingest.metrics)) {
-                                a.acked(acked, &ingest.metrics);
-                            }
-                        }
-                        Err(message) => break Ended::Failed(message),
-                    }
+                if let Some(a) = &mut active
+                    && let Err(message) = a.forward(ingest, acks)
+                {
+                    break Ended::Failed(message);
                 }
             }
         }
@@ -649,7 +653,23 @@ async fn receive_recording(
         bytes: active.file.received(),
         ended_at: OffsetDateTime::now_utc(),
     };
-    let finish_error = ingest.spool.finish(&active.file, &end).await.err();
+    // Bytes made durable meanwhile are acked while the end is recorded, so a stream's last
+    // writes do not wait for its end record (at 1,000 streams closing together, the end
+    // records' files were created one after another). A failure shows below.
+    let finish_error = {
+        let file = active.file.clone();
+        let finish = ingest.spool.finish(&file, &end);
+        tokio::pin!(finish);
+        let _ = active.forward(ingest, acks);
+        loop {
+            tokio::select! {
+                result = &mut finish => break result.err(),
+                () = active.changed() => {
+                    let _ = active.forward(ingest, acks);
+                }
+            }
+        }
+    };
     ingest.uploader.end_stream(&active.file.id, end);
     Metrics::sub(&ingest.metrics.streams_open, 1);
     if let Some(e) = finish_error {
@@ -672,14 +692,8 @@ async fn receive_recording(
     let target = active.file.received();
     let reached = tokio::time::timeout(FINAL_ACK_WAIT, async {
         loop {
-            match active.ack(ingest.ack, ingest.outage) {
-                Ok(acked) => {
-                    acks.send_if_modified(|s| raise_ack(s, acked, &ingest.metrics));
-                    if acked >= target {
-                        return Ok(());
-                    }
-                }
-                Err(message) => return Err(message),
+            if active.forward(ingest, acks)? >= target {
+                return Ok(());
             }
             active.changed().await;
         }
