@@ -653,23 +653,7 @@ async fn receive_recording(
         bytes: active.file.received(),
         ended_at: OffsetDateTime::now_utc(),
     };
-    // Bytes made durable meanwhile are acked while the end is recorded, so a stream's last
-    // writes do not wait for its end record (at 1,000 streams closing together, the end
-    // records' files were created one after another). A failure shows below.
-    let finish_error = {
-        let file = active.file.clone();
-        let finish = ingest.spool.finish(&file, &end);
-        tokio::pin!(finish);
-        let _ = active.forward(ingest, acks);
-        loop {
-            tokio::select! {
-                result = &mut finish => break result.err(),
-                () = active.changed() => {
-                    let _ = active.forward(ingest, acks);
-                }
-            }
-        }
-    };
+    let finish_error = ingest.spool.finish(&active.file, &end).await.err();
     ingest.uploader.end_stream(&active.file.id, end);
     Metrics::sub(&ingest.metrics.streams_open, 1);
     if let Some(e) = finish_error {
