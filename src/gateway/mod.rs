@@ -241,10 +241,12 @@ fn load_or_create_key(path: &Path) -> anyhow::Result<PrivateKey> {
 pub(crate) const SERVER_CIPHERS: &[russh::cipher::Name] =
     &[russh::cipher::AES_256_GCM, russh::cipher::AES_128_GCM];
 
-/// Ciphers the gateway asks targets for, in order (its own order decides).
+/// Ciphers the gateway asks targets for, in order (its own order decides). AES-128-GCM first,
+/// as in OpenSSH's own default order: ten AES rounds a block where AES-256 takes fourteen, on
+/// both the target's sshd and the gateway.
 pub(crate) const CLIENT_CIPHERS: &[russh::cipher::Name] = &[
-    russh::cipher::AES_256_GCM,
     russh::cipher::AES_128_GCM,
+    russh::cipher::AES_256_GCM,
     russh::cipher::CHACHA20_POLY1305,
     russh::cipher::AES_256_CTR,
     russh::cipher::AES_128_CTR,
