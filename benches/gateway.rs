@@ -5,8 +5,8 @@
 //! - throughput: `ssh host cat FILE > /dev/null` of a 1 GiB file of terminal output
 //!   (`CASTVAULT_GW_BENCH_MIB` to change), straight to sshd and through the gateway with
 //!   recording on. Target: gateway ≥ 0.5 × direct. Three rounds (`CASTVAULT_GW_BENCH_ROUNDS`),
-//!   each waiting for the recorder to finalize the last one's recording; the median ratio. A
-//!   round's direct time is the median of three runs.
+//!   each starting when the recorder has gone idle (the last round's upload and indexing done);
+//!   the median ratio. A round's direct time is the median of three runs.
 //! - latency: one keystroke at a time to `cat` on a remote PTY (`ssh -tt`), time until its echo
 //!   comes back, 1000 times each way. Target: p99 through the gateway − p99 direct ≤ 2 ms.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
@@ -106,6 +106,31 @@ impl Route<'_> {
     }
 }
 
+/// Recorder CPU below this share of a core over [`IDLE_PROBE`] counts as idle.
+const IDLE_CPU_SHARE: f64 = 0.05;
+/// How often the recorder's CPU time is read while waiting for it to go idle.
+const IDLE_PROBE: Duration = Duration::from_secs(1);
+/// Longest wait for the recorder to go idle: indexing a gigabyte of escape-dense output takes
+/// minutes.
+const IDLE_WAIT: Duration = Duration::from_secs(900);
+
+/// Waits until process `pid` uses less than [`IDLE_CPU_SHARE`] of a core; returns the seconds
+/// waited.
+fn wait_idle(pid: u32) -> f64 {
+    let pid = pid.to_string();
+    let started = Instant::now();
+    let mut last = common::cpu_seconds(&pid);
+    loop {
+        std::thread::sleep(IDLE_PROBE);
+        let now = common::cpu_seconds(&pid);
+        if now - last < IDLE_CPU_SHARE * IDLE_PROBE.as_secs_f64() {
+            return started.elapsed().as_secs_f64();
+        }
+        assert!(started.elapsed() < IDLE_WAIT, "recorder never went idle");
+        last = now;
+    }
+}
+
 /// Terminal-like output: lines of words, escape sequences and numbers.
 fn write_corpus(path: &Path, bytes: u64) {
     let mut out = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
@@ -177,12 +202,17 @@ fn throughput(
     let rate = |t: Duration| size as f64 / t.as_secs_f64() / 1e6;
     // Warm the page cache, then rounds of timed runs: direct (DIRECT_RUNS of them), through the
     // gateway with recording, then without. Each round waits for the recorder to finalize the
-    // round's recording, so no round runs beside the last one's uploads; the runs of a round
-    // are back to back, and the ratio is taken per round.
+    // round's recording, and then for the recorder to go idle (uploads and indexing done), so
+    // that no round runs beside the last one's background work: indexing the last round's
+    // gigabyte at nice 19 slowed the next round's direct runs by about a sixth (2.67 s in
+    // round 1, 3.11-3.17 s in rounds 2 and 3), which flattered their ratios. The runs of a
+    // round are back to back, and the ratio is taken per round.
     let _ = time(direct);
     let mut ratios = Vec::new();
     let mut bare = Vec::new();
     for round in 1..=rounds {
+        let waited = wait_idle(lab.node.pid());
+        println!("round {round}: recorder idle after {waited:.0} s");
         // The direct run alone varied from 2.2 to 5.0 s between rounds on the bench machine:
         // the reference is the median of DIRECT_RUNS.
         let mut runs: Vec<Duration> = (0..DIRECT_RUNS).map(|_| time(direct)).collect();
