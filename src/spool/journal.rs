@@ -765,7 +765,7 @@ pub const RETAIN_AGE: Duration = Duration::from_secs(60);
 
 /// [`RETAIN_MAX_BYTES`] or the memory share, whichever is less; nothing (every segment
 /// spilled at once, as without holding) when the machine's memory cannot be read.
-pub(super) fn memory_budget() -> u64 {
+pub(crate) fn memory_budget() -> u64 {
     static BUDGET: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     *BUDGET.get_or_init(read_memory_budget)
 }
