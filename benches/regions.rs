@@ -381,9 +381,8 @@ async fn warm_up(options: &std::collections::BTreeMap<String, String>) {
     }
 }
 
-/// Puts `count` copies of `payload` under `prefix`, `concurrency` at once; the time taken.
-/// Puts `count` copies of `payload`, `concurrency` at once: plain puts, or conditional creates
-/// (`create`, the mode castvault writes chunks with).
+/// Puts `count` copies of `payload` under `prefix`, `concurrency` at once, as plain puts or as
+/// conditional creates (`create`, the mode castvault writes chunks with); the time taken.
 async fn put_many(
     store: &std::sync::Arc<dyn object_store::ObjectStore>,
     prefix: &str,

@@ -925,11 +925,14 @@ fn age_cut_due(now: Instant, max_age: Duration) -> Instant {
 /// (`backlog`) fit in the spool's memory budget. Compression, hashing and indexing then run
 /// after the burst instead of in its gaps: on two cores shared with a sender (the gateway
 /// bench), capping that background work for the seconds of a recorded 1 GiB `cat` cut the
-/// `cat` from 5.43-5.97 s to 4.30-4.41 s, while nice 10 and `SCHED_IDLE` made no difference.
+/// `cat` from 5.43-5.97 s to 4.30-4.41 s, while `SCHED_IDLE` instead of nice 10 made no
+/// difference.
 /// Time still bounds it: a recording's pending bytes are cut when `chunk.max_age` comes, and
 /// that upload takes every full chunk written by then (see [`Inner::try_process`]).
+/// An ingest rate not measured yet (`u64::MAX`, the first [`RATE_WINDOW`] after start) defers
+/// nothing.
 fn defer_full_chunks(ingest_rate: u64, busy_rate: u64, backlog: u64, budget: u64) -> bool {
-    ingest_rate > busy_rate && backlog < budget
+    ingest_rate != u64::MAX && ingest_rate > busy_rate && backlog < budget
 }
 
 /// Marks the upload busy and returns the work it has to do now, if any, with the bytes it has
@@ -2028,7 +2031,9 @@ mod tests {
         const BUSY: u64 = 32 << 20;
         const BUDGET: u64 = 2 << 30;
         assert!(defer_full_chunks(BUSY + 1, BUSY, 0, BUDGET));
-        assert!(defer_full_chunks(u64::MAX, BUSY, BUDGET - 1, BUDGET));
+        assert!(defer_full_chunks(u64::MAX - 1, BUSY, BUDGET - 1, BUDGET));
+        // Not measured yet (just started).
+        assert!(!defer_full_chunks(u64::MAX, BUSY, 0, BUDGET));
         // Ingest is not busy.
         assert!(!defer_full_chunks(BUSY, BUSY, 0, BUDGET));
         assert!(!defer_full_chunks(0, BUSY, 0, BUDGET));

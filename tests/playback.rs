@@ -680,11 +680,12 @@ scope = {{ users = ["carol@example.com"] }}
     );
     assert_eq!(http_get_as(node.web, "/", None).await.unwrap().0, 303);
 
-    // The auditor sees everything; wait until it is indexed.
+    // The auditor sees everything; wait until all three are indexed (each has "step" lines).
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let (_, page) = auditor(format!("/api/v1/recordings?q={NEEDLE}")).await;
-        if !page["recordings"].as_array().unwrap().is_empty() {
+        let (_, steps) = auditor("/api/v1/recordings?q=step".into()).await;
+        if !page["recordings"].as_array().unwrap().is_empty() && ids_of(&steps).len() == 3 {
             break;
         }
         assert!(Instant::now() < deadline, "never indexed");
